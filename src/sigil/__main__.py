@@ -1,0 +1,5 @@
+"""Allow ``python -m sigil``."""
+
+from sigil.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""OCI primitives: digests, repository names and references, media types, manifest parsing."""
