@@ -1,0 +1,1 @@
+"""Verification: policy, signature discovery, signatures, attestations, trust material."""
