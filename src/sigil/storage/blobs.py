@@ -1,0 +1,303 @@
+"""The content-addressed store: immutable objects named by their sha256.
+
+Layout under ``root`` (every path below ``blobs/`` and ``quarantine/`` is built from a validated
+:class:`~sigil.oci.digest.Digest`, so no client-supplied text ever reaches the filesystem)::
+
+    blobs/sha256/<2 hex>/<64 hex>   immutable content (manifests are blobs too)
+    staging/<uuid>                  in-progress writes; removed on start-up
+    quarantine/<64 hex>             objects fsck found corrupt
+
+Writes go to ``staging/`` first and appear under ``blobs/`` only through an atomic
+``os.replace`` after the content hash matched and the data was fsynced, so a reader never sees a
+partial or unverified object. ``staging/`` and ``blobs/`` share a filesystem by construction
+(both under ``root``), which is what makes the rename atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sigil.errors import BlobUnknown, DigestInvalid, StorageError
+from sigil.oci.digest import Digest
+
+_HEX64 = re.compile(r"[a-f0-9]{64}")
+_HEX2 = re.compile(r"[a-f0-9]{2}")
+_CHUNK = 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or create inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object on disk, as seen by a directory walk (for gc and fsck)."""
+
+    digest: Digest
+    size: int
+    mtime: float
+
+
+class StagingFile:
+    """A file in ``staging/`` being written and hashed; becomes a blob on :meth:`commit`.
+
+    Other readers may open :attr:`path` themselves to stream the download while it grows. The
+    file is moved (never copied, never unlinked on success) into the store, so their open file
+    descriptors stay valid after commit.
+    """
+
+    def __init__(self, store: BlobStore, path: Path, fh: io.FileIO) -> None:
+        self._store = store
+        self._fh: io.FileIO | None = fh
+        self._hash = hashlib.sha256()
+        self.path = path
+        self.size = 0
+
+    @property
+    def digest(self) -> Digest:
+        """The digest of the bytes written so far."""
+        return Digest(self._hash.hexdigest())
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or aborted."""
+        return self._fh is None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` and hash it.
+
+        The file is unbuffered, so when this returns the bytes are visible to other readers
+        of :attr:`path` (through the page cache); durability comes at :meth:`commit`.
+        """
+        if self._fh is None:
+            raise StorageError("write to a closed staging file")
+        _write_all(self._fh, data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    async def commit(self, expected: Digest) -> Path:
+        """Move the file into the store as ``expected``; return the blob path.
+
+        Raise :class:`DigestInvalid` (and remove the file) when the bytes written do not hash
+        to ``expected``. The fsyncs run in a thread because they can take long on a busy disk.
+        """
+        if self._fh is None:
+            raise StorageError("commit of a closed staging file")
+        actual = self.digest
+        if actual != expected:
+            self.abort()
+            raise DigestInvalid(f"content digest {actual} does not match {expected}",
+                                detail={"expected": str(expected), "actual": str(actual)})
+        fh, self._fh = self._fh, None
+        try:
+            return await asyncio.to_thread(self._store._finish, fh, self.path, expected)
+        except BaseException:
+            _unlink_quietly(self.path)
+            raise
+
+    def abort(self) -> None:
+        """Close and remove the file (open readers keep their descriptors). Idempotent."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+            _unlink_quietly(self.path)
+
+
+def _write_all(fh: io.FileIO, data: bytes) -> None:
+    # A raw write may be short (signal, nearly full disk); loop instead of losing bytes.
+    view = memoryview(data)
+    while view:
+        written = fh.write(view)
+        if not written:
+            raise StorageError("short write to the store (disk full?)")
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class BlobStore:
+    """Content-addressed, immutable object store on a local filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.staging_dir = self.root / "staging"
+        self.quarantine_dir = self.root / "quarantine"
+        for directory in (self.blobs_dir, self.staging_dir, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # --- paths and lookups -------------------------------------------------------------------
+
+    def path(self, digest: Digest) -> Path:
+        """Where the object for ``digest`` lives (whether or not it exists)."""
+        # Digest guarantees 64 lowercase hex characters; re-check anyway because a Digest can be
+        # built directly (Digest("..")) without going through parse().
+        if not _HEX64.fullmatch(digest.hex):
+            raise DigestInvalid(f"invalid digest hex {digest.hex[:80]!r}")
+        return self.blobs_dir / digest.hex[:2] / digest.hex
+
+    def has(self, digest: Digest) -> bool:
+        """True if the object is in the store."""
+        return self.path(digest).is_file()
+
+    def size(self, digest: Digest) -> int | None:
+        """Size in bytes of the object, or None if absent."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, digest: Digest) -> bytes:
+        """The whole object (for small objects such as manifests); :class:`BlobUnknown` if
+        absent."""
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobUnknown(detail={"digest": str(digest)}) from exc
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
+        """Every object under ``blobs/``; names that are not ``<2 hex>/<64 hex>`` with a
+        matching prefix are skipped (junk is left for an operator to look at)."""
+        for fan in os.scandir(self.blobs_dir):
+            if not (fan.is_dir(follow_symlinks=False) and _HEX2.fullmatch(fan.name)):
+                continue
+            for entry in os.scandir(fan.path):
+                if not (_HEX64.fullmatch(entry.name) and entry.name.startswith(fan.name)):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # deleted between scandir and stat
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    yield ObjectInfo(Digest(entry.name), st.st_size, st.st_mtime)
+
+    def iter_digests(self) -> Iterator[Digest]:
+        """The digests of every object in the store."""
+        return (info.digest for info in self.iter_objects())
+
+    def total_bytes(self) -> int:
+        """Bytes held under ``blobs/`` (a directory walk, not a cached value)."""
+        return sum(info.size for info in self.iter_objects())
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def put_bytes(self, digest: Digest, data: bytes) -> Path:
+        """Store ``data`` as ``digest``; return its path.
+
+        Raise :class:`DigestInvalid` (writing nothing) when ``sha256(data) != digest``.
+        Idempotent: an existing object is left as it is.
+        """
+        actual = Digest.of(data)
+        if actual != digest:
+            raise DigestInvalid(f"content digest {actual} does not match {digest}",
+                                detail={"expected": str(digest), "actual": str(actual)})
+        target = self.path(digest)
+        if target.is_file():
+            return target
+        staged, fh = self._open_staging()
+        try:
+            _write_all(fh, data)
+            return self._finish(fh, staged, digest)
+        except BaseException:
+            fh.close()
+            _unlink_quietly(staged)
+            raise
+
+    def new_staging(self) -> StagingFile:
+        """A new, empty file in ``staging/`` opened for writing."""
+        path, fh = self._open_staging()
+        return StagingFile(self, path, fh)
+
+    def _open_staging(self) -> tuple[Path, io.FileIO]:
+        path = self.staging_dir / uuid.uuid4().hex
+        # "x": never clobber another writer's file; unbuffered so readers see every write.
+        return path, open(path, "xb", buffering=0)  # noqa: SIM115 - caller closes
+
+    def _finish(self, fh: io.FileIO, staged: Path, digest: Digest) -> Path:
+        """Durably move a verified staging file into place (blocking)."""
+        try:
+            os.fsync(fh.fileno())
+        finally:
+            fh.close()
+        target = self.path(digest)
+        fan = target.parent
+        if not fan.is_dir():
+            fan.mkdir(exist_ok=True)
+            _fsync_dir(self.blobs_dir)  # the new fan-out directory entry must be durable too
+        # Fresh mtime = commit time: gc spares on-disk objects the index does not know yet if
+        # they are younger than its grace period, and the last write may be older than that.
+        os.utime(staged)
+        os.replace(staged, target)
+        _fsync_dir(fan)
+        return target
+
+    def delete(self, digest: Digest) -> bool:
+        """Remove the object; return whether it existed. Open readers keep their descriptor."""
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def quarantine(self, digest: Digest) -> Path | None:
+        """Move a (corrupt) object to ``quarantine/`` for inspection; return its new path, or
+        None if it was not in the store."""
+        target = self.quarantine_dir / digest.hex
+        try:
+            os.replace(self.path(digest), target)
+        except FileNotFoundError:
+            return None
+        _fsync_dir(self.quarantine_dir)
+        return target
+
+    def staging_entries(self) -> list[Path]:
+        """Everything currently in ``staging/``."""
+        return sorted(Path(e.path) for e in os.scandir(self.staging_dir))
+
+    def cleanup_staging(self) -> int:
+        """Remove everything in ``staging/``; return how many entries were removed.
+
+        Call at start-up only, before anything writes: leftovers are downloads a crash
+        interrupted, and nothing can resume them.
+        """
+        removed = 0
+        for path in self.staging_entries():
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
+
+    def hash_object(self, digest: Digest) -> Digest | None:
+        """Re-hash the stored object (streaming); None if it is absent."""
+        h = hashlib.sha256()
+        try:
+            with open(self.path(digest), "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return None
+        return Digest(h.hexdigest())

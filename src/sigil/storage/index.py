@@ -1,0 +1,445 @@
+"""The SQLite index beside the content store: tags, manifests and what they reference,
+referrers, the blob gate, and cached policy verdicts.
+
+One connection in WAL mode with ``synchronous=NORMAL``: readers never wait for the writer, and a
+crash can lose only the last transactions, never corrupt the file (everything here can be
+re-learned from the upstream). Calls are short and made from the event loop thread; a lock
+serialises them with a gc running in a worker thread, whose check-then-delete steps hold it
+through :meth:`Index.locked`.
+
+Digests are stored as their ``sha256:<hex>`` text, which the :class:`Digest` type validates on the
+way in and on the way out.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sigil.errors import StorageError
+from sigil.oci.digest import Digest
+
+SCHEMA_VERSION = 1
+# touch() writes a manifest's last access only when it is older than this: LRU eviction needs
+# minutes of precision, not a write per request.
+TOUCH_PRECISION = 60.0
+
+_SCHEMA_V1 = """
+CREATE TABLE tags (
+    upstream   TEXT NOT NULL,
+    repo       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repo, tag)
+) WITHOUT ROWID;
+CREATE INDEX tags_by_digest ON tags (digest);
+
+-- Manifests stored as objects; last_access drives LRU eviction of root manifests.
+CREATE TABLE manifests (
+    digest      TEXT PRIMARY KEY,
+    media_type  TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    last_access REAL NOT NULL
+) WITHOUT ROWID;
+
+-- parent manifest -> what it points at (index children, config, layers). Immutable per parent.
+CREATE TABLE refs (
+    parent TEXT NOT NULL,
+    child  TEXT NOT NULL,
+    PRIMARY KEY (parent, child)
+) WITHOUT ROWID;
+CREATE INDEX refs_by_child ON refs (child);
+
+-- subject manifest -> referrer manifest (signatures, attestations, SBOMs): kept apart from refs
+-- because the edge points the other way (the referrer names its subject), and gc keeps
+-- referrers alive through their subject.
+CREATE TABLE referrers (
+    subject  TEXT NOT NULL,
+    referrer TEXT NOT NULL,
+    PRIMARY KEY (subject, referrer)
+) WITHOUT ROWID;
+CREATE INDEX referrers_by_referrer ON referrers (referrer);
+
+-- Non-manifest objects (configs, layers, signature payloads).
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    size   INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- The blob gate: digests servable in a repository under a policy fingerprint.
+CREATE TABLE allows (
+    fingerprint TEXT NOT NULL,
+    upstream    TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, upstream, repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX allows_by_digest ON allows (digest);
+
+CREATE TABLE verdicts (
+    digest      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    allowed     INTEGER NOT NULL,
+    detail      TEXT NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (digest, fingerprint)
+) WITHOUT ROWID;
+"""
+
+# Index i upgrades a database from user_version i to i + 1.
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    """A cached tag resolution."""
+
+    digest: Digest
+    media_type: str
+    checked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    """A manifest held in the store."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    last_access: float
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictRow:
+    """A cached policy decision for (digest, fingerprint)."""
+
+    allowed: bool
+    detail: str  # JSON text: reasons, matched policies
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """A consistent snapshot of what gc needs: manifests, edges and known objects."""
+
+    manifests: dict[Digest, ManifestRow]
+    refs: dict[Digest, list[Digest]]       # parent -> children
+    referrers: dict[Digest, list[Digest]]  # subject -> referrers
+    blobs: dict[Digest, int]               # non-manifest objects -> size
+
+
+def _d(text: str) -> Digest:
+    return Digest.parse(text)
+
+
+class Index:
+    """The sigil index database (see module docstring)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        try:
+            # isolation_level=None: autocommit; multi-statement writes use explicit transactions.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open index {self.path}: {exc}") from exc
+        try:
+            self._db.execute("PRAGMA busy_timeout = 5000")  # the CLI may gc beside a server
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"index {self.path}: cannot enable WAL (got {mode!r})")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StorageError(f"index {self.path} is unusable: {exc}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"index {self.path} has schema {version}, newer than this "
+                               f"sigil understands ({SCHEMA_VERSION})")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            # One script with its own BEGIN/COMMIT: the schema and its version land together.
+            with self._lock:
+                try:
+                    self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; "
+                                           f"PRAGMA user_version = {target}; COMMIT;")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the index lock, so that a check and an action on the store (gc deleting an
+        object nobody references) are atomic with respect to other users of this Index."""
+        with self._lock:
+            yield
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"index {self.path}: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StorageError(f"index {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"index {self.path}: {exc}") from exc
+
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        with self._tx() as db:
+            try:
+                return db.execute(sql, params).rowcount
+            except sqlite3.Error as exc:
+                raise StorageError(f"index {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL)."""
+        with self._lock:
+            self._db.close()
+
+    # --- tags ------------------------------------------------------------------------------
+
+    def get_tag(self, upstream: str, repo: str, tag: str) -> TagRow | None:
+        """The cached resolution of ``tag``; the caller compares ``checked_at`` with its TTL."""
+        rows = self._query("SELECT digest, media_type, checked_at FROM tags "
+                           "WHERE upstream = ? AND repo = ? AND tag = ?", (upstream, repo, tag))
+        if not rows:
+            return None
+        digest, media_type, checked_at = rows[0]
+        return TagRow(_d(str(digest)), str(media_type), float(checked_at))
+
+    def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest, media_type: str,
+                checked_at: float) -> None:
+        """Record (or refresh) a tag resolution."""
+        self._write("INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (upstream, repo, tag) DO UPDATE SET digest = excluded.digest, "
+                    "media_type = excluded.media_type, checked_at = excluded.checked_at",
+                    (upstream, repo, tag, str(digest), media_type, checked_at))
+
+    def delete_tag(self, upstream: str, repo: str, tag: str) -> bool:
+        """Forget a tag; return whether it was known."""
+        return self._write("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?",
+                           (upstream, repo, tag)) > 0
+
+    # --- manifests and references ----------------------------------------------------------
+
+    def put_manifest(self, digest: Digest, media_type: str, size: int,
+                     references: Iterable[Digest], *, now: float | None = None) -> None:
+        """Record a stored manifest and the digests it points at (index children, config,
+        layers). ``now`` (wall-clock seconds) is its first access time."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE "
+                       "SET last_access = max(last_access, excluded.last_access)",
+                       (str(digest), media_type, size, now))
+            db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
+                           [(str(digest), str(child)) for child in references])
+
+    def get_manifest(self, digest: Digest) -> ManifestRow | None:
+        """The manifest row, or None if the manifest is not stored."""
+        rows = self._query("SELECT media_type, size, last_access FROM manifests WHERE digest = ?",
+                           (str(digest),))
+        if not rows:
+            return None
+        media_type, size, last_access = rows[0]
+        return ManifestRow(digest, str(media_type), int(size),
+                           float(last_access))
+
+    def get_references(self, digest: Digest) -> list[Digest]:
+        """What the manifest ``digest`` points at (empty if unknown)."""
+        rows = self._query("SELECT child FROM refs WHERE parent = ? ORDER BY child",
+                           (str(digest),))
+        return [_d(str(r[0])) for r in rows]
+
+    def touch(self, digest: Digest, now: float) -> None:
+        """Note an access to a manifest (for LRU). Writes only when the stored time is older
+        than :data:`TOUCH_PRECISION`, so serving hot manifests does not write per request."""
+        with self._lock:
+            rows = self._query("SELECT last_access FROM manifests WHERE digest = ?",
+                               (str(digest),))
+            if rows and float(rows[0][0]) < now - TOUCH_PRECISION:
+                self._write("UPDATE manifests SET last_access = ? WHERE digest = ?",
+                            (now, str(digest)))
+
+    def add_referrer(self, subject: Digest, referrer: Digest) -> None:
+        """Record that manifest ``referrer`` (a signature, attestation...) refers to
+        ``subject``; gc keeps it for as long as it keeps the subject."""
+        self._write("INSERT OR IGNORE INTO referrers VALUES (?, ?)", (str(subject), str(referrer)))
+
+    def get_referrers(self, subject: Digest) -> list[Digest]:
+        """The recorded referrers of ``subject``."""
+        rows = self._query("SELECT referrer FROM referrers WHERE subject = ? ORDER BY referrer",
+                           (str(subject),))
+        return [_d(str(r[0])) for r in rows]
+
+    # --- blobs -----------------------------------------------------------------------------
+
+    def put_blob(self, digest: Digest, size: int) -> None:
+        """Record a stored non-manifest object."""
+        self._write("INSERT INTO blobs VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
+                    "SET size = excluded.size", (str(digest), size))
+
+    def blob_size(self, digest: Digest) -> int | None:
+        """The recorded size of a stored non-manifest object, or None."""
+        rows = self._query("SELECT size FROM blobs WHERE digest = ?", (str(digest),))
+        return int(rows[0][0]) if rows else None
+
+    # --- blob gate -------------------------------------------------------------------------
+
+    def allow(self, upstream: str, repo: str, digests: Iterable[Digest],
+              fingerprint: str) -> None:
+        """Make ``digests`` servable in ``upstream``/``repo`` under policy ``fingerprint``
+        (because a manifest that passed that policy references them)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO allows VALUES (?, ?, ?, ?)",
+                           [(fingerprint, upstream, repo, str(d)) for d in digests])
+
+    def is_allowed(self, upstream: str, repo: str, digest: Digest, fingerprint: str) -> bool:
+        """True if ``digest`` was allowed in that repository under this exact fingerprint."""
+        return bool(self._query("SELECT 1 FROM allows WHERE fingerprint = ? AND upstream = ? "
+                                "AND repo = ? AND digest = ?",
+                                (fingerprint, upstream, repo, str(digest))))
+
+    def prune_allows(self, fingerprint: str) -> int:
+        """Delete allows recorded under any other fingerprint (after a policy change)."""
+        return self._write("DELETE FROM allows WHERE fingerprint != ?", (fingerprint,))
+
+    # --- verdicts --------------------------------------------------------------------------
+
+    def get_verdict(self, digest: Digest, fingerprint: str, now: float) -> VerdictRow | None:
+        """The cached verdict for (digest, fingerprint), or None if absent or expired."""
+        rows = self._query("SELECT allowed, detail, expires_at FROM verdicts "
+                           "WHERE digest = ? AND fingerprint = ? AND expires_at > ?",
+                           (str(digest), fingerprint, now))
+        if not rows:
+            return None
+        allowed, detail, expires_at = rows[0]
+        return VerdictRow(bool(allowed), str(detail), float(expires_at))
+
+    def put_verdict(self, digest: Digest, fingerprint: str, allowed: bool, detail: str,
+                    expires_at: float) -> None:
+        """Cache a verdict until ``expires_at`` (wall-clock seconds)."""
+        self._write("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (digest, fingerprint) DO UPDATE SET allowed = excluded.allowed, "
+                    "detail = excluded.detail, expires_at = excluded.expires_at",
+                    (str(digest), fingerprint, int(allowed), detail, expires_at))
+
+    def prune_verdicts(self, now: float) -> int:
+        """Delete expired verdicts."""
+        return self._write("DELETE FROM verdicts WHERE expires_at <= ?", (now,))
+
+    # --- gc / fsck support -----------------------------------------------------------------
+
+    def graph(self) -> Graph:
+        """A consistent snapshot of manifests, references, referrers and blobs (one read
+        transaction, so the four tables agree)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    manifests = {
+                        _d(d): ManifestRow(_d(d), mt, size, la)
+                        for d, mt, size, la in self._db.execute(
+                            "SELECT digest, media_type, size, last_access FROM manifests")
+                    }
+                    refs: dict[Digest, list[Digest]] = {}
+                    for parent, child in self._db.execute("SELECT parent, child FROM refs"):
+                        refs.setdefault(_d(parent), []).append(_d(child))
+                    referrers: dict[Digest, list[Digest]] = {}
+                    for subject, referrer in self._db.execute(
+                            "SELECT subject, referrer FROM referrers"):
+                        referrers.setdefault(_d(subject), []).append(_d(referrer))
+                    blobs = {_d(d): int(size)
+                             for d, size in self._db.execute("SELECT digest, size FROM blobs")}
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"index {self.path}: {exc}") from exc
+        return Graph(manifests, refs, referrers, blobs)
+
+    def is_referenced(self, digest: Digest) -> bool:
+        """True if ``digest`` is a stored manifest, or a stored manifest points at it (as a
+        reference, or as a referrer of it as subject). gc checks this under :meth:`locked`
+        right before deleting, so a manifest recorded while gc was planning still protects
+        what it references."""
+        return bool(self._query(
+            "SELECT 1 FROM manifests WHERE digest = ?1 "
+            "UNION ALL SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.parent "
+            "WHERE r.child = ?1 "
+            "UNION ALL SELECT 1 FROM referrers x JOIN manifests m ON m.digest = x.subject "
+            "WHERE x.referrer = ?1 LIMIT 1", (str(digest),)))
+
+    def forget_manifests(self, digests: Iterable[Digest]) -> tuple[set[Digest], int]:
+        """Drop manifests that gc evicted: their rows, outgoing references, referrer links to
+        and from them, and the tags that resolve to them.
+
+        A candidate that a stored manifest outside the set points at (one recorded after gc
+        took its snapshot) is kept, and so, in turn, is what only it pointed at. Return the
+        manifests actually dropped and the number of tags deleted with them. Allows are left to
+        :meth:`drop_allows`.
+        """
+        doomed = set(digests)
+        with self._tx() as db:
+            changed = True
+            while changed:  # fixpoint: sparing one manifest may spare its children
+                changed = False
+                for digest in sorted(doomed, key=str):
+                    holders = db.execute(
+                        "SELECT r.parent FROM refs r JOIN manifests m ON m.digest = r.parent "
+                        "WHERE r.child = ?1 UNION SELECT x.subject FROM referrers x "
+                        "JOIN manifests m ON m.digest = x.subject WHERE x.referrer = ?1",
+                        (str(digest),)).fetchall()
+                    if any(_d(h) not in doomed for (h,) in holders):
+                        doomed.discard(digest)
+                        changed = True
+            keys = [(str(d),) for d in doomed]
+            before = db.total_changes
+            db.executemany("DELETE FROM tags WHERE digest = ?", keys)
+            tags_deleted = db.total_changes - before
+            db.executemany("DELETE FROM manifests WHERE digest = ?", keys)
+            db.executemany("DELETE FROM refs WHERE parent = ?", keys)
+            db.executemany("DELETE FROM referrers WHERE subject = ?", keys)
+            db.executemany("DELETE FROM referrers WHERE referrer = ?", keys)
+        return doomed, tags_deleted
+
+    def forget_objects(self, digests: Iterable[Digest]) -> None:
+        """Drop the manifest and blob rows of objects that left the store (fsck quarantine, gc
+        sweep). References recorded by a dropped manifest stay but count for nothing until
+        the manifest is stored again (edges only count from stored manifests)."""
+        keys = [(str(d),) for d in digests]
+        with self._tx() as db:
+            db.executemany("DELETE FROM manifests WHERE digest = ?", keys)
+            db.executemany("DELETE FROM blobs WHERE digest = ?", keys)
+
+    def drop_allows(self, digests: Iterable[Digest]) -> None:
+        """Drop every allow of these digests (gc: nothing stored references them any more)."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM allows WHERE digest = ?", [(str(d),) for d in digests])
