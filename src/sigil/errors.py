@@ -86,6 +86,10 @@ class RangeInvalid(RegistryError):
     code, status, default_message = "RANGE_INVALID", 416, "invalid content range"
 
 
+class PaginationInvalid(RegistryError):
+    code, status, default_message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results"
+
+
 class Unsupported(RegistryError):
     code, status, default_message = "UNSUPPORTED", 405, "the operation is unsupported"
 

@@ -1,0 +1,148 @@
+"""Command line: ``sigil serve | gc | fsck | verify``.
+
+Exit codes: 0 success, 1 a negative answer (fsck found problems, verify denied), 2 an error
+(bad config, unreachable upstream). Errors print one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sigil import __version__
+from sigil.config import Config, load_config
+from sigil.errors import ConfigError, SigilError
+from sigil.logs import configure, get_logger
+
+DEFAULT_CONFIG = "config/sigil.yaml"
+log = get_logger("sigil.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigil", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sigil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the mirror")
+    serve.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
+    serve.add_argument("--workers", type=int, default=None,
+                       help="processes sharing the port (SO_REUSEPORT); overrides server.workers")
+    for name, text in (("gc", "evict least-recently-used images to fit storage.max_bytes"),
+                       ("fsck", "re-hash the store; quarantine corrupt objects")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
+        cmd.add_argument("--json", action="store_true", help="print a JSON report")
+    return parser
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _load_policy(config: Config) -> object | None:
+    """The policy hook for ``config`` (None: no policy file, allow all)."""
+    if not config.policy:
+        return None
+    from sigil.verify.hook import load_policy_hook  # imported late: verify/ is heavier
+
+    return load_policy_hook(config.policy)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    configure(config.log.level, config.log.format)
+    policy = _load_policy(config)
+    Path(config.storage.root).mkdir(parents=True, exist_ok=True)
+    from sigil.server.app import listen_socket, serve
+
+    workers = args.workers or config.server.workers
+    sock = listen_socket(config)
+    children: list[int] = []
+    if workers > 1:
+        for _ in range(workers - 1):
+            pid = os.fork()
+            if pid == 0:
+                asyncio.run(serve(config, policy, sock))  # type: ignore[arg-type]
+                os._exit(0)
+            children.append(pid)
+    try:
+        asyncio.run(serve(config, policy, sock))  # type: ignore[arg-type]
+    finally:
+        import signal
+
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    import time
+
+    from sigil.storage import BlobStore, Index
+    from sigil.storage.gc import collect
+
+    config = _load(args.config)
+    root = Path(config.storage.root)
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    try:
+        stats = collect(store, index, config.storage.max_bytes, now=time.time())
+    finally:
+        index.close()
+    _print(stats, args.json)
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    from sigil.storage import BlobStore, Index
+    from sigil.storage.gc import fsck
+
+    config = _load(args.config)
+    root = Path(config.storage.root)
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    try:
+        report = fsck(store, index)
+    finally:
+        index.close()
+    _print(report, args.json)
+    return 0 if getattr(report, "ok", True) else 1
+
+
+def _print(report: object, as_json: bool) -> None:
+    from dataclasses import asdict, is_dataclass
+
+    data = asdict(report) if is_dataclass(report) and not isinstance(report, type) else report
+    if as_json:
+        print(json.dumps(data, default=str, indent=2))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    else:
+        print(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "gc": _gc, "fsck": _fsck}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"sigil: config error: {exc}", file=sys.stderr)
+        return 2
+    except SigilError as exc:
+        print(f"sigil: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sigil: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,189 @@
+"""Single-flight blob downloads that many clients stream from while they grow.
+
+One :class:`Download` per digest: it runs as its own task (a client disconnect does not cancel
+it), writes to a staging file while hashing, and lets every waiting client read the staging file
+as it grows. The last byte is held back until the sha256 matches: on a mismatch every waiting
+connection is aborted, so no client ever receives a complete unverified body, and nothing is
+committed. On a match: fsync, atomic rename into the store, index row, then the tail is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from sigil import metrics
+from sigil.errors import RegistryError, SigilError, UpstreamError
+from sigil.logs import get_logger
+from sigil.oci.digest import Digest
+from sigil.storage import BlobStore
+
+log = get_logger("sigil.downloads")
+
+READ_CHUNK = 1024 * 1024
+# The number of bytes withheld from readers until the digest is confirmed. One byte is enough
+# to make an unverified body incomplete; a client that counts on Content-Length sees a short read.
+HOLD_BACK = 1
+
+
+class BlobSource(Protocol):
+    """What a download reads from: an upstream blob response."""
+
+    size: int | None
+
+    def iter_chunks(self, chunk: int = ...) -> AsyncIterator[bytes]: ...
+
+
+OpenUpstream = Callable[[], "Awaitable[object]"]
+
+
+class Download:
+    """One in-flight fetch of one blob into the store."""
+
+    def __init__(self, digest: Digest, store: BlobStore) -> None:
+        self.digest = digest
+        self.store = store
+        self.staging = store.new_staging()
+        self.size: int | None = None       # expected size (upstream Content-Length), once known
+        self.written = 0
+        self.error: BaseException | None = None
+        self.committed: Path | None = None
+        self.started = asyncio.Event()     # headers known (size) or failed
+        self.finished = asyncio.Event()    # committed or failed
+        self._progress = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> Path:
+        """The staging file readers open (the fd stays valid across the commit rename)."""
+        return self.staging.path
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def run(self, open_blob: Callable[[], object],
+                  on_commit: Callable[[Digest, int], None]) -> None:
+        """Fetch, hash, commit. ``open_blob()`` returns an async context manager yielding a
+        :class:`BlobSource`. Errors are stored on the download, never raised to the loop."""
+        metrics.INFLIGHT_DOWNLOADS.inc()
+        try:
+            async with open_blob() as blob:  # type: ignore[attr-defined]
+                self.size = blob.size
+                self.started.set()
+                self._notify()
+                async for chunk in blob.iter_chunks(READ_CHUNK):
+                    self.staging.write(chunk)
+                    self.written += len(chunk)
+                    if self.size is not None and self.written > self.size:
+                        raise UpstreamError("upstream sent more bytes than it announced")
+                    self._notify()
+            if self.size is not None and self.written != self.size:
+                raise UpstreamError(
+                    f"upstream blob ended after {self.written} of {self.size} bytes")
+            self.committed = await self.staging.commit(self.digest)
+            on_commit(self.digest, self.written)
+            log.info("blob.committed", digest=str(self.digest), size=self.written)
+        except asyncio.CancelledError as exc:
+            self.error = UpstreamError("download cancelled at shutdown")
+            self.staging.abort()
+            raise exc
+        except SigilError as exc:
+            self.error = exc
+            self.staging.abort()
+            log.warning("blob.download_failed", digest=str(self.digest), error=str(exc),
+                        code=getattr(exc, "code", None))
+        except Exception as exc:  # noqa: BLE001 - translate anything unexpected, fail closed
+            self.error = UpstreamError(f"download failed: {type(exc).__name__}")
+            self.staging.abort()
+            log.error("blob.download_crashed", digest=str(self.digest), exc_info=True)
+        finally:
+            metrics.INFLIGHT_DOWNLOADS.dec()
+            self.started.set()
+            self.finished.set()
+            self._notify()
+
+    async def wait_started(self) -> None:
+        """Wait for the upstream headers; raise the download's error if it failed first."""
+        await self.started.wait()
+        if self.error is not None and self.written == 0:
+            raise self._client_error()
+
+    def _client_error(self) -> RegistryError:
+        if isinstance(self.error, RegistryError):
+            return self.error
+        return UpstreamError(str(self.error))
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Yield the body for one client as the download grows, withholding the tail until
+        the digest is confirmed. Raises the download's error (the caller aborts the
+        connection) if it fails."""
+        # Open before anything else: if the commit renames the file meanwhile, this fd still
+        # reads the same inode.
+        fd = os.open(self.committed or self.staging.path, os.O_RDONLY)
+        try:
+            sent = 0
+            while True:
+                progress = self._progress
+                done = self.finished.is_set()
+                if done and self.error is not None:
+                    raise self._client_error()
+                limit = self.written if done else max(0, self.written - HOLD_BACK)
+                if sent < limit:
+                    data = os.pread(fd, min(READ_CHUNK, limit - sent), sent)
+                    if not data:
+                        raise UpstreamError("staging file shrank during download")
+                    sent += len(data)
+                    yield data
+                    continue
+                if done:
+                    return
+                await progress.wait()
+        finally:
+            os.close(fd)
+
+
+class Downloads:
+    """The table of in-flight downloads: at most one per digest."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        self._active: dict[Digest, Download] = {}
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def get_or_start(self, digest: Digest, open_blob: Callable[[], object],
+                     on_commit: Callable[[Digest, int], None]) -> tuple[Download, bool]:
+        """Join the download of ``digest`` or start it. Returns (download, started_here)."""
+        existing = self._active.get(digest)
+        if existing is not None:
+            metrics.COALESCED_WAITERS.inc()
+            return existing, False
+        download = Download(digest, self._store)
+        self._active[digest] = download
+
+        async def runner() -> None:
+            try:
+                await download.run(open_blob, on_commit)
+            finally:
+                self._active.pop(digest, None)
+
+        download.task = asyncio.get_running_loop().create_task(runner(),
+                                                               name=f"download {digest}")
+        return download, True
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: let in-flight downloads finish, cancel what is left."""
+        tasks = [d.task for d in self._active.values() if d.task is not None]
+        if not tasks:
+            return
+        log.info("downloads.draining", count=len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

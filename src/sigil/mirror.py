@@ -1,0 +1,475 @@
+"""The one place that knows the order of operations (DESIGN §2 Data flow).
+
+1. resolve tag -> digest (tag cache, HEAD revalidation after ``tag_ttl``, stale on failure);
+2. manifest bytes by digest (memory, store, else upstream; sha256 checked before anything);
+3. verdict for (digest, policy fingerprint) (cache, else the policy);
+4. serve the exact verified bytes; record its children and blobs as servable in that repository.
+
+Blobs are served only when a verified manifest of that repository made them servable (the
+"blob gate"); a cold blob is fetched once however many clients ask (:mod:`sigil.downloads`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sigil import metrics
+from sigil.config import Config
+from sigil.downloads import Download, Downloads
+from sigil.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unavailable,
+)
+from sigil.logs import get_logger
+from sigil.oci.digest import Digest
+from sigil.oci.manifest import (
+    DEFAULT_ACCEPT,
+    OCI_INDEX,
+    Manifest,
+    parse_manifest,
+)
+from sigil.oci.reference import validate_tag
+from sigil.routing import Route
+from sigil.singleflight import SingleFlight
+from sigil.storage import BlobStore, Index
+from sigil.upstream import UpstreamClient
+
+log = get_logger("sigil.mirror")
+
+# Cosign and referrers tag-schema tags name the subject they belong to.
+_SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
+# Verdicts are re-evaluated after this long even with an unchanged policy (revocations, new
+# signatures); denials sooner, so a signature published after a deny is picked up quickly.
+ALLOW_TTL = 3600.0
+DENY_TTL = 60.0
+MAX_REFERRERS = 64
+MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A policy decision as the mirror needs it (verify/engine builds richer ones)."""
+
+    allowed: bool
+    message: str = ""
+    reason: str = "ok"
+    related: list[tuple[str, Digest]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "message": self.message, "reason": self.reason}
+
+
+class PolicyHook(Protocol):
+    """What sits between "manifest bytes known" and "bytes leave"."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    async def evaluate(self, image: str, repo: str, manifest: Manifest,
+                       source: Any) -> Any:
+        """Return an object with ``allowed``, ``message``, ``reason``, ``related``."""
+        ...
+
+
+class AllowAll:
+    """The verdict hook used when no policy file is configured: everything passes.
+
+    Stated loudly at start-up; a configured policy replaces it (fail-closed engine)."""
+
+    fingerprint = "allow-all"
+
+    async def evaluate(self, image: str, repo: str, manifest: Manifest, source: Any) -> Verdict:
+        return Verdict(allowed=True, message="no policy configured", reason="no_policy")
+
+
+@dataclass(frozen=True, slots=True)
+class ServedManifest:
+    """Exact manifest bytes to send, with the headers they need."""
+
+    raw: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    """A blob present in the store."""
+
+    path: Path
+    digest: Digest
+
+
+@dataclass
+class _TagEntry:
+    digest: Digest
+    media_type: str
+    checked_at: float
+
+
+class _ManifestCache:
+    """A small LRU of manifest bytes in memory, bounded in bytes: the warm HEAD/GET path."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._size = 0
+        self._items: OrderedDict[Digest, ServedManifest] = OrderedDict()
+
+    def get(self, digest: Digest) -> ServedManifest | None:
+        item = self._items.get(digest)
+        if item is not None:
+            self._items.move_to_end(digest)
+        return item
+
+    def put(self, item: ServedManifest) -> None:
+        if item.digest in self._items:
+            return
+        self._items[item.digest] = item
+        self._size += len(item.raw)
+        while self._size > self._max and self._items:
+            _, old = self._items.popitem(last=False)
+            self._size -= len(old.raw)
+
+
+class Mirror:
+    """Pull-through logic for every upstream, over one store and index."""
+
+    def __init__(self, config: Config, store: BlobStore, index: Index,
+                 clients: dict[str, UpstreamClient], policy: PolicyHook | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.clients = clients
+        self.policy: PolicyHook = policy or AllowAll()
+        self.downloads = Downloads(store)
+        self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
+        self._tags: dict[tuple[str, str, str], _TagEntry] = {}
+        self._allowed: set[tuple[str, str, Digest, str]] = set()
+        self._flights: SingleFlight[Any] = SingleFlight()
+        self._touched: dict[Digest, float] = {}
+
+    # ------------------------------------------------------------------ policy
+    def set_policy(self, policy: PolicyHook) -> None:
+        """Swap the policy (reload). Old allows stop counting: they carry the old fingerprint."""
+        self.policy = policy
+        self._allowed.clear()
+
+    def _is_allowed(self, route: Route, digest: Digest) -> bool:
+        key = (route.upstream.name, route.repo, digest, self.policy.fingerprint)
+        if key in self._allowed:
+            return True
+        if self.index.is_allowed(route.upstream.name, route.repo, digest,
+                                 self.policy.fingerprint):
+            self._allowed.add(key)
+            return True
+        return False
+
+    def _allow(self, route: Route, repo: str, digests: list[Digest]) -> None:
+        fingerprint = self.policy.fingerprint
+        self.index.allow(route.upstream.name, repo, digests, fingerprint)
+        for digest in digests:
+            self._allowed.add((route.upstream.name, repo, digest, fingerprint))
+
+    # --------------------------------------------------------------- manifests
+    async def manifest(self, route: Route, reference: str) -> ServedManifest:
+        """The verified manifest for a tag or digest reference (GET and HEAD alike)."""
+        if Digest.is_digest(reference):
+            digest = Digest.parse(reference)
+            hit = self._manifests.get(digest) is not None or self.store.has(digest)
+            metrics.CACHE.labels("manifest", "hit" if hit else "miss").inc()
+            served = await self._load(route, digest)
+        else:
+            validate_tag(reference)
+            served = await self._resolve_tag(route, reference)
+        await self._gate_manifest(route, served, reference)
+        self._touch(served.digest)
+        return served
+
+    async def _resolve_tag(self, route: Route, tag: str) -> ServedManifest:
+        key = (route.upstream.name, route.repo, tag)
+        now = time.time()
+        entry = self._tags.get(key)
+        if entry is None:
+            row = self.index.get_tag(*key)
+            if row is not None:
+                entry = _TagEntry(Digest.parse(row.digest) if isinstance(row.digest, str)
+                                  else row.digest, row.media_type, row.checked_at)
+                self._tags[key] = entry
+        if entry is not None and now - entry.checked_at < route.upstream.tag_ttl:
+            cached = self._manifests.get(entry.digest)
+            if cached is not None or self.store.has(entry.digest):
+                metrics.CACHE.labels("tag", "hit").inc()
+                return cached or await self._load(route, entry.digest)
+        metrics.CACHE.labels("tag", "miss").inc()
+        try:
+            return await self._flights.do(("tag", *key),
+                                          lambda: self._revalidate_tag(route, tag, key))
+        except (Unavailable, TooManyRequests) as exc:
+            # Upstream down or rate-limited: a cached tag younger than max_stale still serves.
+            if entry is not None and now - entry.checked_at < route.upstream.max_stale \
+                    and self.store.has(entry.digest):
+                metrics.STALE_SERVES.labels(route.upstream.name).inc()
+                log.warning("tag.stale", upstream=route.upstream.name, repo=route.repo,
+                            tag=tag, age=round(now - entry.checked_at), error=exc.code)
+                return await self._load(route, entry.digest)
+            raise
+
+    async def _revalidate_tag(self, route: Route, tag: str,
+                              key: tuple[str, str, str]) -> ServedManifest:
+        client = self.clients[route.upstream.name]
+        try:
+            head = await client.head_manifest(route.repo, tag, DEFAULT_ACCEPT)
+        except ManifestUnknown:
+            self._forget_tag(key)
+            raise
+        served: ServedManifest | None = None
+        if head.digest:
+            try:
+                digest = Digest.parse(head.digest)
+            except RegistryError:
+                digest = None
+            if digest is not None:
+                # The HEAD digest is only a hint of what to fetch: _load checks the bytes.
+                served = await self._load(route, digest)
+        if served is None:
+            fetched = await client.get_manifest(route.repo, tag, DEFAULT_ACCEPT)
+            served = await self._store_manifest(Digest.of(fetched.raw), fetched.raw,
+                                                fetched.media_type)
+        entry = _TagEntry(served.digest, served.media_type, time.time())
+        self._tags[key] = entry
+        self.index.put_tag(*key, served.digest, served.media_type, entry.checked_at)
+        return served
+
+    def _forget_tag(self, key: tuple[str, str, str]) -> None:
+        self._tags.pop(key, None)
+        self.index.delete_tag(*key)
+
+    async def _load(self, route: Route, digest: Digest) -> ServedManifest:
+        """Manifest bytes by digest: memory, store, else upstream (digest-checked)."""
+        cached = self._manifests.get(digest)
+        if cached is not None:
+            return cached
+        row = self.index.get_manifest(digest)
+        if row is not None and self.store.has(digest):
+            raw = await asyncio.to_thread(self.store.read_bytes, digest)
+            if Digest.of(raw) == digest:
+                served = ServedManifest(raw, row.media_type, digest)
+                self._manifests.put(served)
+                return served
+            log.error("store.corrupt", digest=str(digest))  # fsck will quarantine it
+        return await self._flights.do(("manifest", route.upstream.name, digest),
+                                      lambda: self._fetch_manifest(route, digest))
+
+    async def _fetch_manifest(self, route: Route, digest: Digest) -> ServedManifest:
+        client = self.clients[route.upstream.name]
+        fetched = await client.get_manifest(route.repo, str(digest), DEFAULT_ACCEPT)
+        if Digest.of(fetched.raw) != digest:
+            raise ManifestInvalid(f"upstream {route.upstream.name} sent a manifest that does "
+                                  f"not match digest {digest}")
+        return await self._store_manifest(digest, fetched.raw, fetched.media_type)
+
+    async def _store_manifest(self, digest: Digest, raw: bytes, media_type: str | None
+                              ) -> ServedManifest:
+        manifest = parse_manifest(raw, media_type)  # malformed JSON is never cached
+        await asyncio.to_thread(self.store.put_bytes, digest, raw)
+        refs = [d.digest for d in manifest.manifests] + manifest.blob_digests()
+        self.index.put_manifest(digest, manifest.media_type, len(raw), refs)
+        if manifest.subject is not None:
+            self.index.add_referrer(manifest.subject.digest, digest)
+        served = ServedManifest(raw, manifest.media_type, digest)
+        self._manifests.put(served)
+        return served
+
+    def _touch(self, digest: Digest) -> None:
+        now = time.time()
+        if now - self._touched.get(digest, 0.0) > 60:
+            self._touched[digest] = now
+            self.index.touch(digest, now)
+
+    # ------------------------------------------------------------- the verdict
+    async def _gate_manifest(self, route: Route, served: ServedManifest, reference: str) -> None:
+        """Raise Denied unless this manifest may leave the mirror under the current policy."""
+        if self._is_allowed(route, served.digest):
+            return  # verified before, or a child / signature of a verified manifest
+        manifest = parse_manifest(served.raw, served.media_type)
+        subject_tag = _SUBJECT_TAG.match(reference)
+        if subject_tag is not None:
+            # A .sig/.att/tag-schema artifact: servable when its subject passed, so clients can
+            # verify again through the mirror. It is not itself a subject of the policy.
+            if not self._is_allowed(route, Digest(subject_tag.group(1))):
+                raise Denied(f"{reference} belongs to a subject that has not been verified")
+            self._allow(route, route.repo, [served.digest, *self._servable_refs(manifest)])
+            return
+        verdict = await self._verdict(route, manifest)
+        if not verdict.allowed:
+            raise Denied(verdict.message or "denied by policy",
+                         detail={"policy": verdict.to_json()})
+        allows = [served.digest, *self._servable_refs(manifest)]
+        self._allow(route, route.repo, allows)
+        by_repo: dict[str, list[Digest]] = {}
+        for repo, digest in verdict.related:
+            by_repo.setdefault(repo, []).append(digest)
+        for repo, digests in by_repo.items():
+            self._allow(route, repo, digests)
+
+    @staticmethod
+    def _servable_refs(manifest: Manifest) -> list[Digest]:
+        return [d.digest for d in manifest.manifests] + manifest.blob_digests()
+
+    async def _verdict(self, route: Route, manifest: Manifest) -> Any:
+        fingerprint = self.policy.fingerprint
+        row = self.index.get_verdict(manifest.digest, fingerprint, time.time())
+        if row is not None:
+            metrics.VERDICT_CACHE.labels("hit").inc()
+            detail = json.loads(row.detail) if row.detail else {}
+            return Verdict(allowed=bool(row.allowed), message=detail.get("message", ""),
+                           reason=detail.get("reason", "cached"),
+                           related=[(r, Digest.parse(d)) for r, d in detail.get("related", [])])
+        metrics.VERDICT_CACHE.labels("miss").inc()
+
+        async def evaluate() -> Any:
+            verdict = await self.policy.evaluate(route.image, route.repo, manifest,
+                                                 self.source(route))
+            related = [(r, str(d)) for r, d in getattr(verdict, "related", [])]
+            detail = json.dumps({"message": verdict.message, "reason": verdict.reason,
+                                 "related": related})
+            ttl = ALLOW_TTL if verdict.allowed else DENY_TTL
+            self.index.put_verdict(manifest.digest, fingerprint, bool(verdict.allowed), detail,
+                                   time.time() + ttl)
+            return verdict
+
+        return await self._flights.do(("verdict", manifest.digest, fingerprint), evaluate)
+
+    def source(self, route: Route) -> MirrorSource:
+        """The artifact source verification reads signatures through (same cache, same
+        digest checks, same upstream client)."""
+        return MirrorSource(self, route)
+
+    # ------------------------------------------------------------------- blobs
+    def blob(self, route: Route, digest: Digest) -> CachedBlob | Download:
+        """A cached blob, or the (possibly shared) download of it. Enforces the blob gate."""
+        if not self._is_allowed(route, digest):
+            raise BlobUnknown(f"blob {digest} is not referenced by a verified manifest of "
+                              f"{route.client_name}")
+        if self.store.has(digest):
+            metrics.CACHE.labels("blob", "hit").inc()
+            self._touch_blob(digest)
+            return CachedBlob(self.store.path(digest), digest)
+        metrics.CACHE.labels("blob", "miss").inc()
+        client = self.clients[route.upstream.name]
+        download, _ = self.downloads.get_or_start(
+            digest, lambda: client.open_blob(route.repo, digest),
+            lambda d, size: self.index.put_blob(d, size))
+        return download
+
+    def _touch_blob(self, digest: Digest) -> None:
+        """Blobs live as long as a manifest referencing them; nothing to record."""
+
+    # ------------------------------------------------------- tags and referrers
+    async def tags(self, route: Route, n: int | None, last: str | None
+                   ) -> tuple[dict[str, Any], str | None]:
+        """The upstream tag list (tags are hints, not verified content)."""
+        client = self.clients[route.upstream.name]
+        body, next_link = await client.get_tags(route.repo, n, last)
+        try:
+            data = json.loads(body)
+            tags = data.get("tags") or []
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise ValueError("tags must be a list of strings")
+        except (ValueError, AttributeError) as exc:
+            raise ManifestInvalid(f"upstream {route.upstream.name} sent a malformed tag list"
+                                  ) from exc
+        next_last = None
+        if next_link:
+            match = re.search(r"[?&]last=([^&>]+)", next_link)
+            next_last = match.group(1) if match else None
+        return {"name": route.client_name, "tags": tags}, next_last
+
+    async def referrers(self, route: Route, digest: Digest, artifact_type: str | None
+                        ) -> dict[str, Any]:
+        """OCI 1.1 referrers of a verified subject, from the upstream API or the tag schema.
+
+        Each listed referrer is checked to really name this subject before it is listed and
+        made servable: the upstream's list is only a hint."""
+        if not self._is_allowed(route, digest):
+            raise Denied(f"referrers are served only for verified subjects; {digest} is not "
+                         f"verified in {route.client_name}")
+        index = await self.source(route).get_referrers(route.repo, digest)
+        if index is None:
+            index = await self.source(route).get_manifest(route.repo, digest.tag_form)
+        descriptors = []
+        for descriptor in (index.manifests if index is not None else ())[:MAX_REFERRERS]:
+            try:
+                referrer = await self._load(route, descriptor.digest)
+            except RegistryError:
+                continue
+            parsed = parse_manifest(referrer.raw, referrer.media_type)
+            if parsed.subject is None or parsed.subject.digest != digest:
+                continue
+            kind = parsed.artifact_type or (parsed.config.media_type if parsed.config else None)
+            if artifact_type and kind != artifact_type:
+                continue
+            self._allow(route, route.repo, [descriptor.digest, *self._servable_refs(parsed)])
+            entry = {"mediaType": referrer.media_type, "digest": str(descriptor.digest),
+                     "size": len(referrer.raw)}
+            if kind:
+                entry["artifactType"] = kind
+            if parsed.annotations:
+                entry["annotations"] = parsed.annotations
+            descriptors.append(entry)
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+
+
+class MirrorSource:
+    """:class:`sigil.verify.discovery.ArtifactSource` over the mirror's cache and upstream."""
+
+    def __init__(self, mirror: Mirror, route: Route) -> None:
+        self._mirror = mirror
+        self._route = route
+
+    def _route_for(self, repo: str) -> Route:
+        return Route(self._route.upstream, repo, repo)
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest | None:
+        route = self._route_for(repo)
+        try:
+            if Digest.is_digest(reference):
+                served = await self._mirror._load(route, Digest.parse(reference))
+            else:
+                served = await self._mirror._resolve_tag(route, validate_tag(reference))
+        except ManifestUnknown:
+            return None
+        return parse_manifest(served.raw, served.media_type)
+
+    async def get_blob(self, repo: str, digest: Digest, max_bytes: int) -> bytes:
+        store = self._mirror.store
+        if store.has(digest):
+            size = store.size(digest) or 0
+            if size > max_bytes:
+                raise ManifestInvalid(f"blob {digest} exceeds {max_bytes} bytes")
+            data = await asyncio.to_thread(store.read_bytes, digest)
+            if Digest.of(data) == digest:
+                return data
+        client = self._mirror.clients[self._route.upstream.name]
+        data = await client.get_blob_bytes(repo, digest, max_bytes)
+        await asyncio.to_thread(store.put_bytes, digest, data)
+        self._mirror.index.put_blob(digest, len(data))
+        return data
+
+    async def get_referrers(self, repo: str, digest: Digest) -> Manifest | None:
+        client = self._mirror.clients[self._route.upstream.name]
+        body = await client.get_referrers(repo, digest, None)
+        if body is None:
+            return None
+        return parse_manifest(body, OCI_INDEX)

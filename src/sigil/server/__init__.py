@@ -1,0 +1,1 @@
+"""HTTP server: app factory, OCI routes, middleware, ops endpoints."""

@@ -1,0 +1,100 @@
+"""The aiohttp application factory and process runner."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from sigil.config import Config
+from sigil.logs import get_logger
+from sigil.mirror import Mirror, PolicyHook
+from sigil.routing import Router
+from sigil.server.middleware import request_middleware
+from sigil.server.routes import add_routes
+from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
+from sigil.storage import BlobStore, Index
+from sigil.upstream import UpstreamClient
+
+log = get_logger("sigil.server")
+DRAIN_SECONDS = 30.0
+
+
+def build_app(config: Config, policy: PolicyHook | None = None) -> web.Application:
+    """Build the app. Store, index and upstream sessions open and close in one cleanup_ctx."""
+    app = web.Application(middlewares=[request_middleware], client_max_size=1024 * 1024)
+    app[CONFIG] = config
+    app[ROUTER] = Router(config)
+    app[READY] = asyncio.Event()
+    add_routes(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        root = Path(config.storage.root)
+        store = BlobStore(root)
+        removed = store.cleanup_staging()
+        index = Index(root / "index.sqlite")
+        clients = {u.name: UpstreamClient(u) for u in config.upstreams}
+        mirror = Mirror(config, store, index, clients, policy)
+        app[MIRROR] = mirror
+        app[READY].set()
+        log.info("sigil.started", storage=str(root), staging_removed=removed,
+                 upstreams=[u.name for u in config.upstreams],
+                 policy=config.policy or "none (allow all)")
+        try:
+            yield
+        finally:
+            app[READY].clear()
+            await mirror.downloads.drain(DRAIN_SECONDS)
+            for client in clients.values():
+                await client.close()
+            index.close()
+            log.info("sigil.stopped")
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.server.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+    return context
+
+
+def listen_socket(config: Config) -> socket.socket:
+    """A bound listening socket (SO_REUSEPORT so ``--workers`` processes can share the port)."""
+    family = socket.AF_INET6 if ":" in config.server.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.server.listen_host, config.server.listen_port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: Config, policy: PolicyHook | None = None,
+                sock: socket.socket | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight downloads and stop."""
+    app = build_app(config, policy)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=DRAIN_SECONDS)
+    await runner.setup()
+    site = web.SockSite(runner, sock or listen_socket(config), ssl_context=_ssl_context(config))
+    await site.start()
+    log.info("sigil.listening", address=f"{config.server.listen_host}:{config.server.listen_port}",
+             tls=bool(config.server.tls_cert))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("sigil.stopping")
+    await runner.cleanup()
