@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from sigil.routing import Router
 from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
-from sigil.storage import BlobStore, Index
+from sigil.storage import BlobStore, Index, collect
 from sigil.upstream import UpstreamClient
 
 log = get_logger("sigil.server")
 DRAIN_SECONDS = 30.0
+GC_INTERVAL = 300.0
 
 
 def build_app(config: Config, policy: PolicyHook | None = None) -> web.Application:
@@ -41,6 +43,7 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
         clients = {u.name: UpstreamClient(u) for u in config.upstreams}
         mirror = Mirror(config, store, index, clients, policy)
         app[MIRROR] = mirror
+        maintenance = asyncio.get_running_loop().create_task(_maintain(mirror, config))
         app[READY].set()
         log.info("sigil.started", storage=str(root), staging_removed=removed,
                  upstreams=[u.name for u in config.upstreams],
@@ -49,6 +52,8 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
             yield
         finally:
             app[READY].clear()
+            maintenance.cancel()
+            await asyncio.gather(maintenance, return_exceptions=True)
             await mirror.downloads.drain(DRAIN_SECONDS)
             for client in clients.values():
                 await client.close()
@@ -57,6 +62,18 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
 
     app.cleanup_ctx.append(resources)
     return app
+
+
+async def _maintain(mirror: Mirror, config: Config) -> None:
+    """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
+    GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges)."""
+    while True:
+        await asyncio.sleep(GC_INTERVAL)
+        try:
+            await asyncio.to_thread(collect, mirror.store, mirror.index,
+                                    config.storage.max_bytes, now=time.time())
+        except Exception:  # noqa: BLE001 - a failed pass must not stop the server
+            log.error("gc.failed", exc_info=True)
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:

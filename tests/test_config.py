@@ -1,0 +1,83 @@
+"""Config loading: defaults, env overrides, and one clear error per bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sigil.config import build_config, load_config
+from sigil.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    config = load_config(REPO / "config" / "sigil.yaml", env={})
+    assert config.server.listen_port == 5000
+    assert config.storage.max_bytes == 100 * 1024**3
+    hub = config.default_upstream
+    assert hub is not None and hub.name == "docker.io"
+    assert hub.tag_ttl == 300 and hub.max_stale == 86400
+    assert config.policy == str(REPO / "config" / "policy.yaml")
+
+
+def test_env_overrides() -> None:
+    config = build_config({}, env={"SIGIL_STORAGE_ROOT": "/tmp/elsewhere",
+                                   "SIGIL_SERVER_LISTEN": "127.0.0.1:5555",
+                                   "SIGIL_LOG_LEVEL": "debug"})
+    assert config.storage.root == "/tmp/elsewhere"
+    assert (config.server.listen_host, config.server.listen_port) == ("127.0.0.1", 5555)
+    assert config.log.level == "debug"
+
+
+def test_credentials_from_env_are_not_in_repr() -> None:
+    config = build_config({"upstreams": [{
+        "name": "r.example", "url": "https://r.example", "default": True,
+        "credentials": {"username_env": "U", "password_env": "P"}}]},
+        env={"U": "alice", "P": "s3cret"})
+    assert config.upstreams[0].credentials.password == "s3cret"
+    assert "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize(("data", "key", "problem"), [
+    ({"storage": {"max_bytes": "lots"}}, "storage.max_bytes", "expected a size"),
+    ({"server": {"listen": "nowhere"}}, "server.listen", "expected host:port"),
+    ({"server": {"lisen": "x"}}, "server", "unknown key 'lisen'"),
+    ({"upstreams": [{"name": "a.example", "url": "ftp://x"}]}, "upstreams[0].url", "http(s) URL"),
+    ({"upstreams": [{"name": "a.example", "url": "https://a", "tag_ttl": "soon"}]},
+     "upstreams[0].tag_ttl", "duration"),
+    ({"upstreams": [{"name": "a.example", "url": "https://a", "default": True},
+                    {"name": "b.example", "url": "https://b", "default": True}]},
+     "upstreams", "at most one"),
+    ({"upstreams": [{"name": "a.example", "url": "https://a",
+                     "credentials": {"password_env": "NOPE_NOT_SET"}}]},
+     "upstreams[0].credentials.password_env", "NOPE_NOT_SET is not set"),
+    ({"log": {"level": "loud"}}, "log.level", "expected one of"),
+])
+def test_bad_values_name_file_key_and_problem(data, key, problem) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(data, source="/etc/sigil.yaml", env={})
+    message = str(info.value)
+    assert message.startswith(f"/etc/sigil.yaml: {key}: "), message
+    assert problem in message
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "sigil.yaml"
+    path.write_text("server:\n  listen: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value) and "line" in str(info.value)
+
+
+def test_cli_bad_config_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "sigil.yaml"
+    path.write_text("storage:\n  max_bytes: -3\n")
+    result = subprocess.run([sys.executable, "-m", "sigil", "serve", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}: storage.max_bytes" in result.stderr
