@@ -1,0 +1,65 @@
+"""SIGKILL during a download, then restart: the store is consistent and the blob is served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from tests.support.fakeupstream import FakeUpstream, sha
+from tests.support.sigilproc import SigilProcess
+
+
+async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
+    fake = FakeUpstream()
+    layer = os.urandom(8 * 1024 * 1024)
+    fake.add_image("library/app", "v1", [layer])
+    fake.blob_delay = 0.05  # 32 chunks of 256 KiB: about 1.6 s in flight
+    upstream = TestServer(fake.app(), host="127.0.0.1")
+    await upstream.start_server()
+    upstreams = [{"name": "docker.io", "url": str(upstream.make_url("")).rstrip("/"),
+                  "default": True, "retries": 0}]
+    sigil = SigilProcess(tmp_path, upstreams)
+    try:
+        await asyncio.to_thread(sigil.start)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{sigil.url}/v2/app/manifests/v1") as response:
+                assert response.status == 200
+            got = 0
+            try:
+                async with session.get(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
+                    async for chunk in response.content.iter_chunked(65536):
+                        got += len(chunk)
+                        if got >= 512 * 1024:
+                            sigil.kill()  # mid-body: the download is half done
+                            break
+            except aiohttp.ClientError:
+                pass
+            assert 0 < got < len(layer)
+            staging = list((sigil.store / "staging").iterdir())
+            assert staging, "the interrupted download left its staging file"
+            blob_path = sigil.store / "blobs" / "sha256" / sha(layer)[7:9] / sha(layer)[7:]
+            assert not blob_path.exists(), "nothing partial is visible in the store"
+
+            await asyncio.to_thread(sigil.start)
+            assert list((sigil.store / "staging").iterdir()) == []
+            async with session.get(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
+                assert response.status == 200
+                assert await response.read() == layer
+        sigil.stop()
+        fsck = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "sigil", "fsck", "--config", str(sigil.config_path), "--json"],
+            capture_output=True, text=True, timeout=60)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        report = json.loads(fsck.stdout)
+        assert report["corrupt"] == [] and report["objects_checked"] >= 3 and report["missing"] == []
+    finally:
+        sigil.stop()
+        await upstream.close()
