@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from sigil import metrics
 from sigil.errors import BlobUnknown, DigestInvalid, StorageError
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import OCI_INDEX, OCI_MANIFEST
-from sigil.storage import BlobStore, Index, collect, fsck
+from sigil.storage import BlobStore, Index, ObjectInfo, collect, fsck
 
 FP = "policy-fp-1"
 HOUR = 3600.0
@@ -142,13 +143,16 @@ def test_cleanup_staging_removes_leftovers(store: BlobStore) -> None:
 async def test_reader_of_staging_file_reads_everything_after_commit(store: BlobStore) -> None:
     staging = store.new_staging()
     staging.write(b"first half|")
-    with open(staging.path, "rb") as reader:  # another client streaming the download
+    # Another client streaming the download (a small local file: blocking open is fine here).
+    with open(staging.path, "rb") as reader:  # noqa: ASYNC230
         assert reader.read() == b"first half|"  # unbuffered: visible as soon as written
         staging.write(b"second half")
         digest = Digest.of(b"first half|second half")
         await staging.commit(digest)
         assert not staging.path.exists()
         assert reader.read() == b"second half"  # same inode: the rename kept it valid
+        # Moved, not copied: a copy would be visible under blobs/ half-written.
+        assert os.fstat(reader.fileno()).st_ino == store.path(digest).stat().st_ino
     assert store.read_bytes(digest) == b"first half|second half"
 
 
@@ -296,7 +300,7 @@ def test_forget_manifests_spares_one_a_new_manifest_points_at(index: Index) -> N
 
 def test_gc_under_budget_does_nothing(store: BlobStore, index: Index) -> None:
     now = time.time() + 10 * HOUR
-    m, blobs = image(store, index, [b"L" * 100], accessed=0.0)
+    m, _ = image(store, index, [b"L" * 100], accessed=0.0)
     stray = Digest.of(b"unindexed")
     store.put_bytes(stray, b"unindexed")
     before = sorted(store.iter_digests(), key=str)
@@ -410,6 +414,44 @@ def test_gc_never_deletes_blob_of_retained_manifest(store: BlobStore, index: Ind
     assert stats.roots_evicted == 1 and stats.over_budget
     assert all(store.has(d) for d in [keep, *keep_blobs])
     assert not store.has(old) and not store.has(old_blobs[0])
+
+
+class RacingStore(BlobStore):
+    """A real store that runs ``during_walk`` after gc has listed the objects, the way a
+    mirror request served concurrently with a gc thread would."""
+
+    during_walk: Callable[[], None] | None = None
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
+        yield from super().iter_objects()
+        if self.during_walk is not None:
+            self.during_walk()
+            self.during_walk = None
+
+
+def test_gc_spares_what_a_manifest_recorded_meanwhile_references(tmp_path: Path) -> None:
+    store = RacingStore(tmp_path / "root")
+    index = Index(store.root / "index.sqlite")
+    try:
+        now = time.time() + 10 * HOUR
+        old, old_blobs = image(store, index, [b"O" * 5000], accessed=now - 5 * HOUR, name="o")
+        kept, _ = image(store, index, [b"K" * 5000], accessed=now - 4 * HOUR, name="k")
+        # While gc plans to evict `old`, a new image reusing `old`'s layer is stored.
+        body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [str(old_blobs[1])]}
+        budget = store.total_bytes() - 1
+
+        def mirror_stores_new_image() -> None:
+            put_manifest(store, index, body, [old_blobs[1]], accessed=now)
+
+        store.during_walk = mirror_stores_new_image
+
+        stats = collect(store, index, budget, now=now)
+
+        assert stats.roots_evicted == 1 and not store.has(old) and store.has(kept)
+        assert store.has(old_blobs[1])  # the new manifest references it
+        assert not store.has(old_blobs[0])  # old's config is referenced by nobody
+    finally:
+        index.close()
 
 
 # --- fsck --------------------------------------------------------------------------------------

@@ -85,7 +85,10 @@ class StagingFile:
         """
         if self._fh is None:
             raise StorageError("write to a closed staging file")
-        _write_all(self._fh, data)
+        try:
+            _write_all(self._fh, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write to the store: {exc}") from exc
         self._hash.update(data)
         self.size += len(data)
 
@@ -105,8 +108,12 @@ class StagingFile:
         fh, self._fh = self._fh, None
         try:
             return await asyncio.to_thread(self._store._finish, fh, self.path, expected)
-        except BaseException:
-            _unlink_quietly(self.path)
+        except BaseException as exc:
+            # If we were cancelled the thread runs on: either it already renamed (the blob is
+            # complete and verified) or its rename now fails on the missing file. Both are fine.
+            self.path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot commit {expected}: {exc}") from exc
             raise
 
     def abort(self) -> None:
@@ -114,7 +121,7 @@ class StagingFile:
         fh, self._fh = self._fh, None
         if fh is not None:
             fh.close()
-            _unlink_quietly(self.path)
+            self.path.unlink(missing_ok=True)
 
 
 def _write_all(fh: io.FileIO, data: bytes) -> None:
@@ -125,13 +132,6 @@ def _write_all(fh: io.FileIO, data: bytes) -> None:
         if not written:
             raise StorageError("short write to the store (disk full?)")
         view = view[written:]
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class BlobStore:
@@ -177,17 +177,19 @@ class BlobStore:
     def iter_objects(self) -> Iterator[ObjectInfo]:
         """Every object under ``blobs/``; names that are not ``<2 hex>/<64 hex>`` with a
         matching prefix are skipped (junk is left for an operator to look at)."""
-        for fan in os.scandir(self.blobs_dir):
-            if not (fan.is_dir(follow_symlinks=False) and _HEX2.fullmatch(fan.name)):
-                continue
-            for entry in os.scandir(fan.path):
-                if not (_HEX64.fullmatch(entry.name) and entry.name.startswith(fan.name)):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:  # deleted between scandir and stat
-                    continue
-                if entry.is_file(follow_symlinks=False):
+        with os.scandir(self.blobs_dir) as fans:
+            fan_dirs = [f for f in fans
+                        if _HEX2.fullmatch(f.name) and f.is_dir(follow_symlinks=False)]
+        for fan in fan_dirs:
+            with os.scandir(fan.path) as entries:  # closed even if the caller stops early
+                for entry in entries:
+                    if not (_HEX64.fullmatch(entry.name) and entry.name.startswith(fan.name)
+                            and entry.is_file(follow_symlinks=False)):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # deleted between scandir and stat
+                        continue
                     yield ObjectInfo(Digest(entry.name), st.st_size, st.st_mtime)
 
     def iter_digests(self) -> Iterator[Digest]:
@@ -217,9 +219,11 @@ class BlobStore:
         try:
             _write_all(fh, data)
             return self._finish(fh, staged, digest)
-        except BaseException:
+        except BaseException as exc:
             fh.close()
-            _unlink_quietly(staged)
+            staged.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot store {digest}: {exc}") from exc
             raise
 
     def new_staging(self) -> StagingFile:
@@ -230,7 +234,7 @@ class BlobStore:
     def _open_staging(self) -> tuple[Path, io.FileIO]:
         path = self.staging_dir / uuid.uuid4().hex
         # "x": never clobber another writer's file; unbuffered so readers see every write.
-        return path, open(path, "xb", buffering=0)  # noqa: SIM115 - caller closes
+        return path, open(path, "xb", buffering=0)
 
     def _finish(self, fh: io.FileIO, staged: Path, digest: Digest) -> Path:
         """Durably move a verified staging file into place (blocking)."""
@@ -261,9 +265,10 @@ class BlobStore:
     def quarantine(self, digest: Digest) -> Path | None:
         """Move a (corrupt) object to ``quarantine/`` for inspection; return its new path, or
         None if it was not in the store."""
+        source = self.path(digest)  # validates the digest before any path is built from it
         target = self.quarantine_dir / digest.hex
         try:
-            os.replace(self.path(digest), target)
+            os.replace(source, target)
         except FileNotFoundError:
             return None
         _fsync_dir(self.quarantine_dir)

@@ -120,14 +120,14 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
               if refcount[d] == 0 and info.mtime > now - grace}
     needed = sum(size(d) for d in refcount) + sum(size(d) for d in spared)
 
-    def recency(root: Digest) -> float:
-        # A root is as recent as any manifest it keeps (platform manifests are pulled by
-        # digest after their index, and only they get touched).
-        return max(graph.manifests[m].last_access for m in closures[root]
-                   if m in graph.manifests)
+    # A root is as recent as any manifest it keeps: platform manifests are pulled by digest
+    # after their index, and only they get touched then.
+    recency = {root: max(graph.manifests[m].last_access for m in members
+                         if m in graph.manifests)
+               for root, members in closures.items()}
 
-    for root in sorted(roots, key=recency):
-        if needed <= max_bytes or recency(root) > now - grace:
+    for root in sorted(roots, key=recency.__getitem__):
+        if needed <= max_bytes or recency[root] > now - grace:
             break
         stats.roots_evicted += 1
         for digest in closures[root]:
@@ -142,7 +142,7 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
 
     deleted: list[Digest] = []
     for digest, info in objects.items():
-        if refcount[digest] > 0 or digest in spared:
+        if refcount[digest] > 0 or digest in spared:  # marked: skip without asking the index
             continue
         with index.locked():  # check and delete as one step against concurrent index writers
             if index.is_referenced(digest) or not store.delete(digest):

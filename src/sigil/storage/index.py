@@ -1,11 +1,11 @@
 """The SQLite index beside the content store: tags, manifests and what they reference,
 referrers, the blob gate, and cached policy verdicts.
 
-One connection in WAL mode with ``synchronous=NORMAL``: readers never wait for the writer, and a
-crash can lose only the last transactions, never corrupt the file (everything here can be
-re-learned from the upstream). Calls are short and made from the event loop thread; a lock
-serialises them with a gc running in a worker thread, whose check-then-delete steps hold it
-through :meth:`Index.locked`.
+One connection in WAL mode with ``synchronous=NORMAL``: a crash can lose only the last
+transactions, never corrupt the file (everything here can be re-learned from the upstream).
+Calls are short and made from the event loop thread; a lock serialises them with a gc running
+in a worker thread, whose check-then-delete steps hold it through :meth:`Index.locked`. gc's
+whole-graph snapshot alone uses a second, read-only connection, so it never holds that lock.
 
 Digests are stored as their ``sha256:<hex>`` text, which the :class:`Digest` type validates on the
 way in and on the way out.
@@ -190,20 +190,19 @@ class Index:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: take the write lock up front rather than
+        fail on upgrade); sqlite errors become :class:`StorageError`."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # sqlite may have rolled back already
+                        self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
-                raise StorageError(f"index {self.path}: {exc}") from exc
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
                 raise StorageError(f"index {self.path}: {exc}") from exc
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -215,10 +214,7 @@ class Index:
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         with self._tx() as db:
-            try:
-                return db.execute(sql, params).rowcount
-            except sqlite3.Error as exc:
-                raise StorageError(f"index {self.path}: {exc}") from exc
+            return db.execute(sql, params).rowcount
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL)."""
@@ -359,30 +355,37 @@ class Index:
     # --- gc / fsck support -----------------------------------------------------------------
 
     def graph(self) -> Graph:
-        """A consistent snapshot of manifests, references, referrers and blobs (one read
-        transaction, so the four tables agree)."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                try:
-                    manifests = {
-                        _d(d): ManifestRow(_d(d), mt, size, la)
-                        for d, mt, size, la in self._db.execute(
-                            "SELECT digest, media_type, size, last_access FROM manifests")
-                    }
-                    refs: dict[Digest, list[Digest]] = {}
-                    for parent, child in self._db.execute("SELECT parent, child FROM refs"):
-                        refs.setdefault(_d(parent), []).append(_d(child))
-                    referrers: dict[Digest, list[Digest]] = {}
-                    for subject, referrer in self._db.execute(
-                            "SELECT subject, referrer FROM referrers"):
-                        referrers.setdefault(_d(subject), []).append(_d(referrer))
-                    blobs = {_d(d): int(size)
-                             for d, size in self._db.execute("SELECT digest, size FROM blobs")}
-                finally:
-                    self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StorageError(f"index {self.path}: {exc}") from exc
+        """A consistent snapshot of manifests, references, referrers and blobs.
+
+        Read in one transaction on a private read-only connection: WAL lets it proceed beside
+        the writer, so a large snapshot taken by a gc thread does not hold the lock that the
+        event loop's index calls wait on.
+        """
+        try:
+            reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                     isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"index {self.path}: {exc}") from exc
+        try:
+            reader.execute("BEGIN")  # one read transaction: the four tables agree
+            manifests = {
+                _d(d): ManifestRow(_d(d), media_type, size, last_access)
+                for d, media_type, size, last_access in reader.execute(
+                    "SELECT digest, media_type, size, last_access FROM manifests")
+            }
+            refs: dict[Digest, list[Digest]] = {}
+            for parent, child in reader.execute("SELECT parent, child FROM refs"):
+                refs.setdefault(_d(parent), []).append(_d(child))
+            referrers: dict[Digest, list[Digest]] = {}
+            for subject, referrer in reader.execute("SELECT subject, referrer FROM referrers"):
+                referrers.setdefault(_d(subject), []).append(_d(referrer))
+            blobs = {_d(d): int(size)
+                     for d, size in reader.execute("SELECT digest, size FROM blobs")}
+            reader.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StorageError(f"index {self.path}: {exc}") from exc
+        finally:
+            reader.close()
         return Graph(manifests, refs, referrers, blobs)
 
     def is_referenced(self, digest: Digest) -> bool:
