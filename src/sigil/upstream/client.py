@@ -1,0 +1,636 @@
+"""The one HTTP client to an upstream registry (OCI distribution spec, pull side only).
+
+One :class:`UpstreamClient` per configured upstream owns one ``aiohttp.ClientSession``. Every
+request goes through the same path:
+
+1. authentication (:mod:`sigil.upstream.auth`): a known challenge authenticates up front, a
+   401 is answered once with a fresh token or the credentials;
+2. redirects followed by hand, so that the registry's ``Authorization`` header never reaches
+   another origin (blob storage backends: S3, CDNs);
+3. retries of connection errors, timeouts, 5xx and 429 with exponential backoff and jitter.
+   Only GET and HEAD are sent, so retrying is safe; a blob stream that already handed bytes to
+   the caller is never retried behind its back;
+4. translation at the boundary (DESIGN section 4.2): no aiohttp or asyncio exception leaves
+   this package; callers see :mod:`sigil.errors` classes, raised ``from`` the cause.
+
+Bodies are read with explicit bounds; ``Content-Length`` is a hint, never trusted alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+from yarl import URL
+
+from sigil import __version__, metrics
+from sigil.config import UpstreamConfig
+from sigil.errors import (
+    BlobUnknown,
+    ConfigError,
+    Denied,
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+)
+from sigil.logs import get_logger
+from sigil.oci.digest import Digest
+from sigil.oci.manifest import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX
+from sigil.oci.reference import validate_name, validate_tag
+from sigil.upstream.auth import MAX_TOKEN_RESPONSE_BYTES, Authenticator, resolve_credentials
+
+log = get_logger("sigil.upstream")
+
+# Request kinds: the ``kind`` label of the upstream metrics (a small, fixed set).
+KIND_MANIFEST_HEAD = "manifest_head"
+KIND_MANIFEST = "manifest"
+KIND_BLOB = "blob"
+KIND_TAGS = "tags"
+KIND_REFERRERS = "referrers"
+KIND_TOKEN = "token"
+
+#: Default read size of :meth:`UpstreamBlob.iter_chunks`.
+BLOB_CHUNK = 1024 * 1024
+#: Tag lists larger than this are refused (Docker Hub pages are far smaller).
+MAX_TAGS_BYTES = 16 * 1024 * 1024
+#: How much of an error body is read to find its OCI error code.
+MAX_ERROR_BODY = 64 * 1024
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+# -------------------------------------------------------------------------------- results
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    """What ``HEAD /v2/<repo>/manifests/<ref>`` told: the upstream's claims, unverified."""
+
+    digest: str | None       # Docker-Content-Digest, as sent (the caller validates it)
+    media_type: str          # Content-Type without parameters
+    size: int | None         # Content-Length
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedManifest:
+    """Manifest bytes exactly as the upstream sent them."""
+
+    raw: bytes
+    media_type: str          # Content-Type without parameters
+    digest: str | None       # Docker-Content-Digest, as sent (unverified for tags)
+
+
+class UpstreamBlob:
+    """An open upstream blob response; read it once with :meth:`iter_chunks`.
+
+    ``size`` is the announced ``Content-Length`` (None when absent or when the body is
+    content-encoded, since then the header counts encoded bytes).
+    """
+
+    def __init__(self, client: UpstreamClient, response: aiohttp.ClientResponse,
+                 digest: Digest) -> None:
+        self._client = client
+        self._response = response
+        self.digest = digest
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        self.size: int | None = response.content_length if encoding == "identity" else None
+        self.received = 0
+
+    async def iter_chunks(self, chunk: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
+        """Yield the body in pieces of at most ``chunk`` bytes.
+
+        A transport failure raises :class:`UpstreamError`; it is not retried, because the
+        caller may already have used the bytes it got. A body shorter than ``size`` raises too.
+        """
+        name = self._client.name
+        try:
+            async for data in self._response.content.iter_chunked(chunk):
+                self.received += len(data)
+                yield data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = _reason(exc)
+            self._client._count_error(reason)
+            log.warning("upstream.stream_failed", upstream=name, digest=str(self.digest),
+                        received=self.received, reason=reason)
+            raise UpstreamError(f"upstream {name}: blob {self.digest} stream failed after "
+                                f"{self.received} bytes ({reason})") from exc
+        if self.size is not None and self.received != self.size:
+            self._client._count_error("protocol")
+            raise UpstreamError(f"upstream {name}: blob {self.digest} ended after "
+                                f"{self.received} of {self.size} bytes")
+
+
+@dataclass(slots=True)
+class _Result:
+    response: aiohttp.ClientResponse
+    body: bytes | None = None    # read (bounded) for 2xx when a read limit was given
+    overflow: bool = False       # the body exceeded the read limit
+
+
+class _ProtocolError(Exception):
+    """The upstream answered something malformed (internal; becomes UpstreamError)."""
+
+
+# --------------------------------------------------------------------------------- helpers
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or HTTP-date, RFC 9110
+    section 10.2.3); None when absent or unreadable. A date in the past means 0."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def parse_ratelimit_remaining(value: str | None) -> int | None:
+    """The count in Docker Hub's ``ratelimit-remaining: 100;w=21600``; None if unreadable."""
+    if not value:
+        return None
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+_LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*?\brel="?next"?', re.IGNORECASE)
+
+
+def parse_next_link(value: str | None) -> str | None:
+    """The target of ``rel="next"`` in a ``Link`` header (tag list pagination), as sent."""
+    if not value:
+        return None
+    match = _LINK_NEXT.search(value)
+    return match.group(1) if match else None
+
+
+def _reason(exc: BaseException) -> str:
+    """The ``reason`` metric label for a transport exception."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    # A payload error is nearly always the connection closing mid-body.
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                        ConnectionError)):
+        return "connect"
+    return "protocol"
+
+
+def _retryable(exc: BaseException) -> bool:
+    # A certificate problem will not fix itself in a second; everything else transient may.
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return False
+    return _reason(exc) in ("timeout", "connect")
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+def _finish(response: aiohttp.ClientResponse) -> None:
+    """Give the connection back if the body was fully read, else drop it (unread bytes would
+    corrupt the next response on a reused connection)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Read at most ``limit`` bytes; the flag says the body was longer. One byte past the
+    limit is read to tell "exactly limit" from "more", whatever Content-Length claims."""
+    if response.content_length is not None and response.content_length > limit:
+        return b"", True
+    buf = bytearray()
+    while len(buf) <= limit:
+        data = await response.content.read(limit + 1 - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf[:limit]), len(buf) > limit
+
+
+def _as_digest(digest: Digest | str) -> Digest:
+    return digest if isinstance(digest, Digest) else Digest.parse(digest)
+
+
+def _reference(reference: str) -> str:
+    """Validate a tag or digest so that it is safe in a URL path."""
+    if Digest.is_digest(reference):
+        return str(Digest.parse(reference))
+    return validate_tag(reference)
+
+
+def _ssl_setting(config: UpstreamConfig) -> ssl.SSLContext | bool:
+    if not config.tls_verify:
+        return False
+    if config.ca_bundle:
+        # The bundle is added to the system roots (like docker's certs.d), so a private
+        # registry that redirects blobs to a public CDN still works.
+        context = ssl.create_default_context()
+        try:
+            context.load_verify_locations(cafile=config.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load CA bundle {config.ca_bundle}: {exc}",
+                              key=f"upstreams[{config.name}].ca_bundle") from exc
+        return context
+    return True
+
+
+# ---------------------------------------------------------------------------------- client
+class UpstreamClient:
+    """HTTP client for one upstream registry (see the module docstring).
+
+    Use ``async with UpstreamClient(config) as client`` or call :meth:`start` / :meth:`close`.
+    The session is otherwise created on first use. ``backoff_base`` and ``backoff_cap`` shape
+    the retry delays; a 429 whose ``Retry-After`` exceeds ``retry_after_cap`` seconds fails at
+    once instead of holding the caller.
+    """
+
+    def __init__(self, config: UpstreamConfig, *, backoff_base: float = 0.2,
+                 backoff_cap: float = 5.0, retry_after_cap: float = 10.0,
+                 max_redirects: int = 5) -> None:
+        self.config = config
+        self.name = config.name
+        self._base = config.url.rstrip("/")
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._retry_after_cap = retry_after_cap
+        self._max_redirects = max_redirects
+        self._ssl = _ssl_setting(config)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                              sock_read=config.read_timeout)
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+        self.auth = Authenticator(config.name, self._base, resolve_credentials(config),
+                                  self._fetch_token)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the HTTP session now (it is otherwise created on first use)."""
+        self._session()
+
+    async def close(self) -> None:
+        """Close the session and cancel token fetches. Idempotent; the client is then unusable."""
+        self._closed = True
+        await self.auth.close()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise UpstreamError(f"upstream {self.name}: client is closed")
+        if self._http is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl)
+            self._http = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout,
+                # Identity: a content-encoded body would make Content-Length count other
+                # bytes than the ones the digest covers.
+                headers={"User-Agent": f"sigil/{__version__}", "Accept-Encoding": "identity"},
+                # Proxies come from sigil's config, never from stray environment variables.
+                trust_env=False)
+        return self._http
+
+    # -- public API ---------------------------------------------------------------------------
+    async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead:
+        """``HEAD`` a manifest (Docker Hub does not count HEAD as a pull).
+
+        Raises ManifestUnknown (404), Unauthorized, Denied, TooManyRequests, UpstreamError.
+        """
+        repo, reference = validate_name(repo), _reference(reference)
+        result = await self._request(KIND_MANIFEST_HEAD, "HEAD",
+                                     f"/v2/{repo}/manifests/{reference}", repo,
+                                     subject=f"{repo}:{reference}",
+                                     headers={"Accept": accept or DEFAULT_ACCEPT})
+        response = result.response
+        _finish(response)
+        return ManifestHead(digest=response.headers.get("Docker-Content-Digest"),
+                            media_type=response.content_type,
+                            size=response.content_length)
+
+    async def get_manifest(self, repo: str, reference: str, accept: str,
+                           max_bytes: int = MAX_MANIFEST_BYTES) -> FetchedManifest:
+        """``GET`` a manifest's bytes, at most ``max_bytes`` (ManifestInvalid beyond).
+
+        When ``reference`` is a digest the bytes must hash to it (DigestInvalid otherwise).
+        Raises ManifestUnknown / NameUnknown (404), Unauthorized, Denied, TooManyRequests,
+        UpstreamError.
+        """
+        repo, reference = validate_name(repo), _reference(reference)
+        result = await self._request(KIND_MANIFEST, "GET", f"/v2/{repo}/manifests/{reference}",
+                                     repo, subject=f"{repo}:{reference}",
+                                     headers={"Accept": accept or DEFAULT_ACCEPT},
+                                     read_limit=max_bytes)
+        if result.overflow:
+            self._count_error("protocol")
+            raise ManifestInvalid(f"upstream {self.name}: manifest {repo}:{reference} exceeds "
+                                  f"{max_bytes} bytes")
+        raw = result.body or b""
+        if Digest.is_digest(reference) and str(Digest.of(raw)) != reference:
+            self._count_error("protocol")
+            raise DigestInvalid(f"upstream {self.name}: manifest bytes do not match {reference}")
+        return FetchedManifest(raw=raw, media_type=result.response.content_type,
+                               digest=result.response.headers.get("Docker-Content-Digest"))
+
+    @asynccontextmanager
+    async def open_blob(self, repo: str, digest: Digest | str) -> AsyncIterator[UpstreamBlob]:
+        """Open a blob for streaming: ``async with client.open_blob(repo, d) as blob``.
+
+        Redirects to storage backends are followed without the registry's credentials. The
+        caller checks the digest of what it reads (sigil hashes while staging). Raises
+        BlobUnknown (404), Unauthorized, Denied, TooManyRequests, UpstreamError on open, and
+        UpstreamError from :meth:`UpstreamBlob.iter_chunks`.
+        """
+        repo, parsed = validate_name(repo), _as_digest(digest)
+        result = await self._request(KIND_BLOB, "GET", f"/v2/{repo}/blobs/{parsed}", repo,
+                                     subject=f"{repo}@{parsed}")
+        try:
+            yield UpstreamBlob(self, result.response, parsed)
+        finally:
+            _finish(result.response)
+
+    async def get_blob_bytes(self, repo: str, digest: Digest | str, max_bytes: int) -> bytes:
+        """A small blob (signature payload, attestation envelope) in memory, sha256-checked.
+
+        Raises ManifestInvalid when it exceeds ``max_bytes`` (the same error the mirror uses
+        for an oversized cached blob), DigestInvalid when the bytes do not hash to ``digest``,
+        and the errors of :meth:`open_blob`.
+        """
+        repo, parsed = validate_name(repo), _as_digest(digest)
+        result = await self._request(KIND_BLOB, "GET", f"/v2/{repo}/blobs/{parsed}", repo,
+                                     subject=f"{repo}@{parsed}", read_limit=max_bytes)
+        if result.overflow:
+            self._count_error("protocol")
+            raise ManifestInvalid(f"upstream {self.name}: blob {parsed} exceeds {max_bytes} "
+                                  "bytes")
+        data = result.body or b""
+        if Digest.of(data) != parsed:
+            self._count_error("protocol")
+            raise DigestInvalid(f"upstream {self.name}: blob bytes do not match {parsed}")
+        return data
+
+    async def get_tags(self, repo: str, n: int | None = None,
+                       last: str | None = None) -> tuple[bytes, str | None]:
+        """``GET /v2/<repo>/tags/list``: the body as sent and the ``rel="next"`` link, if any.
+
+        Raises NameUnknown (404), Unauthorized, Denied, TooManyRequests, UpstreamError.
+        """
+        repo = validate_name(repo)
+        query: dict[str, str] = {}
+        if n is not None:
+            query["n"] = str(int(n))
+        if last is not None:
+            query["last"] = last
+        result = await self._request(KIND_TAGS, "GET", f"/v2/{repo}/tags/list", repo,
+                                     subject=repo, query=query, read_limit=MAX_TAGS_BYTES)
+        if result.overflow:
+            self._count_error("protocol")
+            raise UpstreamError(f"upstream {self.name}: tag list exceeds {MAX_TAGS_BYTES} bytes")
+        return result.body or b"", parse_next_link(result.response.headers.get("Link"))
+
+    async def get_referrers(self, repo: str, digest: Digest | str,
+                            artifact_type: str | None = None) -> bytes | None:
+        """The OCI 1.1 referrers index of ``digest`` (first page), or None when the upstream
+        answers 404: it has no referrers API, and the caller falls back to the
+        ``sha256-<hex>`` tag schema (distribution-spec "Listing Referrers")."""
+        repo, parsed = validate_name(repo), _as_digest(digest)
+        query = {"artifactType": artifact_type} if artifact_type else None
+        result = await self._request(KIND_REFERRERS, "GET", f"/v2/{repo}/referrers/{parsed}",
+                                     repo, subject=f"{repo}@{parsed}", query=query,
+                                     headers={"Accept": OCI_INDEX},
+                                     read_limit=MAX_MANIFEST_BYTES, allow=(404,))
+        if result.response.status == 404:
+            _finish(result.response)
+            return None
+        if result.overflow:
+            self._count_error("protocol")
+            raise ManifestInvalid(f"upstream {self.name}: referrers index exceeds "
+                                  f"{MAX_MANIFEST_BYTES} bytes")
+        return result.body or b""
+
+    # -- request machinery --------------------------------------------------------------------
+    async def _request(self, kind: str, method: str, path: str, repo: str, *, subject: str,
+                       headers: dict[str, str] | None = None,
+                       query: dict[str, str] | None = None, read_limit: int | None = None,
+                       allow: Collection[int] = ()) -> _Result:
+        """One registry call with authentication; returns a 2xx (or ``allow``ed) result and
+        raises the translated error otherwise. An open response is the caller's to finish."""
+        url = URL(self._base + path)
+        if query:
+            url = url.with_query(query)
+        authorization = await self.auth.authorization(repo)
+        reauthenticated = False
+        while True:
+            sent = dict(headers or {})
+            if authorization:
+                sent["Authorization"] = authorization
+            result = await self._exchange(kind, method, url, sent, read_limit=read_limit)
+            response = result.response
+            status = response.status
+            if 200 <= status < 300 or status in allow:
+                return result
+            if status == 401 and not reauthenticated:
+                challenges = response.headers.getall("WWW-Authenticate", [])
+                if method != "HEAD":
+                    await self._error_code(response)  # read the small body: keep the connection
+                _finish(response)
+                # One fresh authentication per call: a second 401 is final.
+                reauthenticated = True
+                retry_with = await self.auth.on_unauthorized(challenges, repo, authorization)
+                if retry_with is None:
+                    raise self._status_error(kind, 401, None, repo, subject)
+                authorization = retry_with
+                continue
+            code = None
+            try:
+                if method != "HEAD":
+                    code = await self._error_code(response)
+            finally:
+                _finish(response)
+            raise self._status_error(kind, status, code, repo, subject)
+
+    async def _exchange(self, kind: str, method: str, url: URL, headers: dict[str, str], *,
+                        read_limit: int | None = None) -> _Result:
+        """Send with retries (transport errors, timeouts, 5xx, 429). Returns the first other
+        response; with ``read_limit`` a 2xx body is read (bounded) and the response finished."""
+        attempts = self.config.retries + 1
+        for attempt in range(attempts):
+            last = attempt + 1 >= attempts
+            try:
+                response = await self._send(kind, method, url, headers)
+                if read_limit is not None and 200 <= response.status < 300:
+                    try:
+                        body, overflow = await _read_bounded(response, read_limit)
+                    finally:
+                        _finish(response)
+                    return _Result(response, body, overflow)
+            except _ProtocolError as exc:
+                self._count_error("protocol")
+                raise UpstreamError(f"upstream {self.name}: {exc}") from exc
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                reason = _reason(exc)
+                self._count_error(reason)
+                if last or not _retryable(exc):
+                    log.warning("upstream.failed", upstream=self.name, kind=kind, reason=reason,
+                                error=type(exc).__name__, attempts=attempt + 1)
+                    raise UpstreamError(f"upstream {self.name}: {kind} request failed "
+                                        f"({reason}: {type(exc).__name__})") from exc
+                await self._backoff(kind, attempt, reason)
+                continue
+            status = response.status
+            if status >= 500:
+                _finish(response)
+                self._count_error("status_5xx")
+                if last:
+                    log.warning("upstream.failed", upstream=self.name, kind=kind,
+                                reason="status_5xx", status=status, attempts=attempt + 1)
+                    raise UpstreamError(f"upstream {self.name} answered {status} to a {kind} "
+                                        f"request ({attempts} attempts)")
+                await self._backoff(kind, attempt, "status_5xx", status=status)
+                continue
+            if status == 429:
+                delay = parse_retry_after(response.headers.get("Retry-After"))
+                remaining = parse_ratelimit_remaining(response.headers.get("RateLimit-Remaining"))
+                _finish(response)
+                self._count_error("status_429")
+                # Fail at once rather than hold the client when the upstream asks for a long
+                # wait, or says the quota is spent (Docker Hub: remaining 0 until the window
+                # ends); the client gets Retry-After and can decide.
+                if last or remaining == 0 or (delay is not None
+                                              and delay > self._retry_after_cap):
+                    log.warning("upstream.rate_limited", upstream=self.name, kind=kind,
+                                retry_after=delay, remaining=remaining)
+                    extra = {"Retry-After": str(math.ceil(delay))} if delay is not None else {}
+                    raise TooManyRequests(f"upstream {self.name} is rate limiting {kind} "
+                                          "requests", headers=extra)
+                await self._backoff(kind, attempt, "status_429", status=status, delay=delay)
+                continue
+            return _Result(response)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send(self, kind: str, method: str, url: URL,
+                    headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """One request, following redirects by hand. Authorization is dropped as soon as a
+        redirect leaves the original origin (pre-signed S3 URLs reject it, and it is the
+        registry's secret)."""
+        session = self._session()
+        origin = _origin(url)
+        current = url
+        for _hop in range(self._max_redirects + 1):
+            started = time.monotonic()
+            try:
+                response = await session.request(method, current, headers=headers,
+                                                 allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                metrics.UPSTREAM_REQUESTS.labels(self.name, kind, "error").inc()
+                raise
+            metrics.UPSTREAM_SECONDS.labels(self.name, kind).observe(time.monotonic() - started)
+            metrics.UPSTREAM_REQUESTS.labels(self.name, kind, str(response.status)).inc()
+            remaining = parse_ratelimit_remaining(response.headers.get("RateLimit-Remaining"))
+            if remaining is not None:
+                metrics.RATELIMIT_REMAINING.labels(self.name).set(remaining)
+            if response.status not in _REDIRECT_STATUSES:
+                return response
+            location = response.headers.get("Location")
+            status = response.status
+            _finish(response)
+            if not location:
+                raise _ProtocolError(f"redirect {status} without a Location header")
+            try:
+                # encoded=True keeps pre-signed URLs byte for byte (re-encoding breaks them).
+                target = current.join(URL(location, encoded=True))
+            except ValueError as exc:
+                raise _ProtocolError("redirect to an invalid URL") from exc
+            if target.scheme not in ("http", "https") or not target.host:
+                raise _ProtocolError("redirect to a non-http(s) URL")
+            if _origin(target) != origin and any(k.lower() == "authorization" for k in headers):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            # The host only: a pre-signed query string is a credential.
+            log.debug("upstream.redirect", upstream=self.name, kind=kind, status=status,
+                      host=target.host)
+            current = target
+        raise _ProtocolError(f"more than {self._max_redirects} redirects")
+
+    async def _fetch_token(self, url: URL, headers: dict[str, str]) -> tuple[int, bytes]:
+        """GET a token realm with retries; the Authenticator interprets the answer."""
+        result = await self._exchange(KIND_TOKEN, "GET", url, headers,
+                                      read_limit=MAX_TOKEN_RESPONSE_BYTES)
+        if result.body is None:
+            _finish(result.response)
+            return result.response.status, b""
+        if result.overflow:
+            self._count_error("protocol")
+            raise UpstreamError(f"upstream {self.name}: token response exceeds "
+                                f"{MAX_TOKEN_RESPONSE_BYTES} bytes")
+        return result.response.status, result.body
+
+    async def _backoff(self, kind: str, attempt: int, reason: str, *, status: int | None = None,
+                       delay: float | None = None) -> None:
+        if delay is None:
+            # Exponential with jitter, so that many waiting clients do not retry in lockstep.
+            delay = min(self._backoff_cap, self._backoff_base * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)  # jitter, not cryptography
+        log.info("upstream.retry", upstream=self.name, kind=kind, attempt=attempt + 1,
+                 reason=reason, status=status, delay=round(delay, 3))
+        await asyncio.sleep(delay)
+
+    async def _error_code(self, response: aiohttp.ClientResponse) -> str | None:
+        """The first OCI error code of an error body, if it has one (best effort)."""
+        try:
+            body, _ = await _read_bounded(response, MAX_ERROR_BODY)
+            errors = json.loads(body).get("errors")
+            code = errors[0].get("code") if isinstance(errors, list) and errors else None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
+            return None
+        return code if isinstance(code, str) else None
+
+    def _status_error(self, kind: str, status: int, code: str | None, repo: str,
+                      subject: str) -> RegistryError:
+        name = self.name
+        if status == 404:
+            # The upstream's NAME_UNKNOWN is kept: "no such repository" differs from "no such
+            # manifest in it" for a client.
+            if code == "NAME_UNKNOWN" or kind in (KIND_TAGS, KIND_REFERRERS):
+                return NameUnknown(f"repository {repo} is not known to upstream {name}")
+            if kind == KIND_BLOB:
+                return BlobUnknown(f"blob {subject} is not known to upstream {name}")
+            return ManifestUnknown(f"manifest {subject} is not known to upstream {name}")
+        if status == 401:
+            how = ("refused the configured credentials" if self.auth.credentials
+                   else "requires credentials")
+            return Unauthorized(f"upstream {name} {how} for {subject}")
+        if status == 403:
+            return Denied(f"upstream {name} denied access to {subject}")
+        self._count_error("protocol")
+        return UpstreamError(f"upstream {name} answered {status} to a {kind} request")
+
+    def _count_error(self, reason: str) -> None:
+        metrics.UPSTREAM_ERRORS.labels(self.name, reason).inc()
