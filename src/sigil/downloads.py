@@ -121,9 +121,16 @@ class Download:
         """Yield the body for one client as the download grows, withholding the tail until
         the digest is confirmed. Raises the download's error (the caller aborts the
         connection) if it fails."""
-        # Open before anything else: if the commit renames the file meanwhile, this fd still
-        # reads the same inode.
-        fd = os.open(self.committed or self.staging.path, os.O_RDONLY)
+        # Open before anything else: if the commit renames the file later, this fd still
+        # reads the same inode. If the rename already happened (the commit runs in a thread),
+        # wait for the commit to be recorded and read the committed object.
+        try:
+            fd = os.open(self.committed or self.staging.path, os.O_RDONLY)
+        except FileNotFoundError:
+            await self.finished.wait()
+            if self.committed is None:
+                raise self._client_error() from None
+            fd = os.open(self.committed, os.O_RDONLY)
         try:
             sent = 0
             while True:

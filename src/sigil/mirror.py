@@ -156,6 +156,7 @@ class Mirror:
         self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
         self._tags: dict[tuple[str, str, str], _TagEntry] = {}
         self._allowed: set[tuple[str, str, Digest, str]] = set()
+        self._expanded: set[tuple[str, str, Digest, str]] = set()
         self._flights: SingleFlight[Any] = SingleFlight()
         self._touched: dict[Digest, float] = {}
 
@@ -164,6 +165,7 @@ class Mirror:
         """Swap the policy (reload). Old allows stop counting: they carry the old fingerprint."""
         self.policy = policy
         self._allowed.clear()
+        self._expanded.clear()
 
     def _is_allowed(self, route: Route, digest: Digest) -> bool:
         key = (route.upstream.name, route.repo, digest, self.policy.fingerprint)
@@ -300,8 +302,15 @@ class Mirror:
     # ------------------------------------------------------------- the verdict
     async def _gate_manifest(self, route: Route, served: ServedManifest, reference: str) -> None:
         """Raise Denied unless this manifest may leave the mirror under the current policy."""
+        expanded_key = (route.upstream.name, route.repo, served.digest, self.policy.fingerprint)
         if self._is_allowed(route, served.digest):
-            return  # verified before, or a child / signature of a verified manifest
+            # Verified before, or a child / signature of a verified manifest: its own
+            # references become servable too (once per process; the index keeps them).
+            if expanded_key not in self._expanded:
+                manifest = parse_manifest(served.raw, served.media_type)
+                self._allow(route, route.repo, self._servable_refs(manifest))
+                self._expanded.add(expanded_key)
+            return
         manifest = parse_manifest(served.raw, served.media_type)
         subject_tag = _SUBJECT_TAG.match(reference)
         if subject_tag is not None:
@@ -317,6 +326,7 @@ class Mirror:
                          detail={"policy": verdict.to_json()})
         allows = [served.digest, *self._servable_refs(manifest)]
         self._allow(route, route.repo, allows)
+        self._expanded.add(expanded_key)
         by_repo: dict[str, list[Digest]] = {}
         for repo, digest in verdict.related:
             by_repo.setdefault(repo, []).append(digest)

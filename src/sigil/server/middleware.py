@@ -65,4 +65,4 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.REQUEST_SECONDS.labels(route, request.method).observe(elapsed)
         if route not in ("ops",):
             log.info("request", method=request.method, path=request.path, status=status,
-                     route=route, ms=round(elapsed * 1000, 2), error=error)
+                     route=route, ns=request.query.get("ns"), ms=round(elapsed * 1000, 2), error=error)
