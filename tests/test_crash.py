@@ -63,3 +63,34 @@ async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
     finally:
         sigil.stop()
         await upstream.close()
+
+
+async def test_sigterm_drains_in_flight_download(tmp_path: Path) -> None:
+    """Graceful shutdown: a download in progress finishes and is committed before exit."""
+    fake = FakeUpstream()
+    layer = os.urandom(4 * 1024 * 1024)
+    fake.add_image("library/app", "v1", [layer])
+    fake.blob_delay = 0.03  # 16 chunks: about 0.5 s in flight
+    upstream = TestServer(fake.app(), host="127.0.0.1")
+    await upstream.start_server()
+    upstreams = [{"name": "docker.io", "url": str(upstream.make_url("")).rstrip("/"),
+                  "default": True, "retries": 0}]
+    sigil = SigilProcess(tmp_path, upstreams)
+    try:
+        await asyncio.to_thread(sigil.start)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{sigil.url}/v2/app/manifests/v1") as response:
+                assert response.status == 200
+            async with session.head(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
+                # HEAD on a cold blob starts the download and answers with its size.
+                assert response.status == 200
+                assert int(response.headers["Content-Length"]) == len(layer)
+        code = await asyncio.to_thread(sigil.stop)
+        assert code == 0
+        blob_path = sigil.store / "blobs" / "sha256" / sha(layer)[7:9] / sha(layer)[7:]
+        assert blob_path.read_bytes() == layer
+        assert fake.hits[f"GET blob {sha(layer)}"] == 1
+        assert any(e.get("event") == "downloads.draining" for e in sigil.log_events())
+    finally:
+        sigil.stop()
+        await upstream.close()
