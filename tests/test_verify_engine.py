@@ -7,17 +7,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_verify_support import (
+    BUNDLE,
+    INTOTO,
+    SIG_ARTIFACT,
+    SLSA_V02,
+    SLSA_V1,
+    MemorySource,
+    Signer,
+    b64,
+    canon,
+    descriptor_of,
+    envelope,
+    key_policy,
+    provenance,
+    push_att_tag,
+    push_dhi_attestation,
+    push_sig_referrer,
+    push_sig_tag,
+    sig_layer,
+    statement,
+    write_policy,
+)
 
 from sigil import metrics
 from sigil.errors import UpstreamError
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import Manifest
-from sigil.verify.engine import Verifier, Verdict
+from sigil.verify.engine import Verdict, Verifier
 from sigil.verify.policy import Policy
-from test_verify_support import (BUNDLE, INTOTO, SIG_ARTIFACT, SLSA_V02, SLSA_V1, MemorySource,
-                                 Signer, b64, canon, descriptor_of, envelope, key_policy,
-                                 provenance, push_att_tag, push_dhi_attestation, push_sig_referrer,
-                                 push_sig_tag, sig_layer, statement, write_policy)
 
 REPO = "app"
 IMAGE = "registry.test/app"

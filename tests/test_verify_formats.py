@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from test_verify_support import ASSETS, Signer, b64, canon, envelope, statement
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.oci.digest import Digest
@@ -16,7 +17,6 @@ from sigil.verify.conditions import parse_conditions
 from sigil.verify.intoto import STATEMENT_V1, parse_statement
 from sigil.verify.keys import PublicKey, load_public_key
 from sigil.verify.simplesigning import check_simple_signing, parse_simple_signing
-from test_verify_support import ASSETS, Signer, b64, canon, envelope, statement
 
 D1 = Digest.of(b"one")
 D2 = Digest.of(b"two")

@@ -8,13 +8,21 @@ import json
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from test_verify_support import (
+    ASSETS,
+    DSSE,
+    Signer,
+    b64,
+    canon,
+    envelope,
+    simple_signing,
+    statement,
+)
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.oci.digest import Digest
 from sigil.verify.authority import IN_TOTO, MESSAGE_DIGEST, SIMPLE_SIGNING
 from sigil.verify.keys import KeyAuthority, load_public_key, load_public_key_file
-from test_verify_support import (ASSETS, DSSE, Signer, b64, canon, envelope, simple_signing,
-                                 statement)
 
 D = Digest.of(b"image")
 KINDS = [("p256", "ecdsa-p256-sha256"), ("p384", "ecdsa-p384-sha384"),

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from test_verify_support import ASSETS, Signer
 
 from sigil.errors import ConfigError
 from sigil.verify.keys import KeyAuthority
 from sigil.verify.policy import compile_glob, load_policy
-from test_verify_support import ASSETS, Signer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -164,9 +164,9 @@ class MemorySource:
         config = b"{}"
         self.blob(repo, config)
         layer_descs = []
-        for media_type, data, annotations in layers:
+        for media_type, data, layer_annotations in layers:
             self.blob(repo, data)
-            layer_descs.append(desc(media_type, data, annotations=annotations or None))
+            layer_descs.append(desc(media_type, data, annotations=layer_annotations or None))
         obj: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                                "config": desc(config_type, config), "layers": layer_descs}
         if artifact_type:

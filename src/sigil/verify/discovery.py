@@ -24,6 +24,7 @@ bytes); the engine bounds the time.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -163,8 +164,8 @@ class Discoverer:
                 return
             self._bytes += layer.size
             blob = await self._guard(disc, f"{artifact.repo}@{layer.digest}",
-                                     lambda d=layer.digest: self.source.get_blob(
-                                         artifact.repo, d, self.limits.max_blob_bytes))
+                                     functools.partial(self.source.get_blob, artifact.repo,
+                                                       layer.digest, self.limits.max_blob_bytes))
             if blob is None:
                 continue
             # Defence in depth: the source checks sha256, so do we (content addressing is

@@ -32,7 +32,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(type_bytes), type_bytes, len(payload), payload)
 
 
-def b64decode_any(text: str, *, what: str) -> bytes:
+def b64decode_any(text: object, *, what: str) -> bytes:
     """Decode standard or URL-safe base64, padded or not (DSSE envelope.md allows both).
 
     Raises :class:`VerificationError` (reason ``invalid``) on anything else.
@@ -90,7 +90,7 @@ def parse_envelope(raw: bytes | str | dict[str, object]) -> Envelope:
     payload_type = obj.get("payloadType")
     if not isinstance(payload_type, str) or not payload_type:
         raise VerificationError("DSSE envelope lacks payloadType", reason="invalid")
-    payload = b64decode_any(obj.get("payload"), what="DSSE payload")  # type: ignore[arg-type]
+    payload = b64decode_any(obj.get("payload"), what="DSSE payload")
     sigs = obj.get("signatures")
     if not isinstance(sigs, list) or not sigs:
         raise VerificationError("DSSE envelope has no signatures", reason="no_signature")

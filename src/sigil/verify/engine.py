@@ -45,8 +45,13 @@ from sigil.oci.digest import Digest
 from sigil.oci.manifest import Manifest
 from sigil.verify import dsse
 from sigil.verify.authority import IN_TOTO, MESSAGE_DIGEST, SIMPLE_SIGNING, VerifiedPayload
-from sigil.verify.discovery import (BUNDLE_MEDIA_TYPES, ArtifactSource, Artifact, Discoverer,
-                                    Discovery)
+from sigil.verify.discovery import (
+    BUNDLE_MEDIA_TYPES,
+    Artifact,
+    ArtifactSource,
+    Discoverer,
+    Discovery,
+)
 from sigil.verify.intoto import COSIGN_SIGN_PREDICATE, Statement, parse_statement
 from sigil.verify.policy import AuthorityRule, Policy, PolicyRule
 from sigil.verify.simplesigning import check_simple_signing, parse_simple_signing
@@ -186,7 +191,7 @@ class Verifier:
                 verdict = self._through_parent(image, manifest, rules)
             else:
                 verdict = await self._evaluate(image, repo, manifest, source, rules)
-        except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected
+        except Exception as exc:
             log.exception("verify.error", image=image, digest=str(manifest.digest))
             verdict = Verdict(False, image, manifest.digest,
                               [PolicyResult(r.name, r.mode, False, [f"internal error: {exc}"],
@@ -249,8 +254,8 @@ class Verifier:
             if timed_out or disc is None:
                 checks.append(f"policy {rule.name}: discovery timed out")
                 results.append(PolicyResult(rule.name, rule.mode, False,
-                                            [f"discovery took longer than "
-                                             f"{self.policy.limits.timeout:g}s"], "timeout"))
+                                            [(f"discovery took longer than "
+                                              f"{self.policy.limits.timeout:g}s")], "timeout"))
                 continue
             result, used = _evaluate_rule(rule, disc, checks)
             if not result.passed and result.reason != "condition_failed":
@@ -258,14 +263,14 @@ class Verifier:
                     # A fetch failed: "no valid signature" may only mean "could not look". Do
                     # not let an upstream outage become a cached deny.
                     result = PolicyResult(result.name, result.mode, False,
-                                          result.reasons + [f"discovery incomplete: "
-                                                            f"{'; '.join(disc.errors[:3])}"],
+                                          result.reasons + [("discovery incomplete: "
+                                                             + "; ".join(disc.errors[:3]))],
                                           "unavailable")
                 elif disc.capped:
                     # A cap is policy, not an accident: the deny stands, and says why.
                     result = PolicyResult(result.name, result.mode, False,
-                                          result.reasons + [f"discovery stopped: "
-                                                            f"{'; '.join(disc.capped[:3])}"],
+                                          result.reasons + [("discovery stopped: "
+                                                             + "; ".join(disc.capped[:3]))],
                                           result.reason)
             results.append(result)
             if result.passed:
@@ -415,7 +420,7 @@ def _signatures(rule: PolicyRule, subject: Manifest, artifacts: list[Artifact],
             for ar in rule.authorities:
                 try:
                     payload = _verify(ar, kind, blob, layer.annotations)
-                    counted_here, statement = _interpret(ar, payload, digest)
+                    counted_here, verified = _interpret(ar, payload, digest)
                 except VerificationError as exc:
                     failure = _better(failure, exc.reason)
                     checks.append(f"{where} [{ar.name}]: {exc.reason}: {exc}")
@@ -424,11 +429,11 @@ def _signatures(rule: PolicyRule, subject: Manifest, artifacts: list[Artifact],
                     counted = True
                     out.passed.setdefault(ar.name, []).append(artifact)
                     checks.append(f"{where} [{ar.name}]: signature ok, names {digest}")
-                if statement is not None:
+                if verified is not None:
                     direct = True
-                    out.statements.append(_Authenticated(statement, frozenset({ar.name}),
+                    out.statements.append(_Authenticated(verified, frozenset({ar.name}),
                                                          artifact, f"signed {kind}"))
-                    checks.append(f"{where} [{ar.name}]: statement {statement.predicate_type} "
+                    checks.append(f"{where} [{ar.name}]: statement {verified.predicate_type} "
                                   f"verified")
             # A bundle that verified as an attestation (not cosign's sign predicate) is not a
             # signature candidate: it neither counts nor explains a missing signature.
@@ -548,12 +553,11 @@ def _check_attestation(rule: PolicyRule, att: Any, disc: Discovery, sig: _Signat
                                    for s in own):
         return _check_statements(att, subject.digest, sig.statements, checks)
     if not disc.children_complete:
-        return (False, "attestation_missing", f'attestation "{att.name}": not every image of '
-                f"the index could be examined", [])
-    if not disc.children:
         return (False, "attestation_missing",
-                f'attestation "{att.name}" ({att.predicate_type}) missing: the index has no '
-                f"image children", [])
+                f'attestation "{att.name}": not every image of the index could be examined', [])
+    if not disc.children:
+        why = f'attestation "{att.name}" ({att.predicate_type}) missing: the index has no images'
+        return False, "attestation_missing", why, []
     index_signers = frozenset(sig.passed)
     used: list[Artifact] = []
     for child_digest, child in disc.children.items():
@@ -579,8 +583,9 @@ def _check_attestation(rule: PolicyRule, att: Any, disc: Discovery, sig: _Signat
         used += att_used
         if not ok:
             return False, reason, f"image {child_digest}: {why}", used
-    return (True, "ok", f'attestation "{att.name}" ({att.predicate_type}) verified for all '
-            f"{len(disc.children)} images of the index", used)
+    why = (f'attestation "{att.name}" ({att.predicate_type}) verified for all '
+           f"{len(disc.children)} images of the index")
+    return True, "ok", why, used
 
 
 def _check_statements(att: Any, digest: Digest, statements: list[_Authenticated],

@@ -41,8 +41,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.verify import dsse
-from sigil.verify.authority import IN_TOTO, MESSAGE_DIGEST, SIMPLE_SIGNING, SignerInfo, \
-    VerifiedPayload
+from sigil.verify.authority import (
+    IN_TOTO,
+    MESSAGE_DIGEST,
+    SIMPLE_SIGNING,
+    SignerInfo,
+    VerifiedPayload,
+)
 from sigil.verify.simplesigning import SIGNATURE_ANNOTATION
 
 REKOR_BUNDLE_ANNOTATION = "dev.sigstore.cosign/bundle"
@@ -268,8 +273,8 @@ class KeyAuthority:
 
     def _signer(self, key: PublicKey, checks: list[str]) -> SignerInfo:
         return SignerInfo(authority=self.name, kind="key", identity=f"sha256:{key.fingerprint}",
-                          checks=tuple([f"signature verified with key {key.source} "
-                                        f"({key.algorithm})", *checks]))
+                          checks=(f"signature verified with key {key.source} ({key.algorithm})",
+                                  *checks))
 
     def _check_tlog(self, annotations: Mapping[str, str], *, signature: bytes, payload: bytes,
                     key: PublicKey, dsse_layer: bool = False) -> list[str]:

@@ -25,8 +25,16 @@ from sigil.errors import ConfigError, NameInvalid
 from sigil.oci.reference import validate_name
 from sigil.verify.authority import Authority
 from sigil.verify.conditions import ConditionGroup, parse_conditions
-from sigil.verify.keys import (TLOG_MODES, KeyAuthority, PublicKey, UnavailableAuthority,
-                               load_public_key, load_public_key_file, load_trusted_root)
+from sigil.verify.keys import (
+    TLOG_MODES,
+    KeyAuthority,
+    PublicKey,
+    UnavailableAuthority,
+    load_public_key,
+    load_public_key_file,
+    load_trusted_root,
+    sigstore_name,
+)
 
 MODES = ("enforce", "warn")
 STATICS = ("pass", "deny")
@@ -514,15 +522,10 @@ def build_keyless_authority(name: str, *, root: bytes, root_source: str,
     from sigil.errors import VerificationError
 
     try:
-        from sigil.verify import sigstore as sigstore_module
-    except ImportError:
-        return UnavailableAuthority(name, "keyless verification is not available "
-                                    "(sigil.verify.sigstore missing)", material)
-    try:
-        identity_rule = getattr(sigstore_module, "IdentityRule")
-        requirements_cls = getattr(sigstore_module, "KeylessRequirements")
-        authority_cls = getattr(sigstore_module, "KeylessAuthority")
-    except AttributeError as exc:
+        identity_rule = sigstore_name("IdentityRule")
+        requirements_cls = sigstore_name("KeylessRequirements")
+        authority_cls = sigstore_name("KeylessAuthority")
+    except VerificationError as exc:
         return UnavailableAuthority(name, f"keyless verification is not available ({exc})",
                                     material)
     try:

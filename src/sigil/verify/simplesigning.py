@@ -87,11 +87,11 @@ def check_simple_signing(payload: SimpleSigning, *, digest: Digest,
     if payload.digest != digest:
         raise VerificationError(f"payload names {payload.digest}, not {digest}",
                                 reason="digest_mismatch")
-    if reference_matches is not None:
-        if payload.docker_reference is None or not reference_matches(payload.docker_reference):
-            raise VerificationError(
-                f"payload docker-reference {payload.docker_reference!r} is not allowed",
-                reason="reference_mismatch")
+    if reference_matches is not None and (
+            payload.docker_reference is None or not reference_matches(payload.docker_reference)):
+        raise VerificationError(
+            f"payload docker-reference {payload.docker_reference!r} is not allowed",
+            reason="reference_mismatch")
     for key, expected in (annotations or {}).items():
         actual = payload.optional.get(key)
         if actual is None or str(actual) != expected:
