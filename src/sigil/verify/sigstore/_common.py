@@ -126,23 +126,35 @@ def digest(data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     return hashlib.new(algorithm.name, data).digest()
 
 
+# cryptography raises ValueError, InvalidVersion, DuplicateExtension, UnsupportedAlgorithm...
+# for malformed input: any exception while parsing untrusted bytes means "malformed".
+_CERT_ERRORS = (Exception,)
+
+
+def _checked(cert: x509.Certificate) -> x509.Certificate:
+    # cryptography parses extensions and the key lazily: force both now so a malformed
+    # certificate fails here, as "malformed", and never later in the middle of a check.
+    _ = cert.extensions
+    cert.public_key()
+    return cert
+
+
 @lru_cache(maxsize=256)
 def load_der_certificate(der: bytes) -> x509.Certificate:
-    """Parse (and cache) a DER certificate."""
+    """Parse (and cache) a DER certificate, extensions and key included."""
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError:
-        fail("certificate is not valid DER X.509", "malformed")
+        return _checked(x509.load_der_x509_certificate(der))
+    except _CERT_ERRORS as exc:
+        fail(f"certificate is not valid DER X.509: {exc}", "malformed")
 
 
 @lru_cache(maxsize=256)
 def load_pem_certificates(pem: bytes) -> tuple[x509.Certificate, ...]:
-    """Parse (and cache) one or more PEM certificates."""
+    """Parse (and cache) one or more PEM certificates, extensions and keys included."""
     try:
-        certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError:
-        fail("certificate PEM is invalid", "malformed")
-    return certs
+        return tuple(_checked(c) for c in x509.load_pem_x509_certificates(pem))
+    except _CERT_ERRORS as exc:
+        fail(f"certificate PEM is invalid: {exc}", "malformed")
 
 
 @lru_cache(maxsize=256)

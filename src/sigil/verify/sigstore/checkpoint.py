@@ -5,7 +5,7 @@ line, then one or more signature lines ``— <name> base64(keyhint[4] || signatu
 Rekor v1 signs with ECDSA (key hint = first 4 bytes of the log ID, SHA-256 of the DER key);
 Rekor v2 signs with Ed25519 (key hint = first 4 bytes of ``SHA-256(name\\n\\x01 || key)``).
 Witness cosignatures (other names or hints) are ignored: at least one line must be a valid
-signature by the log's key.
+signature by the log's key under the log's name (the host of its ``baseUrl``).
 """
 
 from __future__ import annotations
@@ -94,13 +94,14 @@ class Checkpoint:
     def verify(self, log: TransparencyLog) -> NoteSignature:
         """Return the first signature line made by ``log``'s key; raise if there is none.
 
-        A line counts when its key hint is the log's checkpoint key ID prefix and its
-        signature verifies over the note with the log's key. Lines from other signers
-        (witness cosignatures, unknown keys) are skipped, not failed.
+        A line counts when it names the log (C2SP signed-note: a verifier is its name *and*
+        key; sigstore logs sign as the host of their ``baseUrl``), its key hint is the log's
+        checkpoint key ID prefix, and its signature verifies over the note with the log's key.
+        Lines from other signers (witness cosignatures, unknown keys) are skipped, not failed.
         """
         hint = log.checkpoint_key_id[:4]
         for sig in self.signatures:
-            if sig.key_hint != hint:
+            if sig.name != log.name or sig.key_hint != hint:
                 continue
             try:
                 verify_signature(log.public_key, sig.signature, self.note,
