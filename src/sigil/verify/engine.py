@@ -62,7 +62,11 @@ log = get_logger("sigil.verify")
 REASONS = ("ok", "no_policy", "no_signature", "wrong_key", "digest_mismatch",
            "reference_mismatch", "annotation_mismatch", "subject_mismatch",
            "attestation_missing", "condition_failed", "static_deny", "tlog", "identity",
-           "unsupported", "invalid", "unavailable", "timeout", "error")
+           "certificate", "timestamp", "unsupported", "invalid", "unavailable", "timeout",
+           "error")
+# The sigstore module's reasons, folded into the bounded set above.
+_FOLD = {"signature": "wrong_key", "no_key": "wrong_key", "malformed": "invalid",
+         "chain": "certificate", "expired": "certificate", "sct": "certificate"}
 # Reasons that depend on the moment (upstream, time): never cache such a verdict.
 TRANSIENT_REASONS = frozenset({"unavailable", "timeout", "error"})
 _TEXT = {
@@ -72,10 +76,12 @@ _TEXT = {
     "unsupported": "unsupported", "tlog": "transparency log check failed",
     "no_signature": "no signature", "identity": "identity mismatch",
     "subject_mismatch": "attestation manifest subject mismatch",
+    "certificate": "certificate not trusted", "timestamp": "no trusted signing time",
 }
 # Which failure best explains a missing signature (most specific first).
-_PRIORITY = ("digest_mismatch", "reference_mismatch", "annotation_mismatch", "tlog", "identity",
-             "wrong_key", "unsupported", "invalid", "no_signature")
+_PRIORITY = ("digest_mismatch", "reference_mismatch", "annotation_mismatch", "identity",
+             "certificate", "tlog", "timestamp", "wrong_key", "unsupported", "invalid",
+             "no_signature")
 _MAX_LISTED = 6
 _EXECUTOR: ThreadPoolExecutor | None = None
 CRYPTO_WORKERS = 4
@@ -502,9 +508,12 @@ def _verify(ar: AuthorityRule, kind: str, blob: bytes,
         media_type = SIMPLE_SIGNING if kind == "simple" else dsse.ENVELOPE_MEDIA_TYPE
         return ar.authority.verify_cosign_layer(blob=blob, media_type=media_type,
                                                 annotations=annotations)
-    except VerificationError:
+    except VerificationError as exc:
+        if exc.reason in _FOLD:
+            raise VerificationError(str(exc), reason=_FOLD[exc.reason]) from exc
         raise
     except SigilError as exc:
+        # e.g. ConfigError for a misused verifier: fail closed, never crash the decision.
         raise VerificationError(str(exc), reason="invalid") from exc
 
 

@@ -261,6 +261,20 @@ class KeyAuthority:
     def __repr__(self) -> str:
         return f"KeyAuthority({self.name!r}, keys={[k.fingerprint[:12] for k in self.keys]})"
 
+    def preload(self) -> None:
+        """Parse the trusted root now (at policy load) so a broken file is a config error.
+
+        Raises :class:`ConfigError`; a missing sigstore module is left for verification time
+        (where it fails closed)."""
+        if self._trusted_root_bytes is None:
+            return
+        try:
+            self._trusted_root = load_trusted_root(self._trusted_root_bytes,
+                                                   self._trusted_root_source)
+        except VerificationError as exc:
+            if exc.reason != "unsupported":
+                raise ConfigError(str(exc), file=self._trusted_root_source) from exc
+
     def _root(self) -> Any:
         if self._trusted_root is None:
             assert self._trusted_root_bytes is not None
@@ -344,12 +358,13 @@ class KeyAuthority:
         there). Without one (``tlog`` optional or skip): the DSSE envelope or the message
         signature is checked locally with these keys, and the tlog is not.
         """
-        if self._trusted_root_bytes is not None and self.tlog != "skip":
+        if self._trusted_root_bytes is not None:
             verify_bundle = sigstore_name("verify_bundle")
             last: VerificationError | None = None
             for key in self.keys:
                 try:
-                    result = verify_bundle(bundle, trusted_root=self._root(), public_key=key.key)
+                    result = verify_bundle(bundle, trusted_root=self._root(), public_key=key.key,
+                                           tlog=self.tlog, authority=self.name)
                 except Exception as exc:
                     last = _translate(exc, "sigstore bundle")
                     if last.reason == "unsupported":

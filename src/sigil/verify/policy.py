@@ -52,7 +52,7 @@ _AUTHORITY_KEYS = {"name", "key", "keyless", "tlog", "timestamps", "trusted_root
 _KEY_KEYS = {"path", "data", "algorithm"}
 _KEYLESS_KEYS = {"trusted_root", "identities", "githubWorkflow"}
 _IDENTITY_KEYS = {"issuer", "issuerRegExp", "subject", "subjectRegExp"}
-_WORKFLOW_KEYS = {"repository", "ref", "trigger"}
+_WORKFLOW_KEYS = {"repository", "ref", "trigger", "sha", "name"}
 _SIGNATURE_KEYS = {"dockerReference", "annotations"}
 _ATTESTATION_KEYS = {"name", "predicateType", "conditions"}
 _LIMIT_KEYS = {"maxArtifacts", "maxBlobBytes", "maxTotalBytes", "maxChildren", "timeout"}
@@ -420,16 +420,24 @@ def _parse_authority(raw: Any, index: int, *, file: str, where: str,
         if tlog == "required" and root is None:
             raise ConfigError("tlog: required needs 'trusted_root' (the Rekor public keys)",
                               file=file, key=f"{key}.trusted_root")
-        authority = KeyAuthority(name, keys, tlog=tlog, trusted_root=root,
-                                 trusted_root_source=root_source)
+        key_authority = KeyAuthority(name, keys, tlog=tlog, trusted_root=root,
+                                     trusted_root_source=root_source)
+        try:
+            key_authority.preload()
+        except ConfigError as exc:
+            raise ConfigError(f"unusable trusted root: {exc}", file=file,
+                              key=f"{key}.trusted_root") from exc
+        authority = key_authority
         kind = "key"
     else:
         if "trusted_root" in obj:
             raise ConfigError("for keyless authorities write keyless.trusted_root", file=file,
                               key=f"{key}.trusted_root")
-        timestamps = obj.get("timestamps", "optional")
-        if timestamps not in TLOG_MODES:
-            raise ConfigError(f"timestamps must be one of {', '.join(TLOG_MODES)}", file=file,
+        # How many verified signing times (Rekor SETs + RFC 3161 timestamps) are needed.
+        timestamps = obj.get("timestamps", 1)
+        if not isinstance(timestamps, int) or isinstance(timestamps, bool) or not 1 <= timestamps <= 16:
+            raise ConfigError("timestamps must be an integer from 1 to 16 (verified signing "
+                              "times needed: Rekor SETs + RFC 3161 timestamps)", file=file,
                               key=f"{key}.timestamps")
         authority = _parse_keyless(obj["keyless"], name, tlog=tlog, timestamps=timestamps,
                                    file=file, key=f"{key}.keyless", base=base)
@@ -467,7 +475,7 @@ def _parse_keys(value: Any, *, file: str, key: str, base: Path) -> tuple[PublicK
     return tuple(keys)
 
 
-def _parse_keyless(value: Any, name: str, *, tlog: str, timestamps: str, file: str, key: str,
+def _parse_keyless(value: Any, name: str, *, tlog: str, timestamps: int, file: str, key: str,
                    base: Path) -> Authority:
     obj = _mapping(value, file=file, key=key)
     _unknown(obj, _KEYLESS_KEYS, file=file, key=key)
@@ -505,13 +513,14 @@ def _parse_keyless(value: Any, name: str, *, tlog: str, timestamps: str, file: s
                           sort_keys=True).encode()
     return build_keyless_authority(name, root=root, root_source=root_source, identities=rules,
                                    github_workflow=workflow, tlog=tlog, timestamps=timestamps,
-                                   material=material)
+                                   material=material, file=file, key=key)
 
 
 def build_keyless_authority(name: str, *, root: bytes, root_source: str,
                             identities: list[dict[str, Any]],
-                            github_workflow: dict[str, str] | None, tlog: str, timestamps: str,
-                            material: bytes) -> Authority:
+                            github_workflow: dict[str, str] | None, tlog: str, timestamps: int,
+                            material: bytes, file: str = "<policy>",
+                            key: str | None = None) -> Authority:
     """Turn a validated keyless config into the sigstore module's ``KeylessAuthority``.
 
     The import is lazy: when the sigstore module (or one of its names) is missing, or its
@@ -534,18 +543,14 @@ def build_keyless_authority(name: str, *, root: bytes, root_source: str,
                                     subject=r.get("subject"),
                                     subject_regexp=r.get("subjectRegExp"))
                       for r in identities)
-        workflow = github_workflow or {}
-        requirements = requirements_cls(
-            identities=rules,
-            github_workflow_repository=workflow.get("repository"),
-            github_workflow_ref=workflow.get("ref"),
-            github_workflow_trigger=workflow.get("trigger"),
-            tlog=tlog, timestamps=timestamps)
-        authority: Authority = authority_cls(name=name, trusted_root=trusted_root,
-                                             requirements=requirements)
+        requirements = requirements_cls(identities=rules, github_workflow=github_workflow,
+                                        tlog=tlog, min_timestamps=timestamps)
+        authority: Authority = authority_cls(name, requirements, trusted_root)
     except TypeError as exc:
         return UnavailableAuthority(name, f"keyless verification is not available "
                                     f"(sigstore API mismatch: {exc})", material)
-    except (ConfigError, VerificationError, ValueError) as exc:
-        raise ConfigError(f"keyless authority {name!r}: {exc}", file=root_source) from exc
+    except ConfigError as exc:
+        raise ConfigError(f"keyless authority {name!r}: {exc}", file=file, key=key) from exc
+    except (VerificationError, ValueError) as exc:
+        raise ConfigError(f"keyless authority {name!r}: {exc}", file=file, key=key) from exc
     return authority
