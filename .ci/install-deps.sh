@@ -28,4 +28,15 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
 fi
 
-python3 -m pip install -q --root-user-action=ignore -e '.[test]' </dev/null
+# Python packages go into .venv: Debian's own python3 refuses system-wide pip installs
+# (PEP 668), and a venv keeps the test run independent of what the machine has.
+if [[ ! -x .venv/bin/python ]]; then
+  if ! python3 -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv </dev/null
+    python3 -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install -q --upgrade pip </dev/null
+.venv/bin/python -m pip install -q -e '.[test]' </dev/null
