@@ -71,6 +71,7 @@ class VerifiedTimestamp:
 class _SignerInfo:
     sid_issuer_serial: tuple[bytes, int] | None
     sid_ski: bytes | None
+    digest_oid: str
     digest_alg: type[hashes.HashAlgorithm]
     signed_attrs_raw: bytes
     attrs: dict[str, list[der.TLV]]
@@ -85,11 +86,15 @@ class _Token:
     imprint_alg: type[hashes.HashAlgorithm]
     imprint: bytes
     gen_time: dt.datetime
+    embedded: tuple[x509.Certificate, ...] | None   # certificates shipped in the token
 
 
 def _alg_id(tlv: der.TLV, table: dict[str, type[hashes.HashAlgorithm]]
             ) -> type[hashes.HashAlgorithm]:
     parts = tlv.expect(der.SEQUENCE).children()
+    # AlgorithmIdentifier parameters: absent or NULL for the SHA-2 digests.
+    if len(parts) > 2 or (len(parts) == 2 and parts[1].raw != b"\x05\x00"):
+        raise der.DERError("unexpected digest algorithm parameters")
     oid = der.decode_oid(parts[0])
     if oid not in table:
         raise der.DERError(f"unsupported digest algorithm {oid}")
@@ -117,6 +122,10 @@ def _parse_token(data: bytes) -> _Token:
     # SignedData: version, digestAlgorithms, encapContentInfo, [0] certs, [1] crls, signerInfos
     if len(sd) < 4:
         raise der.DERError("SignedData too short")
+    if der.decode_int(sd[0]) not in (1, 3):
+        raise der.DERError("unsupported SignedData version")
+    digest_algs = {der.decode_oid(a.expect(der.SEQUENCE).children()[0])
+                   for a in sd[1].expect(der.SET).children()}
     encap = sd[2].expect(der.SEQUENCE).children()
     if der.decode_oid(encap[0]) != OID_TST_INFO or len(encap) != 2:
         raise der.DERError("encapsulated content is not TSTInfo")
@@ -126,12 +135,18 @@ def _parse_token(data: bytes) -> _Token:
     econtent = econtent_wrapped[0].expect(der.OCTET_STRING).content
     rest = sd[3:]
     signer_infos = rest[-1].expect(der.SET).children()
-    for extra in rest[:-1]:
-        if extra.tag not in (0xA0, 0xA1):
-            raise der.DERError("unexpected SignedData field")
+    embedded: list[x509.Certificate] | None = None
+    if len(rest) > 2 or (len(rest) == 2 and rest[0].tag != 0xA0):
+        # crls [1] is not supported (sigstore TSAs send none): unknown content fails closed.
+        raise der.DERError("unexpected SignedData fields (only certificates are supported)")
+    if len(rest) == 2:
+        # certificates [0] IMPLICIT CertificateSet: only plain X.509 certificates.
+        embedded = [_embedded_cert(c) for c in rest[0].children()]
     if len(signer_infos) != 1:
         raise der.DERError("expected exactly one SignerInfo")
     signer = _parse_signer_info(signer_infos[0])
+    if signer.digest_oid not in digest_algs:
+        raise der.DERError("signer digest algorithm not listed in SignedData")
 
     tst = der.parse(econtent).expect(der.SEQUENCE).children()
     if len(tst) < 5 or der.decode_int(tst[0]) != 1:
@@ -143,13 +158,24 @@ def _parse_token(data: bytes) -> _Token:
     hashed = imprint[1].expect(der.OCTET_STRING).content
     gen_time = der.decode_generalized_time(tst[4])
     return _Token(econtent=econtent, signer=signer, imprint_alg=imprint_alg, imprint=hashed,
-                  gen_time=gen_time)
+                  gen_time=gen_time, embedded=tuple(embedded) if embedded else None)
+
+
+def _embedded_cert(tlv: der.TLV) -> x509.Certificate:
+    if tlv.tag != der.SEQUENCE:
+        raise der.DERError("only X.509 certificates may be embedded")
+    try:
+        return x509.load_der_x509_certificate(tlv.raw)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes
+        raise der.DERError(f"embedded certificate is malformed: {exc}") from exc
 
 
 def _parse_signer_info(tlv: der.TLV) -> _SignerInfo:
     parts = tlv.expect(der.SEQUENCE).children()
-    if len(parts) < 5:
-        raise der.DERError("SignerInfo too short")
+    if len(parts) not in (6, 7) or der.decode_int(parts[0]) not in (1, 3):
+        raise der.DERError("malformed SignerInfo")
+    if len(parts) == 7 and parts[6].tag != 0xA1:
+        raise der.DERError("unexpected SignerInfo field")
     sid = parts[1]
     issuer_serial = ski = None
     if sid.tag == der.SEQUENCE:
@@ -159,6 +185,7 @@ def _parse_signer_info(tlv: der.TLV) -> _SignerInfo:
         ski = sid.content
     else:
         raise der.DERError("unsupported SignerIdentifier")
+    digest_oid = der.decode_oid(parts[2].expect(der.SEQUENCE).children()[0])
     digest_alg = _alg_id(parts[2], _DIGESTS)
     signed_attrs = parts[3]
     if signed_attrs.tag != 0xA0:
@@ -179,7 +206,8 @@ def _parse_signer_info(tlv: der.TLV) -> _SignerInfo:
     signature = parts[5].expect(der.OCTET_STRING).content
     # RFC 5652 §5.4: the signature covers the DER of the attributes with an explicit SET tag.
     signed_raw = bytes([der.SET]) + signed_attrs.raw[1:]
-    return _SignerInfo(issuer_serial, ski, digest_alg, signed_raw, attrs, sig_hash, signature)
+    return _SignerInfo(issuer_serial, ski, digest_oid, digest_alg, signed_raw, attrs, sig_hash,
+                       signature)
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -247,10 +275,22 @@ def verify_timestamp(token: bytes, signature: bytes, trusted_root: TrustedRoot, 
     except (der.DERError, IndexError) as exc:
         fail(f"RFC 3161 timestamp signed attributes invalid: {exc}", "timestamp")
 
+    embedded_signer = None
+    if tok.embedded is not None:
+        # Embedded certificates are never trusted; but when the token ships its signing
+        # certificate, it must be exactly the one the trusted root names.
+        matching = [c for c in tok.embedded if _names_cert(signer, c)]
+        if len(matching) != 1:
+            fail("RFC 3161 timestamp embeds certificates but not exactly one signer "
+                 "certificate", "timestamp")
+        embedded_signer = matching[0]
     errors: list[str] = []
     for tsa in trusted_root.timestamp_authorities:
         leaf = tsa.certificates[0]
         if not _names_cert(signer, leaf):
+            continue
+        if embedded_signer is not None and embedded_signer != leaf:
+            errors.append(f"{tsa.subject}: embedded signer certificate differs")
             continue
         try:
             _check_ess(signer, leaf)
