@@ -122,3 +122,80 @@ def test_keyless_fingerprint_tracks_identities(tmp_path: Path) -> None:
     b = keyless_policy(tmp_path, root="trusted_root_pgi.json", issuer="https://x",
                        subject_rule={"subject": "b@example.com"})
     assert a.fingerprint != b.fingerprint
+
+
+# --- keyed authorities with a transparency log (Rekor SET annotation) -----------------------------
+
+def fake_rekor(tmp_path: Path) -> tuple[Signer, bytes]:
+    """A Rekor log key made here and a trusted_root.json naming it (no real log involved)."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    log = Signer()
+    spki = log.key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    log_id = hashlib.sha256(spki).digest()
+    root = {"mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+            "tlogs": [{"baseUrl": "https://rekor.test", "hashAlgorithm": "SHA2_256",
+                       "publicKey": {"rawBytes": base64.b64encode(spki).decode(),
+                                     "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                                     "validFor": {"start": "2020-01-01T00:00:00Z"}},
+                       "logId": {"keyId": base64.b64encode(log_id).decode()}}]}
+    (tmp_path / "rekor-root.json").write_text(json.dumps(root))
+    return log, log_id
+
+
+def rekor_annotation(log: Signer, log_id: bytes, signer: Signer, payload: bytes,
+                     signature: bytes) -> str:
+    """A cosign `dev.sigstore.cosign/bundle` for a hashedrekord entry of a keyed .sig layer."""
+    import base64
+    import hashlib
+
+    body = {"apiVersion": "0.0.1", "kind": "hashedrekord", "spec": {
+        "data": {"hash": {"algorithm": "sha256", "value": hashlib.sha256(payload).hexdigest()}},
+        "signature": {"content": base64.b64encode(signature).decode(),
+                      "publicKey": {"content": base64.b64encode(signer.pem().encode()).decode()}}}}
+    body_b64 = base64.b64encode(json.dumps(body).encode()).decode()
+    integrated, index = 1_700_000_000, 42
+    signed = json.dumps({"body": body_b64, "integratedTime": integrated,
+                         "logID": log_id.hex(), "logIndex": index},
+                        sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"SignedEntryTimestamp": base64.b64encode(log.sign(signed)).decode(),
+                       "Payload": {"body": body_b64, "integratedTime": integrated,
+                                   "logIndex": index, "logID": log_id.hex()}})
+
+
+@pytest.mark.parametrize("case", ["valid", "missing", "other-signature", "forged-set"])
+async def test_keyed_signature_with_tlog_required(tmp_path: Path, case: str) -> None:
+    from test_verify_support import SIMPLE, b64, simple_signing
+
+    signer = Signer()
+    log, log_id = fake_rekor(tmp_path)
+    (tmp_path / "k.pub").write_text(signer.pem())
+    policy = write_policy(tmp_path, {"policies": [{
+        "name": "logged", "images": ["registry.test/**"],
+        "authorities": [{"name": "k", "key": {"path": "k.pub"}, "tlog": "required",
+                         "trusted_root": "rekor-root.json"}]}]})
+    src = MemorySource()
+    image = src.image("app")
+    payload = simple_signing(image.digest)
+    signature = signer.sign(payload)
+    ann = {"dev.cosignproject.cosign/signature": b64(signature)}
+    if case == "valid":
+        ann["dev.sigstore.cosign/bundle"] = rekor_annotation(log, log_id, signer, payload,
+                                                             signature)
+    elif case == "other-signature":  # a genuine log entry, for another signature
+        ann["dev.sigstore.cosign/bundle"] = rekor_annotation(log, log_id, signer, payload,
+                                                             signer.sign(payload + b" "))
+    elif case == "forged-set":
+        ann["dev.sigstore.cosign/bundle"] = rekor_annotation(Signer(), log_id, signer, payload,
+                                                             signature)
+    src.artifact("app", [(SIMPLE, payload, ann)], tags=(image.digest.tag_form + ".sig",))
+    verdict = await Verifier(policy).evaluate("registry.test/app", "app", image, src)
+    if case == "valid":
+        assert verdict.allowed, verdict.message + "\n" + "\n".join(verdict.checks)
+        assert any("Rekor SET verified" in c for c in verdict.checks)
+    else:
+        assert not verdict.allowed and verdict.reason == "tlog", verdict.message

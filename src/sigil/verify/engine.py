@@ -431,16 +431,18 @@ def _signatures(rule: PolicyRule, subject: Manifest, artifacts: list[Artifact],
                     failure = _better(failure, exc.reason)
                     checks.append(f"{where} [{ar.name}]: {exc.reason}: {exc}")
                     continue
+                signer_checks = "; ".join(payload.signer.checks)
                 if counted_here:
                     counted = True
                     out.passed.setdefault(ar.name, []).append(artifact)
-                    checks.append(f"{where} [{ar.name}]: signature ok, names {digest}")
+                    checks.append(f"{where} [{ar.name}]: signature ok, names {digest} "
+                                  f"({signer_checks})")
                 if verified is not None:
                     direct = True
                     out.statements.append(_Authenticated(verified, frozenset({ar.name}),
                                                          artifact, f"signed {kind}"))
                     checks.append(f"{where} [{ar.name}]: statement {verified.predicate_type} "
-                                  f"verified")
+                                  f"verified ({signer_checks})")
             # A bundle that verified as an attestation (not cosign's sign predicate) is not a
             # signature candidate: it neither counts nor explains a missing signature.
             if is_signature_candidate and not (kind == "bundle" and direct and not counted):
