@@ -343,3 +343,51 @@ def test_verify_bundle_argument_errors() -> None:
     with pytest.raises(ConfigError):
         verify_bundle(ATT_BYTES, trusted_root=ROOT, keyless=ATT_REQ, artifact=b"x",
                       artifact_digest=bytes(32))
+
+
+# -- legacy .att layer built from the real attestation's envelope, certificate and SET -------
+
+def _att_layer() -> tuple[bytes, dict[str, str]]:
+    entry = ATT["verificationMaterial"]["tlogEntries"][0]
+    cert = x509.load_der_x509_certificate(
+        base64.b64decode(ATT["verificationMaterial"]["certificate"]["rawBytes"]))
+    rekor_bundle = {"SignedEntryTimestamp": entry["inclusionPromise"]["signedEntryTimestamp"],
+                    "Payload": {"body": entry["canonicalizedBody"],
+                                "integratedTime": int(entry["integratedTime"]),
+                                "logIndex": int(entry["logIndex"]),
+                                "logID": base64.b64decode(entry["logId"]["keyId"]).hex()}}
+    annotations = {
+        "dev.cosignproject.cosign/signature": "",
+        "dev.sigstore.cosign/certificate": cert.public_bytes(Encoding.PEM).decode(),
+        "dev.sigstore.cosign/bundle": json.dumps(rekor_bundle),
+    }
+    return json.dumps(ATT["dsseEnvelope"]).encode(), annotations
+
+
+def test_legacy_att_layer_verifies() -> None:
+    blob, annotations = _att_layer()
+    result = verify_cosign_keyless_layer(blob=blob, media_type="application/vnd.dsse.envelope.v1+json",
+                                         annotations=annotations, trusted_root=ROOT,
+                                         keyless=ATT_REQ)
+    assert result.payload_type == IN_TOTO
+    assert json.loads(result.payload)["subject"][0]["digest"]["sha256"] == ATT_SUBJECT.hex()
+    assert any("tlog body dsse/0.0.1" in c for c in result.signer.checks)
+    # Another envelope (same signature bytes, other payload) is not the logged one.
+    env = dict(ATT["dsseEnvelope"], payload=base64.b64encode(b'{"_type":"x"}').decode())
+    with pytest.raises(VerificationError):
+        verify_cosign_keyless_layer(blob=json.dumps(env).encode(),
+                                    media_type="application/vnd.dsse.envelope.v1+json",
+                                    annotations=annotations, trusted_root=ROOT, keyless=ATT_REQ)
+
+
+def test_expired_ca_certificate_breaks_the_path() -> None:
+    import datetime as dt
+
+    from sigil.verify.sigstore.x509chain import build_chain
+    cert = x509.load_pem_x509_certificate(LEGACY_ANN["dev.sigstore.cosign/certificate"].encode())
+    ca = ROOT.certificate_authorities[1]
+    at = dt.datetime(2022, 9, 25, 13, 16, 35, tzinfo=dt.timezone.utc)
+    assert len(build_chain(cert, ca, at, intermediates=())) == 2
+    late = ca.certificates[0].not_valid_after_utc + dt.timedelta(seconds=1)
+    with pytest.raises(ValueError, match="CA certificate"):
+        build_chain(cert, ca, late, intermediates=())

@@ -306,8 +306,13 @@ def _parse_ca(doc: Any, what: str, *, tsa: bool = False) -> CertificateAuthority
     # Named after the certificate that issues leaves (Fulcio) or signs tokens (TSA).
     subject = certs[0].subject.rfc4514_string() or root.subject.rfc4514_string()
     uri = doc.get("uri") if isinstance(doc.get("uri"), str) else ""
+    # Every certificate of a trusted-root chain is trust material, so all of them are
+    # anchors (as in sigstore-python): path building stops at the first one and does not
+    # re-verify the intermediate's signature by the root on every call. The validity of the
+    # whole listed chain at the verification time is checked separately (x509chain).
+    anchors = list(certs[1:]) if tsa else list(certs)
     return CertificateAuthority(subject=subject, uri=uri, certificates=certs,
-                                valid_for=_time_range(doc, what), store=Store([root]))
+                                valid_for=_time_range(doc, what), store=Store(anchors))
 
 
 def load_public_key(pem_or_der: bytes) -> PublicKey:

@@ -112,7 +112,7 @@ def _verify_keyless_cert(cert: x509.Certificate, trusted_root: TrustedRoot,
     if not ku.digital_signature:
         fail("signing certificate key usage lacks digitalSignature", "chain")
     checks.append(f"fulcio chain to {chain[1].subject.rfc4514_string()} (root "
-                  f"{chain[-1].subject.rfc4514_string()}, {ca.uri or 'trusted root'}) valid at "
+                  f"{ca.root.subject.rfc4514_string()}, {ca.uri or 'trusted root'}) valid at "
                   f"{', '.join(fmt_time(t) for t in times)}, code-signing EKU")
     log = verify_embedded_sct(cert, chain[1], trusted_root)
     checks.append(f"SCT from log {log.description}")

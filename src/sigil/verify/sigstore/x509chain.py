@@ -46,8 +46,15 @@ def build_chain(leaf: x509.Certificate, ca: CertificateAuthority, at: dt.datetim
     """Validate ``leaf`` up to ``ca``'s root at time ``at``; return leaf..root.
 
     Raises ``ValueError`` (internal) when no valid path exists; callers turn it into a
-    ``VerificationError`` with their own reason.
+    ``VerificationError`` with their own reason. The returned path ends at the first trusted
+    certificate reached (the issuing CA certificate of the trusted root).
     """
+    # The CA certificates are anchors in ca.store; they must still be within their own
+    # validity at ``at`` (an expired intermediate invalidates the path).
+    for cert in (ca.certificates[1:] if tsa else ca.certificates):
+        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+            raise ValueError(f"CA certificate {cert.subject.rfc4514_string()} not valid at "
+                             f"{fmt_time(at)}")
     verifier = (PolicyBuilder().store(ca.store).time(at)
                 .extension_policies(ca_policy=_CA_POLICY,
                                     ee_policy=_TSA_EE_POLICY if tsa else _FULCIO_EE_POLICY)
