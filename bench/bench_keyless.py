@@ -78,9 +78,13 @@ print(json.dumps(out))
 
 def bench_sigil(runs: int) -> dict[str, list[float] | dict[str, str]]:
     sys.path.insert(0, str(ASSETS.parent.parent.parent / "src"))
-    from sigil.verify.sigstore import (IdentityRule, KeylessRequirements, TrustedRoot,
-                                       verify_bundle)
-    from sigil.verify.sigstore import _common
+    from sigil.verify.sigstore import (
+        IdentityRule,
+        KeylessRequirements,
+        TrustedRoot,
+        _common,
+        verify_bundle,
+    )
 
     caches = [_common.load_der_certificate, _common.load_pem_certificates,
               _common.load_der_public_key, _common.load_pem_public_key]
@@ -112,19 +116,19 @@ def bench_sigstore_python(runs: int, python: str | None
             return None
         python = sys.executable
     proc = subprocess.run([python, "-c", SIGSTORE_PYTHON_WORKER], input=spec, text=True,
-                          capture_output=True, timeout=1800, env=dict(os.environ))
+                          capture_output=True, timeout=1800, env=dict(os.environ), check=False)
     if proc.returncode != 0:
         print(f"sigstore-python run failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
-    version = subprocess.run([python, "-c", "import sigstore, cryptography; print("
-                              "sigstore.__version__, cryptography.__version__)"],
-                             text=True, capture_output=True).stdout.split()
+    probe = "import sigstore, cryptography; print(sigstore.__version__, cryptography.__version__)"
+    version = subprocess.run([python, "-c", probe], text=True, capture_output=True,
+                             check=False).stdout.split()
     return f"sigstore-python {version[0]} (cryptography {version[1]})", json.loads(proc.stdout)
 
 
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -15,8 +15,13 @@ import pytest
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.verify.authority import IN_TOTO, MESSAGE_DIGEST
-from sigil.verify.sigstore import (IdentityRule, KeylessRequirements, TrustedRoot,
-                                   load_public_key, verify_bundle)
+from sigil.verify.sigstore import (
+    IdentityRule,
+    KeylessRequirements,
+    TrustedRoot,
+    load_public_key,
+    verify_bundle,
+)
 
 ASSETS = Path(__file__).parent / "assets" / "sigstore"
 CASES_DIR = ASSETS / "bundle-verify"

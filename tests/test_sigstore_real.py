@@ -23,8 +23,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.verify.authority import IN_TOTO, SIMPLE_SIGNING, Authority
-from sigil.verify.sigstore import (IdentityRule, KeylessAuthority, KeylessRequirements,
-                                   TrustedRoot, verify_bundle, verify_cosign_keyless_layer)
+from sigil.verify.sigstore import (
+    IdentityRule,
+    KeylessAuthority,
+    KeylessRequirements,
+    TrustedRoot,
+    verify_bundle,
+    verify_cosign_keyless_layer,
+)
 
 ASSETS = Path(__file__).parent / "assets" / "sigstore"
 ROOT = TrustedRoot.load(ASSETS / "trusted_root" / "production.json")
@@ -81,8 +87,8 @@ def test_legacy_sig_verifies() -> None:
     assert result.signer.identity == "cosign@cosign-test-363613.iam.gserviceaccount.com"
     assert result.signer.issuer == "https://accounts.google.com"  # from the .1.1 extension
     checks = " | ".join(result.signer.checks)
-    for fragment in ("rekor SET log rekor.sigstore.dev (c0d23d6a) index 3942845 integrated "
-                     "2022-09-25T13:16:35Z", "SCT from log ctfe.sigstore.dev/test",
+    for fragment in (("rekor SET log rekor.sigstore.dev (c0d23d6a) index 3942845 integrated "
+                      "2022-09-25T13:16:35Z"), "SCT from log ctfe.sigstore.dev/test",
                      "fulcio chain to CN=sigstore-intermediate", "identity cosign@"):
         assert fragment in checks
 
@@ -230,8 +236,9 @@ def test_attestation_bundle_verifies() -> None:
     assert result.signer.identity == "cody@soyland.com"
     assert result.signer.issuer == "https://github.com/login/oauth"
     checks = " | ".join(result.signer.checks)
-    for fragment in ("inclusion proof at index 53604734", "checkpoint signed by "
-                     "rekor.sigstore.dev - 1193050959916656506", "rekor SET log",
+    for fragment in ("inclusion proof at index 53604734",
+                     "checkpoint signed by rekor.sigstore.dev - 1193050959916656506",
+                     "rekor SET log",
                      "SCT from log ctfe.sigstore.dev/2022", "tlog body dsse/0.0.1"):
         assert fragment in checks
     # The root cosign ships next to it works too, and the subject digest binds the artifact.
@@ -386,7 +393,7 @@ def test_expired_ca_certificate_breaks_the_path() -> None:
     from sigil.verify.sigstore.x509chain import build_chain
     cert = x509.load_pem_x509_certificate(LEGACY_ANN["dev.sigstore.cosign/certificate"].encode())
     ca = ROOT.certificate_authorities[1]
-    at = dt.datetime(2022, 9, 25, 13, 16, 35, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2022, 9, 25, 13, 16, 35, tzinfo=dt.UTC)
     assert len(build_chain(cert, ca, at, intermediates=())) == 2
     late = ca.certificates[0].not_valid_after_utc + dt.timedelta(seconds=1)
     with pytest.raises(ValueError, match="CA certificate"):

@@ -15,13 +15,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from sigil.errors import ConfigError, VerificationError
-from sigil.verify.sigstore import (IdentityRule, KeylessRequirements, TrustedRoot, load_public_key,
-                                   verify_bundle)
+from sigil.verify.sigstore import (
+    IdentityRule,
+    KeylessRequirements,
+    TrustedRoot,
+    load_public_key,
+    verify_bundle,
+)
 from sigil.verify.sigstore import _der as der
 from sigil.verify.sigstore.bundle import Bundle
 from sigil.verify.sigstore.checkpoint import Checkpoint
-from sigil.verify.sigstore.merkle import (leaf_hash, node_hash, root_from_inclusion_proof,
-                                          verify_inclusion)
+from sigil.verify.sigstore.merkle import (
+    leaf_hash,
+    node_hash,
+    root_from_inclusion_proof,
+    verify_inclusion,
+)
 from sigil.verify.sigstore.policy import check_identity
 from sigil.verify.sigstore.rekor import set_payload
 from sigil.verify.sigstore.tsa import verify_timestamp
@@ -415,7 +424,7 @@ def test_der_reader() -> None:
         "1.2.840.113549.1.7.2"
     assert der.decode_int(der.parse(b"\x02\x02\x01\x00")) == 256
     t = der.decode_generalized_time(der.parse(b"\x18\x1320250612120220.123Z"))
-    assert t == dt.datetime(2025, 6, 12, 12, 2, 20, 123000, tzinfo=dt.timezone.utc)
+    assert t == dt.datetime(2025, 6, 12, 12, 2, 20, 123000, tzinfo=dt.UTC)
     for bad in (b"\x30\x80\x00\x00", b"\x30\x81\x01\x00", b"\x02\x05\x00", b"\x1f\x01\x00",
                 b"\x02\x01\x00\x00", b"\x18\x0f20250612120220Z"[:5]):
         with pytest.raises(der.DERError):
@@ -438,7 +447,7 @@ def _rekor2_timestamp(name: str = "rekor2-happy-path") -> tuple[TrustedRoot, byt
 def test_rfc3161_real_token() -> None:
     root, token, signature = _rekor2_timestamp()
     ts = verify_timestamp(token, signature, root)
-    assert ts.time == dt.datetime(2025, 6, 12, 12, 2, 20, tzinfo=dt.timezone.utc)
+    assert ts.time == dt.datetime(2025, 6, 12, 12, 2, 20, tzinfo=dt.UTC)
     assert "sigstore-tsa" in ts.authority.subject
     # The bare TimeStampToken (without the TimeStampResp wrapper) verifies too.
     inner = der.parse(token).children()[1].raw

@@ -86,33 +86,33 @@ def parse_rfc3339(value: Any, what: str) -> dt.datetime:
     frac, zone = m.group(7), m.group(8)
     micro = int(frac[1:7].ljust(6, "0")) if frac else 0
     if zone in ("Z", "z"):
-        tz = dt.timezone.utc
+        tz = dt.UTC
     else:
         sign = 1 if zone[0] == "+" else -1
         tz = dt.timezone(sign * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
     try:
         return dt.datetime(year, mon, day, hour, minute, sec, micro, tzinfo=tz).astimezone(
-            dt.timezone.utc)
+            dt.UTC)
     except ValueError:
         fail(f"{what}: invalid RFC 3339 time {value!r}", "malformed")
 
 
 def fmt_time(t: dt.datetime) -> str:
     """ISO 8601 UTC for messages and check descriptions."""
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def from_unix(seconds: int) -> dt.datetime:
     """Aware UTC datetime from Unix seconds."""
     try:
-        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+        return dt.datetime.fromtimestamp(seconds, dt.UTC)
     except (OverflowError, OSError, ValueError):
         fail(f"time {seconds} out of range", "malformed")
 
 
 def now() -> dt.datetime:
     """The current time (one place, so tests could patch it)."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {

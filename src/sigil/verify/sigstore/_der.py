@@ -145,7 +145,7 @@ def decode_generalized_time(tlv: TLV) -> dt.datetime:
         micro = int(frac[1:7].ljust(6, "0"))
     try:
         return dt.datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]),
-                           int(text[10:12]), int(text[12:14]), micro, tzinfo=dt.timezone.utc)
+                           int(text[10:12]), int(text[12:14]), micro, tzinfo=dt.UTC)
     except ValueError as exc:
         raise DERError(f"invalid GeneralizedTime {text!r}") from exc
 

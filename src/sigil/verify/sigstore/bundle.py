@@ -118,7 +118,7 @@ class Bundle:
             fail("bundle is not a JSON object", "malformed")
         media_type = doc.get("mediaType")
         version = BUNDLE_MEDIA_TYPES.get(media_type) if isinstance(media_type, str) else None
-        if version is None:
+        if version is None or not isinstance(media_type, str):
             fail(f"unsupported bundle media type {media_type!r}", "malformed")
         vm = _obj(doc, "verificationMaterial")
 

@@ -46,7 +46,7 @@ def verify_embedded_sct(leaf: x509.Certificate, issuer: x509.Certificate,
     if log is None:
         fail(f"SCT from unknown CT log {sct.log_id.hex()}", "sct")
     millis = _sct_millis(sct)
-    when = dt.datetime.fromtimestamp(millis / 1000, dt.timezone.utc)
+    when = dt.datetime.fromtimestamp(millis / 1000, dt.UTC)
     if not log.valid_for.contains(when):
         fail(f"CT log {log.description} key not valid at SCT time {fmt_time(when)}", "sct")
     tbs = leaf.tbs_precertificate_bytes

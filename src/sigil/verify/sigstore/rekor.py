@@ -22,9 +22,21 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ._common import (CLOCK_SKEW, PublicKey, as_int, b64decode, b64encode, fail, fmt_time,
-                      from_unix, load_pem_certificates, load_pem_public_key, now, spki_der,
-                      verify_signature)
+from ._common import (
+    CLOCK_SKEW,
+    PublicKey,
+    as_int,
+    b64decode,
+    b64encode,
+    fail,
+    fmt_time,
+    from_unix,
+    load_pem_certificates,
+    load_pem_public_key,
+    now,
+    spki_der,
+    verify_signature,
+)
 from .bundle import DSSEEnvelope, TlogEntry
 from .checkpoint import Checkpoint
 from .merkle import leaf_hash, verify_inclusion

@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -40,8 +40,15 @@ from cryptography.x509.verification import Store
 
 from sigil.errors import ConfigError, VerificationError
 
-from ._common import (PublicKey, b64decode, fmt_time, load_der_certificate, load_der_public_key,
-                      load_pem_public_key, parse_rfc3339)
+from ._common import (
+    PublicKey,
+    b64decode,
+    fmt_time,
+    load_der_certificate,
+    load_der_public_key,
+    load_pem_public_key,
+    parse_rfc3339,
+)
 
 TRUSTED_ROOT_MEDIA_TYPES = frozenset({
     "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
@@ -127,9 +134,9 @@ class TrustedRoot:
     timestamp_authorities: tuple[CertificateAuthority, ...]
     source: str | None
 
-    _cache: OrderedDict[bytes, TrustedRoot] = OrderedDict()
-    _cache_lock = threading.Lock()
-    _CACHE_SIZE = 16
+    _cache: ClassVar[OrderedDict[bytes, TrustedRoot]] = OrderedDict()
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+    _CACHE_SIZE: ClassVar[int] = 16
 
     def __init__(self, raw: bytes, *, source: str | None = None) -> None:
         """Parse ``raw`` JSON; prefer :meth:`from_json`, which caches."""
@@ -305,7 +312,8 @@ def _parse_ca(doc: Any, what: str, *, tsa: bool = False) -> CertificateAuthority
                                 reason="malformed")
     # Named after the certificate that issues leaves (Fulcio) or signs tokens (TSA).
     subject = certs[0].subject.rfc4514_string() or root.subject.rfc4514_string()
-    uri = doc.get("uri") if isinstance(doc.get("uri"), str) else ""
+    uri_doc = doc.get("uri")
+    uri = uri_doc if isinstance(uri_doc, str) else ""
     # Every certificate of a trusted-root chain is trust material, so all of them are
     # anchors (as in sigstore-python): path building stops at the first one and does not
     # re-verify the intermediate's signature by the root on every call. The validity of the

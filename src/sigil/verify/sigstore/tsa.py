@@ -166,7 +166,7 @@ def _embedded_cert(tlv: der.TLV) -> x509.Certificate:
         raise der.DERError("only X.509 certificates may be embedded")
     try:
         return x509.load_der_x509_certificate(tlv.raw)
-    except Exception as exc:  # noqa: BLE001 - any parse failure of untrusted bytes
+    except Exception as exc:
         raise der.DERError(f"embedded certificate is malformed: {exc}") from exc
 
 
@@ -240,7 +240,7 @@ def _check_ess(signer: _SignerInfo, cert: x509.Certificate) -> None:
             if first[0].tag == der.SEQUENCE:
                 alg = _alg_id(first[0], _DIGESTS)
                 idx = 1
-            want = hashlib.new(alg.name, cert_der).digest()
+            want = hashlib.new(alg().name, cert_der).digest()
         else:
             idx = 0
             # ESSCertID v1 identifies (not authenticates) the certificate by SHA-1.
@@ -259,7 +259,7 @@ def verify_timestamp(token: bytes, signature: bytes, trusted_root: TrustedRoot, 
         tok = _parse_token(token)
     except (der.DERError, IndexError) as exc:
         fail(f"RFC 3161 timestamp is malformed: {exc}", "timestamp")
-    if hashlib.new(tok.imprint_alg.name, signature).digest() != tok.imprint:
+    if hashlib.new(tok.imprint_alg().name, signature).digest() != tok.imprint:
         fail("RFC 3161 timestamp is not over this signature", "timestamp")
     if tok.gen_time > (at or now()) + CLOCK_SKEW:
         fail(f"RFC 3161 timestamp {fmt_time(tok.gen_time)} is in the future", "timestamp")
@@ -270,7 +270,7 @@ def verify_timestamp(token: bytes, signature: bytes, trusted_root: TrustedRoot, 
         if not ct or der.decode_oid(ct[0]) != OID_TST_INFO:
             raise der.DERError("signed content-type attribute is not id-ct-TSTInfo")
         if not md or md[0].expect(der.OCTET_STRING).content != hashlib.new(
-                signer.digest_alg.name, tok.econtent).digest():
+                signer.digest_alg().name, tok.econtent).digest():
             raise der.DERError("signed message-digest attribute does not match TSTInfo")
     except (der.DERError, IndexError) as exc:
         fail(f"RFC 3161 timestamp signed attributes invalid: {exc}", "timestamp")

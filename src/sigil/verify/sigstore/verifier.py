@@ -29,11 +29,23 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sigil.errors import ConfigError
-from sigil.verify.authority import (IN_TOTO, MESSAGE_DIGEST, SIMPLE_SIGNING, SignerInfo,
-                                    VerifiedPayload)
+from sigil.verify.authority import (
+    IN_TOTO,
+    MESSAGE_DIGEST,
+    SIMPLE_SIGNING,
+    SignerInfo,
+    VerifiedPayload,
+)
 
-from ._common import (HASHES, PublicKey, b64decode, fail, fmt_time, load_pem_certificates,
-                      verify_signature)
+from ._common import (
+    HASHES,
+    PublicKey,
+    b64decode,
+    fail,
+    fmt_time,
+    load_pem_certificates,
+    verify_signature,
+)
 from .bundle import Bundle, DSSEEnvelope, parse_dsse_envelope
 from .ct import verify_embedded_sct
 from .policy import KeylessRequirements, check_identity
@@ -312,7 +324,7 @@ def verify_cosign_keyless_layer(*, blob: bytes, media_type: str, annotations: Ma
         res = verify_rekor_bundle_annotation(rekor_bundle, trusted_root=trusted_root,
                                              expected=expected, at=at)
         times.tlog_entries += 1
-        times.times.append(dt.datetime.fromtimestamp(res.integrated_time, dt.timezone.utc))
+        times.times.append(dt.datetime.fromtimestamp(res.integrated_time, dt.UTC))
         times.checks.extend(res.checks)
     ts_ann = annotations.get(ANN_RFC3161)
     if ts_ann:

@@ -14,8 +14,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from cryptography.x509.verification import (Criticality, ExtensionPolicy, PolicyBuilder,
-                                            VerificationError as X509VerificationError)
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder
+from cryptography.x509.verification import VerificationError as X509VerificationError
 
 from ._common import fail, fmt_time
 from .trust import CertificateAuthority
