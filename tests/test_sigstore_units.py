@@ -478,3 +478,33 @@ def test_rfc3161_every_byte(case: str) -> None:
         with pytest.raises(VerificationError):
             verify_timestamp(bad, signature, root)
             pytest.fail(f"token byte {i} altered and still verified")
+
+
+# -- signature schemes --------------------------------------------------------------------
+
+def test_verify_signature_schemes() -> None:
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from sigil.verify.sigstore._common import verify_signature
+
+    data = b"artifact"
+    digest384 = hashlib.sha384(data).digest()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    verify_signature(p384.public_key(), p384.sign(data, ec.ECDSA(hashes.SHA384())), data)
+    verify_signature(p384.public_key(), p384.sign(digest384, ec.ECDSA(Prehashed(
+        hashes.SHA384()))), digest384, prehashed=True)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs1 = rsa_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    pss_max = rsa_key.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()),
+                                             salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256())
+    verify_signature(rsa_key.public_key(), pkcs1, data)
+    verify_signature(rsa_key.public_key(), pss_max, data)
+    ed = ed25519.Ed25519PrivateKey.generate()
+    verify_signature(ed.public_key(), ed.sign(data), data)
+    for key, sig, msg, kw in ((p384.public_key(), pkcs1, data, {}),
+                              (rsa_key.public_key(), pkcs1, b"other", {}),
+                              (ed.public_key(), ed.sign(data), hashlib.sha256(data).digest(),
+                               {"prehashed": True})):
+        with pytest.raises(VerificationError):
+            verify_signature(key, sig, msg, **kw)  # type: ignore[arg-type]

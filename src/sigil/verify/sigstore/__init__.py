@@ -19,7 +19,7 @@ Failures raise :class:`sigil.errors.VerificationError` with one of the reasons
 unreadable trust material) raises :class:`sigil.errors.ConfigError`.
 """
 
-from .bundle import Bundle
+from .bundle import Bundle, DSSEEnvelope, parse_dsse_envelope
 from .policy import IdentityRule, KeylessRequirements
 from .rekor import ExpectedEntry, verify_rekor_set
 from .trust import TrustedRoot, load_public_key
@@ -31,12 +31,14 @@ REASONS = ("malformed", "unsupported", "signature", "digest_mismatch", "no_key",
 __all__ = [
     "REASONS",
     "Bundle",
+    "DSSEEnvelope",
     "ExpectedEntry",
     "IdentityRule",
     "KeylessAuthority",
     "KeylessRequirements",
     "TrustedRoot",
     "load_public_key",
+    "parse_dsse_envelope",
     "verify_bundle",
     "verify_cosign_keyless_layer",
     "verify_rekor_set",

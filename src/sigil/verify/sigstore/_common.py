@@ -205,7 +205,8 @@ def verify_signature(key: PublicKey, signature: bytes, data: bytes, *,
                      reason: str = "signature") -> None:
     """Verify ``signature`` over ``data`` (or over the digest ``data`` when ``prehashed``).
 
-    ECDSA takes a DER signature; RSA is PKCS#1 v1.5, then PSS (salt = digest length);
+    ECDSA takes a DER signature; RSA is PKCS#1 v1.5, then PSS (MGF1 with the same hash, any
+    salt length, like Go's ``PSSSaltLengthAuto``);
     Ed25519 signs the message itself, never a digest.
     """
     alg = hash_alg or key_hash_for(key)
@@ -222,7 +223,7 @@ def verify_signature(key: PublicKey, signature: bytes, data: bytes, *,
                 key.verify(signature, data, padding.PKCS1v15(), h)
             except InvalidSignature:
                 key.verify(signature, data,
-                           padding.PSS(mgf=padding.MGF1(alg), salt_length=alg.digest_size), h)
+                           padding.PSS(mgf=padding.MGF1(alg), salt_length=padding.PSS.AUTO), h)
         else:  # pragma: no cover - the loaders above reject other key types
             fail(f"{what}: unsupported key type", "unsupported")
     except InvalidSignature:
