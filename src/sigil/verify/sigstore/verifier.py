@@ -61,9 +61,6 @@ ANN_CHAIN = "dev.sigstore.cosign/chain"
 ANN_BUNDLE = "dev.sigstore.cosign/bundle"
 ANN_RFC3161 = "dev.sigstore.cosign/rfc3161timestamp"
 
-_HASH_NAMES = {"sha256": "SHA2_256", "sha384": "SHA2_384", "sha512": "SHA2_512"}
-
-
 class _Times:
     """Verified times and the check descriptions that produced them."""
 
