@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sigil import __version__
 from sigil.config import Config, load_config
@@ -36,20 +38,34 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
         cmd.add_argument("--json", action="store_true", help="print a JSON report")
+    verify = sub.add_parser("verify", help="explain the policy decision for one image")
+    verify.add_argument("image", help="e.g. docker.io/library/alpine:3.20 or dhi.io/python@sha256:...")
+    verify.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
+    verify.add_argument("--policy", default=None, help="policy file (default: the config's)")
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
     return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sigil.verify_cli import run
+
+    config = _load(args.config)
+    configure("warning", "console")
+    return run(config, args.image, args.policy, args.json)
 
 
 def _load(path: str) -> Config:
     return load_config(path)
 
 
-def _load_policy(config: Config) -> object | None:
+def _load_policy(config: Config) -> Any:
     """The policy hook for ``config`` (None: no policy file, allow all)."""
     if not config.policy:
         return None
-    from sigil.verify.hook import load_policy_hook  # imported late: verify/ is heavier
+    from sigil.verify.engine import Verifier  # imported late: verify/ is heavier
+    from sigil.verify.policy import load_policy
 
-    return load_policy_hook(config.policy)
+    return Verifier(load_policy(config.policy))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -66,14 +82,19 @@ def _serve(args: argparse.Namespace) -> int:
         for _ in range(workers - 1):
             pid = os.fork()
             if pid == 0:
-                asyncio.run(serve(config, policy, sock))  # type: ignore[arg-type]
+                asyncio.run(serve(config, policy, sock, lambda: _load_policy(config)))
                 os._exit(0)
             children.append(pid)
-    try:
-        asyncio.run(serve(config, policy, sock))  # type: ignore[arg-type]
-    finally:
-        import signal
+    def reload_all() -> Any:
+        # SIGHUP reaches the first process: it reloads, then passes the signal on.
+        new = _load_policy(config)
+        for pid in children:
+            os.kill(pid, signal.SIGHUP)
+        return new
 
+    try:
+        asyncio.run(serve(config, policy, sock, reload_all))
+    finally:
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -131,7 +152,7 @@ def _print(report: object, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "gc": _gc, "fsck": _fsck}
+    handlers = {"serve": _serve, "gc": _gc, "fsck": _fsck, "verify": _verify}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

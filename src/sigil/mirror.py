@@ -198,6 +198,15 @@ class Mirror:
         self._touch(served.digest)
         return served
 
+    async def fetch_manifest(self, route: Route, reference: str) -> Manifest:
+        """The manifest for a tag or digest, digest-checked but *not* gated by the policy
+        (for ``sigil verify``, which reports the verdict instead of enforcing it)."""
+        if Digest.is_digest(reference):
+            served = await self._load(route, Digest.parse(reference))
+        else:
+            served = await self._resolve_tag(route, validate_tag(reference))
+        return parse_manifest(served.raw, served.media_type)
+
     async def _resolve_tag(self, route: Route, tag: str) -> ServedManifest:
         key = (route.upstream.name, route.repo, tag)
         now = time.time()
@@ -351,12 +360,14 @@ class Mirror:
         async def evaluate() -> Any:
             verdict = await self.policy.evaluate(route.image, route.repo, manifest,
                                                  self.source(route))
-            related = [(r, str(d)) for r, d in getattr(verdict, "related", [])]
-            detail = json.dumps({"message": verdict.message, "reason": verdict.reason,
-                                 "related": related})
-            ttl = ALLOW_TTL if verdict.allowed else DENY_TTL
-            self.index.put_verdict(manifest.digest, fingerprint, bool(verdict.allowed), detail,
-                                   time.time() + ttl)
+            # A deny caused by the moment (upstream down, timeout) is not a decision to keep.
+            if getattr(verdict, "cacheable", True):
+                related = [(r, str(d)) for r, d in getattr(verdict, "related", [])]
+                detail = json.dumps({"message": verdict.message, "reason": verdict.reason,
+                                     "related": related})
+                ttl = ALLOW_TTL if verdict.allowed else DENY_TTL
+                self.index.put_verdict(manifest.digest, fingerprint, bool(verdict.allowed),
+                                       detail, time.time() + ttl)
             return verdict
 
         return await self._flights.do(("verdict", manifest.digest, fingerprint), evaluate)

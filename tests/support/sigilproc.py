@@ -31,6 +31,7 @@ class SigilProcess:
                  policy: dict[str, Any] | str | None = None, *, workers: int = 1,
                  extra: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
@@ -50,7 +51,6 @@ class SigilProcess:
         elif isinstance(policy, str):
             config["policy"] = policy
         config.update(extra or {})
-        workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None

@@ -7,14 +7,15 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from sigil.config import Config
 from sigil.logs import get_logger
-from sigil.mirror import Mirror, PolicyHook
+from sigil.errors import SigilError
+from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.routing import Router
 from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
@@ -76,6 +77,26 @@ async def _maintain(mirror: Mirror, config: Config) -> None:
             log.error("gc.failed", exc_info=True)
 
 
+async def reload(app: web.Application,
+                 load: Callable[[], PolicyHook | None]) -> bool:
+    """Load the policy again and swap it in; keep the old one if the new one is invalid.
+
+    Verdicts and blob-gate allows are keyed by the policy fingerprint, so nothing allowed
+    under the old policy is served under the new one without being decided again."""
+    mirror = app[MIRROR]
+    try:
+        policy = await asyncio.to_thread(load)
+    except SigilError as exc:
+        log.error("policy.reload_failed", error=str(exc), kept=mirror.policy.fingerprint[:16])
+        return False
+    old = mirror.policy.fingerprint
+    mirror.set_policy(policy or AllowAll())
+    pruned = mirror.index.prune_allows(mirror.policy.fingerprint)
+    log.info("policy.reloaded", old=old[:16], new=mirror.policy.fingerprint[:16],
+             allows_pruned=pruned)
+    return True
+
+
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
     if not config.server.tls_cert:
         return None
@@ -98,8 +119,10 @@ def listen_socket(config: Config) -> socket.socket:
 
 
 async def serve(config: Config, policy: PolicyHook | None = None,
-                sock: socket.socket | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight downloads and stop."""
+                sock: socket.socket | None = None,
+                reload_policy: Callable[[], PolicyHook | None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight downloads and stop. SIGHUP reloads
+    the policy through ``reload_policy``; an invalid new policy keeps the old one."""
     app = build_app(config, policy)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=DRAIN_SECONDS)
@@ -112,6 +135,9 @@ async def serve(config: Config, policy: PolicyHook | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload_policy is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
+            reload(app, reload_policy)))
     await stop.wait()
     log.info("sigil.stopping")
     await runner.cleanup()
