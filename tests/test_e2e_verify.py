@@ -287,3 +287,34 @@ async def test_sigil_verify_cli_explains(real_registry, key_file, signer, regist
     assert "DENY" in denied.stdout and "signed-images" in denied.stdout
     missing = await asyncio.to_thread(run, "nope")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def att_layer(signer: Signer, subject_digest: str, predicate_type: str = SLSA_V02) -> Layer:
+    """A cosign `.att` layer: a DSSE envelope over an in-toto statement."""
+    from tests.test_verify_support import envelope
+
+    body = statement(Digest.parse(subject_digest), predicate_type, provenance())
+    return Layer(envelope(signer, body), "application/vnd.dsse.envelope.v1+json",
+                 {"predicateType": predicate_type})
+
+
+@pytest.mark.parametrize("variant", ["good", "subject-is-another-image"])
+async def test_cosign_att_attestation(start_sigil, key_file, signer, registry_pusher,
+                                      unique_repo, tmp_path, variant) -> None:
+    image = await registry_pusher.make_image(unique_repo, "v1")
+    await registry_pusher.push_cosign_signatures(unique_repo, image.digest,
+                                                 [sig_layer(signer, image.digest)])
+    about = image.digest
+    if variant == "subject-is-another-image":
+        about = (await registry_pusher.make_image(unique_repo, "other")).digest
+    await registry_pusher.push_cosign_signatures(unique_repo, image.digest,
+                                                 [att_layer(signer, about)], suffix="att")
+    sigil = start_sigil(dhi_policy(key_file, {"key": "predicate.builder.id",
+                                              "operator": "Exists"}))
+    status, body = get(f"{sigil.url}/v2/{unique_repo}/manifests/v1")
+    if variant == "good":
+        assert status == 200, body
+        assert await pull(sigil, unique_repo, "v1", tmp_path / "out") == image.digest
+    else:
+        assert status == 403, body
+        assert "provenance" in json.loads(body)["errors"][0]["message"]
