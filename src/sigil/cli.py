@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
         cmd.add_argument("--json", action="store_true", help="print a JSON report")
     verify = sub.add_parser("verify", help="explain the policy decision for one image")
-    verify.add_argument("image", help="e.g. docker.io/library/alpine:3.20 or dhi.io/python@sha256:...")
+    verify.add_argument("image",
+                        help="e.g. docker.io/library/alpine:3.20 or dhi.io/python@sha256:...")
     verify.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
     verify.add_argument("--policy", default=None, help="policy file (default: the config's)")
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")

@@ -72,7 +72,8 @@ class Credentials:
     docker_config: str | None = None  # path of a docker config.json to look the host up in
 
     def __repr__(self) -> str:  # never print secrets
-        return f"Credentials(username={self.username!r}, password={'***' if self.password else None})"
+        hidden = "***" if self.password else None
+        return f"Credentials(username={self.username!r}, password={hidden})"
 
 
 @dataclass(frozen=True)

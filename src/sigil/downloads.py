@@ -87,19 +87,19 @@ class Download:
             self.committed = await self.staging.commit(self.digest)
             on_commit(self.digest, self.written)
             log.info("blob.committed", digest=str(self.digest), size=self.written)
-        except asyncio.CancelledError as exc:
+        except asyncio.CancelledError:
             self.error = UpstreamError("download cancelled at shutdown")
             self.staging.abort()
-            raise exc
+            raise
         except SigilError as exc:
             self.error = exc
             self.staging.abort()
             log.warning("blob.download_failed", digest=str(self.digest), error=str(exc),
                         code=getattr(exc, "code", None))
-        except Exception as exc:  # noqa: BLE001 - translate anything unexpected, fail closed
+        except Exception as exc:  # translate anything unexpected; fail closed
             self.error = UpstreamError(f"download failed: {type(exc).__name__}")
             self.staging.abort()
-            log.error("blob.download_crashed", digest=str(self.digest), exc_info=True)
+            log.exception("blob.download_crashed", digest=str(self.digest))
         finally:
             metrics.INFLIGHT_DOWNLOADS.dec()
             self.started.set()

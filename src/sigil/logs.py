@@ -10,7 +10,7 @@ import structlog
 _REDACT = ("authorization", "password", "token", "secret")
 
 
-def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+def _redact(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
     """Drop any field whose name suggests a credential: secrets are never logged."""
     for key in list(event):
         if any(word in key.lower() for word in _REDACT):

@@ -157,7 +157,8 @@ class Mirror:
         self._tags: dict[tuple[str, str, str], _TagEntry] = {}
         self._allowed: set[tuple[str, str, Digest, str]] = set()
         self._expanded: set[tuple[str, str, Digest, str]] = set()
-        self._flights: SingleFlight[Any] = SingleFlight()
+        self._served_flights: SingleFlight[ServedManifest] = SingleFlight()
+        self._verdict_flights: SingleFlight[Any] = SingleFlight()
         self._touched: dict[Digest, float] = {}
 
     # ------------------------------------------------------------------ policy
@@ -224,7 +225,7 @@ class Mirror:
                 return cached or await self._load(route, entry.digest)
         metrics.CACHE.labels("tag", "miss").inc()
         try:
-            return await self._flights.do(("tag", *key),
+            return await self._served_flights.do(("tag", *key),
                                           lambda: self._revalidate_tag(route, tag, key))
         except (Unavailable, TooManyRequests) as exc:
             # Upstream down or rate-limited: a cached tag younger than max_stale still serves.
@@ -279,7 +280,7 @@ class Mirror:
                 self._manifests.put(served)
                 return served
             log.error("store.corrupt", digest=str(digest))  # fsck will quarantine it
-        return await self._flights.do(("manifest", route.upstream.name, digest),
+        return await self._served_flights.do(("manifest", route.upstream.name, digest),
                                       lambda: self._fetch_manifest(route, digest))
 
     async def _fetch_manifest(self, route: Route, digest: Digest) -> ServedManifest:
@@ -370,7 +371,8 @@ class Mirror:
                                        detail, time.time() + ttl)
             return verdict
 
-        return await self._flights.do(("verdict", manifest.digest, fingerprint), evaluate)
+        return await self._verdict_flights.do(("verdict", manifest.digest, fingerprint),
+                                              evaluate)
 
     def source(self, route: Route) -> MirrorSource:
         """The artifact source verification reads signatures through (same cache, same

@@ -22,7 +22,7 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 MANIFEST_TYPES = INDEX_TYPES | IMAGE_TYPES
 # What sigil asks upstream for when the client's Accept is absent or too narrow.
-DEFAULT_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+DEFAULT_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}"
 
 # distribution refuses manifests over 4 MiB (its default manifest size limit); so do we.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024

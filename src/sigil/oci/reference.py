@@ -6,7 +6,8 @@ import re
 
 from sigil.errors import NameInvalid, TagInvalid
 
-# distribution-spec: <name> = [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*
+# distribution-spec: <name> = <component>(/<component>)*,
+#   <component> = [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")

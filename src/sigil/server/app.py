@@ -13,8 +13,8 @@ from pathlib import Path
 from aiohttp import web
 
 from sigil.config import Config
-from sigil.logs import get_logger
 from sigil.errors import SigilError
+from sigil.logs import get_logger
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.routing import Router
 from sigil.server.middleware import request_middleware
@@ -73,8 +73,8 @@ async def _maintain(mirror: Mirror, config: Config) -> None:
         try:
             await asyncio.to_thread(collect, mirror.store, mirror.index,
                                     config.storage.max_bytes, now=time.time())
-        except Exception:  # noqa: BLE001 - a failed pass must not stop the server
-            log.error("gc.failed", exc_info=True)
+        except Exception:  # a failed pass must not stop the server
+            log.exception("gc.failed")
 
 
 async def reload(app: web.Application,

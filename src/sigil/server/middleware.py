@@ -54,7 +54,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except Exception:
         error = "INTERNAL"
-        log.error("request.crashed", exc_info=True)
+        log.exception("request.crashed")
         return web.json_response(
             {"errors": [{"code": "UNKNOWN", "message": "internal error",
                          "detail": {"request_id": request_id}}]}, status=500)
@@ -65,4 +65,5 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.REQUEST_SECONDS.labels(route, request.method).observe(elapsed)
         if route not in ("ops",):
             log.info("request", method=request.method, path=request.path, status=status,
-                     route=route, ns=request.query.get("ns"), ms=round(elapsed * 1000, 2), error=error)
+                     route=route, ns=request.query.get("ns"), ms=round(elapsed * 1000, 2),
+                     error=error)

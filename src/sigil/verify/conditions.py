@@ -60,7 +60,8 @@ class Condition:
             return ok, f"{self.key} = {shown}" + ("" if ok else f", expected {_short(self.value)}")
         if self.operator == "NotEquals":
             ok = not _json_equal(result, self.value)
-            return ok, f"{self.key} = {shown}" + ("" if ok else f", must not be {_short(self.value)}")
+            why = "" if ok else f", must not be {_short(self.value)}"
+            return ok, f"{self.key} = {shown}{why}"
         if self.operator == "In":
             ok = any(_json_equal(result, v) for v in self.value)
             return ok, f"{self.key} = {shown}" + ("" if ok else f", not in {_short(self.value)}")
@@ -119,7 +120,7 @@ def _json_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=False))
     return bool(a == b)
 
 

@@ -184,7 +184,7 @@ class Discoverer:
         suffixes = (".sig", ".att") if depth == 0 else (".sig",)
         tagged = await asyncio.gather(*(self._manifest(disc, repo, digest.tag_form + s)
                                         for s in suffixes))
-        for suffix, m in zip(suffixes, tagged):
+        for suffix, m in zip(suffixes, tagged, strict=False):
             if m is None:
                 continue
             if m.media_type not in IMAGE_TYPES:
@@ -280,5 +280,5 @@ class Discoverer:
 def _may_carry_raw_statements(manifest: Manifest) -> bool:
     """Hint only: does this referrer look like an attestation manifest whose layers are
     authenticated by a signature on the manifest (rather than by their own DSSE signature)?"""
-    return manifest.artifact_type == IN_TOTO or any(l.media_type == IN_TOTO
-                                                     for l in manifest.layers)
+    return manifest.artifact_type == IN_TOTO or any(layer.media_type == IN_TOTO
+                                                     for layer in manifest.layers)

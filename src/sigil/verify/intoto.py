@@ -52,7 +52,7 @@ class Statement:
     document: dict[str, Any]
 
     def names(self, digest: Digest) -> bool:
-        """True if one subject's sha256 equals ``digest`` (in-toto: subjects are what is attested)."""
+        """True if one subject's sha256 equals ``digest`` (subjects are what is attested)."""
         return any(s.sha256 == digest.hex for s in self.subjects)
 
 

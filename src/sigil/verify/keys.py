@@ -133,7 +133,8 @@ def load_public_key(pem: bytes, *, algorithm: str | None = None,
         raise ConfigError("not a PEM public key (PUBLIC KEY or RSA PUBLIC KEY)",
                           file=source) from exc
     if algorithm is not None and algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}",
+        known = ", ".join(ALGORITHMS)
+        raise ConfigError(f"unknown algorithm {algorithm!r}; expected one of {known}",
                           file=source)
     if isinstance(key, ec.EllipticCurvePublicKey):
         default = _CURVE_ALGORITHM.get(key.curve.name)

@@ -435,7 +435,8 @@ def _parse_authority(raw: Any, index: int, *, file: str, where: str,
                               key=f"{key}.trusted_root")
         # How many verified signing times (Rekor SETs + RFC 3161 timestamps) are needed.
         timestamps = obj.get("timestamps", 1)
-        if not isinstance(timestamps, int) or isinstance(timestamps, bool) or not 1 <= timestamps <= 16:
+        if (not isinstance(timestamps, int) or isinstance(timestamps, bool)
+                or not 1 <= timestamps <= 16):
             raise ConfigError("timestamps must be an integer from 1 to 16 (verified signing "
                               "times needed: Rekor SETs + RFC 3161 timestamps)", file=file,
                               key=f"{key}.timestamps")

@@ -31,7 +31,8 @@ def verify_embedded_sct(leaf: x509.Certificate, issuer: x509.Certificate,
                         trusted_root: TrustedRoot) -> TransparencyLog:
     """Verify the single embedded SCT against a CT log of the trusted root; return the log."""
     try:
-        ext = leaf.extensions.get_extension_for_class(x509.PrecertificateSignedCertificateTimestamps)
+        ext = leaf.extensions.get_extension_for_class(
+            x509.PrecertificateSignedCertificateTimestamps)
     except x509.ExtensionNotFound:
         fail("certificate has no embedded SCT", "sct")
     except ValueError as exc:
