@@ -549,6 +549,29 @@ def cosign_bundle(leaf: Leaf, statement: bytes, rekor: TestRekor, *,
     }, separators=(",", ":")).encode()
 
 
+def message_bundle(leaf: Leaf, artifact: bytes, rekor: TestRekor, *,
+                   integrated_time: int | None = None, signer: _LogKey | None = None,
+                   logged_signature: bytes | None = None) -> bytes:
+    """A sigstore bundle v0.3 with a message signature over ``artifact`` (``cosign
+    sign-blob --new-bundle-format``) and its hashedrekord 0.0.1 entry.
+
+    ``logged_signature``: the entry records this signature instead of the bundle's.
+    """
+    signature = leaf.sign(artifact)
+    digest = hashlib.sha256(artifact).digest()
+    t = integrated_time if integrated_time is not None else int(
+        (leaf.cert.not_valid_before_utc + dt.timedelta(seconds=30)).timestamp())
+    entry = rekor.append(hashedrekord_body(logged_signature or signature, digest, leaf.pem), t,
+                         signer=signer)
+    return json.dumps({
+        "mediaType": BUNDLE_V03,
+        "verificationMaterial": {"certificate": {"rawBytes": b64(leaf.der)},
+                                 "tlogEntries": [entry.bundle_entry("hashedrekord")]},
+        "messageSignature": {"messageDigest": {"algorithm": "SHA2_256", "digest": b64(digest)},
+                             "signature": b64(signature)},
+    }, separators=(",", ":")).encode()
+
+
 def simple_signing_payload(reference: str, digest: str) -> bytes:
     """The cosign simple-signing payload of a legacy ``.sig`` layer."""
     return json.dumps({"critical": {"identity": {"docker-reference": reference},
