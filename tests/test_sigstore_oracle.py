@@ -17,6 +17,8 @@ never from TUF, and every socket connection or name lookup during these tests fa
    end-to-end tests): sigstore-python accepts its good bundles and rejects each broken
    variant, exactly as sigil does, which shows those artifacts are made to the spec and not
    to sigil's reading of it.
+3. Where sigstore-python is laxer than the sigstore client spec (log times in the future,
+   trusted-root ``validFor`` of CAs and log keys), sigil's stricter answer is asserted.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from tests.support.testsigstore import (
     cosign_sign_statement,
     dsse_envelope,
     message_bundle,
+    rfc3339,
     simple_signing_payload,
 )
 from tests.test_sigstore_conformance import (
@@ -94,7 +97,7 @@ def sp_verify(bundle: bytes, root_path: Path, artifact: bytes, identity: str,
     verifier = SPVerifier(trusted_root=root)
     parsed = SPBundle.from_json(bundle)
     identity_policy = sp_policy.Identity(identity=identity, issuer=issuer)
-    if parsed._dsse_envelope is not None:
+    if "dsseEnvelope" in json.loads(bundle):
         payload_type, payload = verifier.verify_dsse(parsed, identity_policy)
         if payload_type != "application/vnd.in-toto+json":
             raise SigstoreError(f"unexpected DSSE payload type {payload_type}")
@@ -213,3 +216,37 @@ def test_test_sigstore_artifacts_agree(tmp_path: Path, form: str, variant: str) 
         assert sigil_says is None and oracle_says is None, (sigil_says, oracle_says)
     else:
         assert sigil_says is not None and oracle_says is not None, (sigil_says, oracle_says)
+
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("integrated-time-in-the-future", "tlog"),
+    ("fulcio-ca-validity-ended", "chain"),
+    ("rekor-key-validity-ended", "tlog"),
+    ("ct-log-key-validity-ended", "sct"),
+])
+def test_sigil_is_stricter_than_sigstore_python(tmp_path: Path, name: str, reason: str) -> None:
+    """Where sigstore-python (4.5) is lax, sigil follows the sigstore client spec: a log time
+    in the future is refused, and a CA, Rekor key or CT log key counts only inside its trusted
+    root ``validFor``. (sigstore-python accepts these; only sigil's answer is asserted.)"""
+    ts = TestSigstore()
+    doc = ts.trusted_root()
+    ended = {"start": rfc3339(ts.start), "end": rfc3339(ts.now - dt.timedelta(hours=1))}
+    not_before = None
+    if name == "integrated-time-in-the-future":
+        not_before = ts.now + dt.timedelta(hours=1)
+    elif name == "fulcio-ca-validity-ended":
+        doc["certificateAuthorities"][0]["validFor"] = ended
+    elif name == "rekor-key-validity-ended":
+        doc["tlogs"][0]["publicKey"]["validFor"] = ended
+    else:
+        doc["ctlogs"][0]["publicKey"]["validFor"] = ended
+    root_path = tmp_path / "trusted_root.json"
+    root_path.write_text(json.dumps(doc))
+    artifact = b"an artifact"
+    bundle = message_bundle(ts.issue(IDENTITY, not_before=not_before), artifact, ts.rekor)
+    rule = IdentityRule(issuer=DEFAULT_ISSUER, subject=IDENTITY)
+    with pytest.raises(VerificationError) as info:
+        verify_bundle(bundle, trusted_root=TrustedRoot.load(root_path),
+                      keyless=KeylessRequirements((rule,)), artifact=artifact)
+    assert info.value.reason == reason, info.value
