@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiohttp import ClientPayloadError, ClientSession, ServerDisconnectedError
+from aiohttp import ClientPayloadError, ServerDisconnectedError
 from aiohttp.test_utils import TestClient, TestServer
 
 from sigil import metrics

@@ -144,7 +144,7 @@ async def test_reader_of_staging_file_reads_everything_after_commit(store: BlobS
     staging = store.new_staging()
     staging.write(b"first half|")
     # Another client streaming the download (a small local file: blocking open is fine here).
-    with open(staging.path, "rb") as reader:  # noqa: ASYNC230
+    with open(staging.path, "rb") as reader:
         assert reader.read() == b"first half|"  # unbuffered: visible as soon as written
         staging.write(b"second half")
         digest = Digest.of(b"first half|second half")

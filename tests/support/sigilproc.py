@@ -57,7 +57,7 @@ class SigilProcess:
 
     def start(self, timeout: float = 30.0) -> SigilProcess:
         """Start and wait for /readyz."""
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sigil", "serve", "--config", str(self.config_path)],
