@@ -77,6 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
     from sigil.server.app import listen_socket, serve
 
     workers = args.workers or config.server.workers
+    # Create or migrate the index once, before workers open it side by side.
+    from sigil.storage import Index
+
+    Index(Path(config.storage.root) / "index.sqlite").close()
     sock = listen_socket(config)
     children: list[int] = []
     if workers > 1:
@@ -112,6 +116,7 @@ def _gc(args: argparse.Namespace) -> int:
     from sigil.storage.gc import collect
 
     config = _load(args.config)
+    configure(config.log.level, config.log.format)
     root = Path(config.storage.root)
     store, index = BlobStore(root), Index(root / "index.sqlite")
     try:
@@ -127,6 +132,7 @@ def _fsck(args: argparse.Namespace) -> int:
     from sigil.storage.gc import fsck
 
     config = _load(args.config)
+    configure(config.log.level, config.log.format)
     root = Path(config.storage.root)
     store, index = BlobStore(root), Index(root / "index.sqlite")
     try:

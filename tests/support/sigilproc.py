@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,17 +30,21 @@ class SigilProcess:
 
     def __init__(self, workdir: Path, upstreams: list[dict[str, Any]],
                  policy: dict[str, Any] | str | None = None, *, workers: int = 1,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        # Trust the server's own certificate (self-signed in tests) for https probes.
+        self.ssl_context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
         self.store = workdir / "store"
         self.log_path = workdir / "sigil.log"
         self.config_path = workdir / "sigil.yaml"
         config: dict[str, Any] = {
-            "server": {"listen": self.host, "workers": workers},
+            "server": {"listen": self.host, "workers": workers,
+                       **({"tls": {"cert": str(tls[0]), "key": str(tls[1])}} if tls else {})},
             "storage": {"root": str(self.store)},
             "upstreams": upstreams,
             "log": {"level": "info", "format": "json"},
@@ -67,7 +72,8 @@ class SigilProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sigil exited with {self.proc.returncode}: {self.logs()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1,
+                                            context=self.ssl_context) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
@@ -120,7 +126,8 @@ class SigilProcess:
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Read one sample from /metrics (0 when absent)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5,
+                                    context=self.ssl_context) as response:
             text = response.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
         for line in text.splitlines():

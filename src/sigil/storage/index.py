@@ -13,6 +13,7 @@ way in and on the way out.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -166,20 +167,28 @@ class Index:
             raise
 
     def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StorageError(f"index {self.path} has schema {version}, newer than this "
-                               f"sigil understands ({SCHEMA_VERSION})")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # One script with its own BEGIN/COMMIT: the schema and its version land together.
-            with self._lock:
-                try:
-                    self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; "
-                                           f"PRAGMA user_version = {target}; COMMIT;")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
+        # Several processes may open a new index at once (``--workers``): the version is read
+        # again under the write lock, so only one of them applies each migration.
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    raise StorageError(f"index {self.path} has schema {version}, newer than "
+                                       f"this sigil understands ({SCHEMA_VERSION})")
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    # Statement by statement inside this transaction (executescript would
+                    # commit first): the schema and its version land together.
+                    script = re.sub(r"--[^\n]*", "", _MIGRATIONS[target - 1])  # comments
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {target}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -1,0 +1,104 @@
+"""Operating sigil: TLS for clients, several worker processes, the gc command."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.realparts import RealRegistry, RegistryPusher, skopeo_copy
+from tests.support.sigilproc import SigilProcess
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_listener(tmp_path: Path, real_registry: RealRegistry) -> None:
+    cert, key = _self_signed(tmp_path)
+    sigil = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                               "default": True}], tls=(cert, key))
+    with sigil:
+        assert sigil.url.startswith("https://")
+        with urllib.request.urlopen(f"{sigil.url}/v2/", timeout=10,
+                                    context=sigil.ssl_context) as response:
+            assert response.status == 200
+            assert response.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+        # Plain HTTP on the TLS port is not served.
+        try:
+            urllib.request.urlopen(f"http://{sigil.host}/v2/", timeout=10)
+            raise AssertionError("plain HTTP answered on the TLS listener")
+        except (urllib.error.URLError, ConnectionError):
+            pass
+
+
+async def test_two_workers_serve_pulls_and_stop(tmp_path: Path, real_registry: RealRegistry,
+                                                registry_pusher: RegistryPusher,
+                                                unique_repo: str) -> None:
+    pushed = await registry_pusher.make_image(unique_repo, "w")
+    sigil = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                               "default": True}], workers=2)
+    sigil.start()
+    try:
+        for i in range(3):
+            copy = await skopeo_copy(f"{sigil.host}/{unique_repo}:w", tmp_path / f"o{i}")
+            assert copy.digest == pushed.digest
+    finally:
+        assert sigil.stop() == 0
+    started = [e for e in sigil.log_events() if e.get("event") == "sigil.listening"]
+    assert len(started) == 2
+
+
+async def test_gc_and_fsck_commands(tmp_path: Path, real_registry: RealRegistry,
+                                    registry_pusher: RegistryPusher, unique_repo: str) -> None:
+    await registry_pusher.make_image(unique_repo, "g")
+    sigil = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                               "default": True}],
+                         extra={"storage": {"root": str(tmp_path / "sigil" / "store"),
+                                            "max_bytes": 1}})
+    sigil.start()
+    try:
+        await skopeo_copy(f"{sigil.host}/{unique_repo}:g", tmp_path / "out")
+    finally:
+        sigil.stop()
+
+    def run(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sigil", command, "--config",
+                               str(sigil.config_path), "--json"],
+                              capture_output=True, text=True, timeout=120)
+
+    gc = run("gc")
+    assert gc.returncode == 0, gc.stderr
+    stats = json.loads(gc.stdout)
+    # Everything was used seconds ago (inside the grace period): over budget, nothing lost.
+    assert stats["bytes_before"] > 1 and stats["objects_deleted"] == 0
+    assert stats["over_budget"] is True
+    fsck = run("fsck")
+    assert fsck.returncode == 0, fsck.stderr
+    assert json.loads(fsck.stdout)["objects_checked"] == stats["objects_before"]
