@@ -318,3 +318,22 @@ async def test_cosign_att_attestation(start_sigil, key_file, signer, registry_pu
     else:
         assert status == 403, body
         assert "provenance" in json.loads(body)["errors"][0]["message"]
+
+
+async def test_platform_manifest_alone_needs_its_own_signature(start_sigil, key_file, signer,
+                                                               registry_pusher,
+                                                               unique_repo) -> None:
+    """The index is signed, its children are not: a child pulled by digest before its index
+    was verified is denied; once the index passed, the child passes through it."""
+    multi = await registry_pusher.make_multiplatform_image(unique_repo, "multi")
+    await registry_pusher.push_cosign_signatures(unique_repo, multi.index.digest,
+                                                 [sig_layer(signer, multi.index.digest)])
+    child = multi.children["linux/arm64"]
+    sigil = start_sigil(key_policy_doc(key_file))
+    status, body = get(f"{sigil.url}/v2/{unique_repo}/manifests/{child.digest}")
+    assert status == 403, body
+    assert get(f"{sigil.url}/v2/{unique_repo}/manifests/multi")[0] == 200
+    status, body = get(f"{sigil.url}/v2/{unique_repo}/manifests/{child.digest}")
+    assert status == 200 and body == child.manifest
+    for blob in child.blobs:
+        assert get(f"{sigil.url}/v2/{unique_repo}/blobs/{blob}")[0] == 200
