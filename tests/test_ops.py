@@ -102,3 +102,29 @@ async def test_gc_and_fsck_commands(tmp_path: Path, real_registry: RealRegistry,
     fsck = run("fsck")
     assert fsck.returncode == 0, fsck.stderr
     assert json.loads(fsck.stdout)["objects_checked"] == stats["objects_before"]
+
+
+def test_a_dead_worker_stops_the_set(tmp_path: Path, real_registry: RealRegistry) -> None:
+    """A worker that dies takes the others down (exit 1) so the supervisor restarts them,
+    instead of a mirror left silently short of capacity."""
+    import os
+    import signal as signals
+    import time
+
+    sigil = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                               "default": True}], workers=2)
+    sigil.start()
+    try:
+        assert sigil.proc is not None
+        children = Path(f"/proc/{sigil.proc.pid}/task/{sigil.proc.pid}/children")
+        deadline = time.monotonic() + 10
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:
+            pids = [int(p) for p in children.read_text().split()]
+            time.sleep(0.05)
+        assert len(pids) == 1
+        os.kill(pids[0], signals.SIGKILL)
+        assert sigil.proc.wait(timeout=30) == 1
+        assert any(e.get("event") == "worker.died" for e in sigil.log_events())
+    finally:
+        sigil.stop()

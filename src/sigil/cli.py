@@ -70,26 +70,29 @@ def _load_policy(config: Config) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sigil.server.app import listen_socket, serve
+    from sigil.storage import Index
+
     config = _load(args.config)
     configure(config.log.level, config.log.format)
     policy = _load_policy(config)
     Path(config.storage.root).mkdir(parents=True, exist_ok=True)
-    from sigil.server.app import listen_socket, serve
-
-    workers = args.workers or config.server.workers
     # Create or migrate the index once, before workers open it side by side.
-    from sigil.storage import Index
-
     Index(Path(config.storage.root) / "index.sqlite").close()
     sock = listen_socket(config)
+    workers = args.workers or config.server.workers
     children: list[int] = []
-    if workers > 1:
-        for _ in range(workers - 1):
-            pid = os.fork()
-            if pid == 0:
-                asyncio.run(serve(config, policy, sock, lambda: _load_policy(config)))
-                os._exit(0)
-            children.append(pid)
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, and never return into the parent's code
+            code = 1
+            try:
+                code = 0 if asyncio.run(serve(config, policy, sock,
+                                              lambda: _load_policy(config))) else 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+
     def reload_all() -> Any:
         # SIGHUP reaches the first process: it reloads, then passes the signal on.
         new = _load_policy(config)
@@ -97,8 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGHUP)
         return new
 
+    clean = False
     try:
-        asyncio.run(serve(config, policy, sock, reload_all))
+        clean = asyncio.run(serve(config, policy, sock, reload_all, children))
     finally:
         for pid in children:
             try:
@@ -106,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-    return 0
+    return 0 if clean else 1
 
 
 def _gc(args: argparse.Namespace) -> int:

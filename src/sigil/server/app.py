@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import ssl
@@ -120,9 +121,14 @@ def listen_socket(config: Config) -> socket.socket:
 
 async def serve(config: Config, policy: PolicyHook | None = None,
                 sock: socket.socket | None = None,
-                reload_policy: Callable[[], PolicyHook | None] | None = None) -> None:
+                reload_policy: Callable[[], PolicyHook | None] | None = None,
+                workers: list[int] | None = None) -> bool:
     """Run until SIGTERM/SIGINT, then drain in-flight downloads and stop. SIGHUP reloads
-    the policy through ``reload_policy``; an invalid new policy keeps the old one."""
+    the policy through ``reload_policy``; an invalid new policy keeps the old one.
+
+    ``workers`` are the PIDs of sibling worker processes (``--workers``): if one dies, this
+    process stops too, so the supervisor (systemd, Kubernetes) restarts the whole set rather
+    than leaving a mirror silently short of capacity. Returns False in that case."""
     app = build_app(config, policy)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=DRAIN_SECONDS)
@@ -132,12 +138,30 @@ async def serve(config: Config, policy: PolicyHook | None = None,
     log.info("sigil.listening", address=f"{config.server.listen_host}:{config.server.listen_port}",
              tls=bool(config.server.tls_cert))
     stop = asyncio.Event()
+    clean = True
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload_policy is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
             reload(app, reload_policy)))
+
+    def reap() -> None:
+        nonlocal clean
+        for pid in list(workers or ()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, -1
+            if done:
+                workers.remove(pid)  # type: ignore[union-attr]
+                log.error("worker.died", pid=pid, status=status)
+                clean = False
+                stop.set()
+
+    if workers:
+        loop.add_signal_handler(signal.SIGCHLD, reap)
     await stop.wait()
     log.info("sigil.stopping")
     await runner.cleanup()
+    return clean
