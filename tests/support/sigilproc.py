@@ -70,6 +70,7 @@ class SigilProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._close_log()
                 raise RuntimeError(f"sigil exited with {self.proc.returncode}: {self.logs()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1,
