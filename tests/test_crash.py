@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -16,17 +18,30 @@ from tests.support.fakeupstream import FakeUpstream, sha
 from tests.support.sigilproc import SigilProcess
 
 
-async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def slow_upstream(tmp_path: Path, size: int, delay: float
+                        ) -> AsyncIterator[tuple[FakeUpstream, bytes, SigilProcess]]:
+    """A fake upstream serving one image whose layer trickles out in 256 KiB chunks every
+    ``delay`` seconds, and a (not yet started) sigil process in front of it."""
     fake = FakeUpstream()
-    layer = os.urandom(8 * 1024 * 1024)
+    layer = os.urandom(size)
     fake.add_image("library/app", "v1", [layer])
-    fake.blob_delay = 0.05  # 32 chunks of 256 KiB: about 1.6 s in flight
+    fake.blob_delay = delay
     upstream = TestServer(fake.app(), host="127.0.0.1")
     await upstream.start_server()
     upstreams = [{"name": "docker.io", "url": str(upstream.make_url("")).rstrip("/"),
                   "default": True, "retries": 0}]
     sigil = SigilProcess(tmp_path, upstreams)
     try:
+        yield fake, layer, sigil
+    finally:
+        sigil.stop()
+        await upstream.close()
+
+
+async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
+    # 32 chunks of 256 KiB at 0.05 s: about 1.6 s in flight.
+    async with slow_upstream(tmp_path, 8 * 1024 * 1024, 0.05) as (fake, layer, sigil):
         await asyncio.to_thread(sigil.start)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{sigil.url}/v2/app/manifests/v1") as response:
@@ -52,6 +67,8 @@ async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
             async with session.get(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
                 assert response.status == 200
                 assert await response.read() == layer
+        # The interrupted download was not resumed from a partial file: fetched anew, once.
+        assert fake.hits[f"GET blob {sha(layer)}"] == 2
         sigil.stop()
         fsck = await asyncio.to_thread(
             subprocess.run,
@@ -60,23 +77,12 @@ async def test_sigkill_mid_download_then_restart(tmp_path: Path) -> None:
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         report = json.loads(fsck.stdout)
         assert report["corrupt"] == [] and report["objects_checked"] == 2 and report["missing"] == []
-    finally:
-        sigil.stop()
-        await upstream.close()
 
 
 async def test_sigterm_drains_in_flight_download(tmp_path: Path) -> None:
     """Graceful shutdown: a download in progress finishes and is committed before exit."""
-    fake = FakeUpstream()
-    layer = os.urandom(4 * 1024 * 1024)
-    fake.add_image("library/app", "v1", [layer])
-    fake.blob_delay = 0.03  # 16 chunks: about 0.5 s in flight
-    upstream = TestServer(fake.app(), host="127.0.0.1")
-    await upstream.start_server()
-    upstreams = [{"name": "docker.io", "url": str(upstream.make_url("")).rstrip("/"),
-                  "default": True, "retries": 0}]
-    sigil = SigilProcess(tmp_path, upstreams)
-    try:
+    # 16 chunks at 0.03 s: about 0.5 s in flight.
+    async with slow_upstream(tmp_path, 4 * 1024 * 1024, 0.03) as (fake, layer, sigil):
         await asyncio.to_thread(sigil.start)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{sigil.url}/v2/app/manifests/v1") as response:
@@ -91,6 +97,3 @@ async def test_sigterm_drains_in_flight_download(tmp_path: Path) -> None:
         assert blob_path.read_bytes() == layer
         assert fake.hits[f"GET blob {sha(layer)}"] == 1
         assert any(e.get("event") == "downloads.draining" for e in sigil.log_events())
-    finally:
-        sigil.stop()
-        await upstream.close()
