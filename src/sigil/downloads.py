@@ -1,10 +1,12 @@
 """Single-flight blob downloads that many clients stream from while they grow.
 
 One :class:`Download` per digest: it runs as its own task (a client disconnect does not cancel
-it), writes to a staging file while hashing, and lets every waiting client read the staging file
-as it grows. The last byte is held back until the sha256 matches: on a mismatch every waiting
-connection is aborted, so no client ever receives a complete unverified body, and nothing is
-committed. On a match: fsync, atomic rename into the store, index row, then the tail is released.
+it), writes to a staging file while hashing, and lets every waiting client stream it as it
+grows: a client that has caught up is handed the chunk just received from memory, one further
+behind reads the staging file with ``pread``. The last byte is held back until the sha256
+matches: on a mismatch every waiting connection is aborted, so no client ever receives a
+complete unverified body, and nothing is committed. On a match: fsync, atomic rename into the
+store, index row, then the tail is released.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from sigil.storage import BlobStore
 
 log = get_logger("sigil.downloads")
 
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = 512 * 1024
 # The number of bytes withheld from readers until the digest is confirmed. One byte is enough
 # to make an unverified body incomplete; a client that counts on Content-Length sees a short read.
+# With a known size it is the blob's last byte; without one, the last byte written so far.
 HOLD_BACK = 1
+# While a download runs, its staging file is fdatasync'ed in a thread every this many bytes, so
+# the fsync of the commit (which the client's last byte waits for) finds little left to flush.
+SYNC_EVERY = 32 * 1024 * 1024
 
 
 class BlobSource(Protocol):
@@ -38,6 +44,20 @@ class BlobSource(Protocol):
 
 
 OpenUpstream = Callable[[], "Awaitable[object]"]
+
+
+def _flush(path: Path) -> None:
+    """Best-effort early writeback of a staging file (the commit fsyncs it for real)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # aborted or already committed: nothing to do
+        return
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Download:
@@ -53,7 +73,11 @@ class Download:
         self.committed: Path | None = None
         self.started = asyncio.Event()     # headers known (size) or failed
         self.finished = asyncio.Event()    # committed or failed
-        self._progress = asyncio.Event()
+        # The chunk received last and its offset: clients that have caught up are given it from
+        # memory; clients further behind read the staging file.
+        self._chunk = b""
+        self._chunk_at = 0
+        self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -62,25 +86,39 @@ class Download:
         return self.staging.path
 
     def _notify(self) -> None:
-        event, self._progress = self._progress, asyncio.Event()
-        event.set()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _progress(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     async def run(self, open_blob: Callable[[], object],
                   on_commit: Callable[[Digest, int], None]) -> None:
         """Fetch, hash, commit. ``open_blob()`` returns an async context manager yielding a
         :class:`BlobSource`. Errors are stored on the download, never raised to the loop."""
         metrics.INFLIGHT_DOWNLOADS.inc()
+        flushing: asyncio.Future[None] | None = None
         try:
             async with open_blob() as blob:  # type: ignore[attr-defined]
                 self.size = blob.size
                 self.started.set()
                 self._notify()
+                synced = 0
                 async for chunk in blob.iter_chunks(READ_CHUNK):
                     self.staging.write(chunk)
+                    self._chunk_at, self._chunk = self.written, chunk
                     self.written += len(chunk)
                     if self.size is not None and self.written > self.size:
                         raise UpstreamError("upstream sent more bytes than it announced")
                     self._notify()
+                    if self.written - synced >= SYNC_EVERY and (flushing is None
+                                                                or flushing.done()):
+                        synced = self.written
+                        flushing = asyncio.ensure_future(asyncio.to_thread(_flush, self.path))
             if self.size is not None and self.written != self.size:
                 raise UpstreamError(
                     f"upstream blob ended after {self.written} of {self.size} bytes")
@@ -101,10 +139,15 @@ class Download:
             self.staging.abort()
             log.exception("blob.download_crashed", digest=str(self.digest))
         finally:
+            if self.error is not None:
+                self._chunk = b""
             metrics.INFLIGHT_DOWNLOADS.dec()
             self.started.set()
             self.finished.set()
             self._notify()
+            if flushing is not None and not flushing.done():
+                # Best effort and harmless either way; do not leave it unobserved.
+                flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def wait_started(self) -> None:
         """Wait for the upstream headers; raise the download's error if it failed first."""
@@ -117,7 +160,16 @@ class Download:
             return self.error
         return UpstreamError(str(self.error))
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    def _limit(self) -> int:
+        """How many bytes a client may have now: all of them once committed, else all but
+        the blob's last byte (size known) or all but the last byte written (size unknown)."""
+        if self.finished.is_set():
+            return self.written
+        if self.size is not None:
+            return max(0, min(self.written, self.size - HOLD_BACK))
+        return max(0, self.written - HOLD_BACK)
+
+    async def stream(self) -> AsyncIterator[bytes | memoryview]:
         """Yield the body for one client as the download grows, withholding the tail until
         the digest is confirmed. Raises the download's error (the caller aborts the
         connection) if it fails."""
@@ -134,21 +186,28 @@ class Download:
         try:
             sent = 0
             while True:
-                progress = self._progress
                 done = self.finished.is_set()
                 if done and self.error is not None:
                     raise self._client_error()
-                limit = self.written if done else max(0, self.written - HOLD_BACK)
+                limit = self._limit()
                 if sent < limit:
-                    data = os.pread(fd, min(READ_CHUNK, limit - sent), sent)
-                    if not data:
-                        raise UpstreamError("staging file shrank during download")
+                    chunk, at = self._chunk, self._chunk_at
+                    if at <= sent < at + len(chunk):
+                        # Caught up: the chunk just received, from memory.
+                        end = min(at + len(chunk), limit)
+                        data: bytes | memoryview = (
+                            chunk if sent == at and end == at + len(chunk)
+                            else memoryview(chunk)[sent - at:end - at])
+                    else:
+                        data = os.pread(fd, min(READ_CHUNK, limit - sent), sent)
+                        if not data:
+                            raise UpstreamError("staging file shrank during download")
                     sent += len(data)
                     yield data
                     continue
                 if done:
                     return
-                await progress.wait()
+                await self._progress()
         finally:
             os.close(fd)
 

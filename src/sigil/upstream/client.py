@@ -113,14 +113,25 @@ class UpstreamBlob:
         self.received = 0
 
     async def iter_chunks(self, chunk: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
-        """Yield the body in pieces of at most ``chunk`` bytes.
+        """Yield the body in pieces of ``chunk`` bytes (the last one may be shorter).
 
-        A transport failure raises :class:`UpstreamError`; it is not retried, because the
-        caller may already have used the bytes it got. A body shorter than ``size`` raises too.
+        The socket delivers a body in pieces of ~32-64 KiB; they are joined here so that the
+        consumer (hash, staging write, waking the clients) runs once per ``chunk``, not once
+        per socket read. A transport failure raises :class:`UpstreamError`; it is not retried,
+        because the caller may already have used the bytes it got. A body shorter than
+        ``size`` raises too.
         """
         name = self._client.name
+        content = self._response.content
         try:
-            async for data in self._response.content.iter_chunked(chunk):
+            while True:
+                try:
+                    data = await content.readexactly(chunk)
+                except asyncio.IncompleteReadError as end:
+                    if end.partial:
+                        self.received += len(end.partial)
+                        yield end.partial
+                    break
                 self.received += len(data)
                 yield data
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -316,7 +327,11 @@ class UpstreamClient:
                 # bytes than the ones the digest covers.
                 headers={"User-Agent": f"sigil/{__version__}", "Accept-Encoding": "identity"},
                 # Proxies come from sigil's config, never from stray environment variables.
-                trust_env=False)
+                trust_env=False,
+                # Let a blob body build up to BLOB_CHUNK before the socket is paused: with the
+                # default 64 KiB the reader pauses and resumes the socket several times per
+                # chunk, and cold pulls ran at half speed in about a third of the runs.
+                read_bufsize=BLOB_CHUNK)
         return self._http
 
     # -- public API ---------------------------------------------------------------------------
