@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -183,6 +184,17 @@ async def test_dhi_shaped_image_pulls_all_platforms(start_sigil, key_file, signe
     status, body = get(f"{sigil.url}/v2/{unique_repo}/referrers/{multi.index.digest}")
     assert status == 200
     assert [m["artifactType"] for m in json.loads(body)["manifests"]] == [SIG_ARTIFACT]
+    child = multi.children["linux/amd64"].digest
+    url = f"{sigil.url}/v2/{unique_repo}/referrers/{child}"
+    with urllib.request.urlopen(f"{url}?artifactType={quote(INTOTO)}", timeout=30) as response:
+        assert response.headers["OCI-Filters-Applied"] == "artifactType"
+        listed = json.loads(response.read())["manifests"]
+    assert [m["artifactType"] for m in listed] == [INTOTO]
+    status, body = get(f"{url}?artifactType={quote(SIG_ARTIFACT)}")
+    assert status == 200 and json.loads(body)["manifests"] == []
+    # Referrers of a digest that was never verified are not listed.
+    unverified = "sha256:" + "0" * 64
+    assert get(f"{sigil.url}/v2/{unique_repo}/referrers/{unverified}")[0] == 403
 
 
 @pytest.mark.parametrize("variant", ["condition-fails", "predicate-type-lie"])
