@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from sigil import metrics
 from sigil.errors import RegistryError
-from sigil.logs import get_logger
+from sigil.logs import HotLogger, get_logger, new_request_id
 
 log = get_logger("sigil.http")
+_request_log = HotLogger("sigil.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROUTE_KEY = web.RequestKey("sigil_route", str)
+# Labelled metric children, looked up once per label set (``labels()`` validates and locks on
+# every call). The method comes from the client, so the caches are bounded.
+_CHILDREN_MAX = 512
+_counted: dict[tuple[str, str, int], Any] = {}
+_timed: dict[tuple[str, str], Any] = {}
+
+
+def _count(route: str, method: str, status: int, elapsed: float) -> None:
+    counter = _counted.get((route, method, status))
+    if counter is None:
+        counter = metrics.REQUESTS.labels(route, method, str(status))
+        if len(_counted) < _CHILDREN_MAX:
+            _counted[(route, method, status)] = counter
+    counter.inc()
+    timer = _timed.get((route, method))
+    if timer is None:
+        timer = metrics.REQUEST_SECONDS.labels(route, method)
+        if len(_timed) < _CHILDREN_MAX:
+            _timed[(route, method)] = timer
+    timer.observe(elapsed)
 
 
 def error_response(exc: RegistryError) -> web.Response:
@@ -27,7 +48,7 @@ def error_response(exc: RegistryError) -> web.Response:
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, translate errors to OCI JSON, count and log every request."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     start = time.perf_counter()
@@ -61,9 +82,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         elapsed = time.perf_counter() - start
         route = request.get(ROUTE_KEY, "other")
-        metrics.REQUESTS.labels(route, request.method, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(route, request.method).observe(elapsed)
-        if route not in ("ops",):
-            log.info("request", method=request.method, path=request.path, status=status,
-                     route=route, ns=request.query.get("ns"), ms=round(elapsed * 1000, 2),
-                     error=error)
+        _count(route, request.method, status, elapsed)
+        if route != "ops":
+            _request_log.get().info(
+                "request", method=request.method, path=request.path, status=status,
+                route=route, ns=request.query.get("ns"), ms=round(elapsed * 1000, 2),
+                error=error)
