@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     Path(config.storage.root).mkdir(parents=True, exist_ok=True)
     # Create or migrate the index once, before workers open it side by side.
     Index(Path(config.storage.root) / "index.sqlite").close()
-    sock = listen_socket(config)
+    sock = listen_socket(config)  # bound before forking: a port in use fails the start
     workers = args.workers or config.server.workers
     children: list[int] = []
     for _ in range(workers - 1):
@@ -87,7 +88,14 @@ def _serve(args: argparse.Namespace) -> int:
         if pid == 0:  # a worker: serve, and never return into the parent's code
             code = 1
             try:
-                code = 0 if asyncio.run(serve(config, policy, sock,
+                # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads
+                # connections over the processes; with one shared socket, whichever process
+                # woke first took a batch of them and another could sit idle.
+                own = sock
+                if hasattr(socket, "SO_REUSEPORT"):
+                    own = listen_socket(config, sock.getsockname()[1])
+                    sock.close()
+                code = 0 if asyncio.run(serve(config, policy, own,
                                               lambda: _load_policy(config))) else 1
             finally:
                 os._exit(code)

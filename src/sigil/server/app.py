@@ -106,14 +106,18 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def listen_socket(config: Config) -> socket.socket:
-    """A bound listening socket (SO_REUSEPORT so ``--workers`` processes can share the port)."""
+def listen_socket(config: Config, port: int | None = None) -> socket.socket:
+    """A bound listening socket (SO_REUSEPORT so ``--workers`` processes can share the port).
+
+    ``port`` overrides the configured port (a worker binding the port its parent got, which
+    matters when the configured one is 0)."""
     family = socket.AF_INET6 if ":" in config.server.listen_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((config.server.listen_host, config.server.listen_port))
+    sock.bind((config.server.listen_host,
+               config.server.listen_port if port is None else port))
     sock.listen(1024)
     sock.setblocking(False)
     return sock
