@@ -30,6 +30,11 @@ READ_CHUNK = 512 * 1024
 # to make an unverified body incomplete; a client that counts on Content-Length sees a short read.
 # With a known size it is the blob's last byte; without one, the last byte written so far.
 HOLD_BACK = 1
+# The staging file is written in slices of this size. On this VM's kernel (6.18, ext4) a
+# buffered write of 512 KiB or more now and then stalls (a 256 MiB file took 0.3-0.4 s to write
+# instead of 0.05 s, in about one file of three), which halved the cold pull; 128 KiB writes
+# did not stall in any of the runs.
+STAGING_WRITE = 128 * 1024
 # While a download runs, its staging file is fdatasync'ed in a thread every this many bytes, so
 # the fsync of the commit (which the client's last byte waits for) finds little left to flush.
 SYNC_EVERY = 32 * 1024 * 1024
@@ -109,7 +114,10 @@ class Download:
                 self._notify()
                 synced = 0
                 async for chunk in blob.iter_chunks(READ_CHUNK):
-                    self.staging.write(chunk)
+                    view = memoryview(chunk)
+                    for at in range(0, len(chunk), STAGING_WRITE):
+                        # StagingFile.write takes any buffer (raw file write + hashlib).
+                        self.staging.write(view[at:at + STAGING_WRITE])  # type: ignore[arg-type]
                     self._chunk_at, self._chunk = self.written, chunk
                     self.written += len(chunk)
                     if self.size is not None and self.written > self.size:
