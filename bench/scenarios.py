@@ -218,7 +218,8 @@ class Bench:
         self.rows.append(Row(
             "0b", "  same, bare read/send(1 MiB) server", _med(copy), "", note=(
                 "no server work per byte: loopback TCP + curl on this VM; sigil serves cached "
-                "blobs by sendfile (aiohttp FileResponse), distribution by a read/write copy")))
+                "blobs by a pread(1 MiB) + send copy (sendfile is slower here), distribution by a "
+                "read/write copy")))
         self.log(f"ceiling: {single.median:.0f} MiB/s; {p.clients} clients {conc.median:.2f}s")
 
     # -------------------------------------------------------------------------- 1. warm
@@ -495,7 +496,7 @@ class Bench:
                 f"ceiling ~{_num(ceilings.median)} req/s per CPU-second; upstream requests from "
                 f"sigil during the runs: {from_sigil}" if key == "4a" else
                 f"{len(w2_pids)} workers alive; CPU cores used by each worker per run: "
-                f"{', '.join(splits)} (connections are not spread evenly); on a fresh store "
+                f"{', '.join(splits)} (one SO_REUSEPORT socket per worker); on a fresh store "
                 f"--workers 2 {fresh_w2}"))
         ratio = rates["sigil w1 log=warning"].median / plain
         self.rows.append(Row(
