@@ -117,7 +117,7 @@ class Download:
                     view = memoryview(chunk)
                     for at in range(0, len(chunk), STAGING_WRITE):
                         # StagingFile.write takes any buffer (raw file write + hashlib).
-                        self.staging.write(view[at:at + STAGING_WRITE])  # type: ignore[arg-type]
+                        self.staging.write(view[at:at + STAGING_WRITE])
                     self._chunk_at, self._chunk = self.written, chunk
                     self.written += len(chunk)
                     if self.size is not None and self.written > self.size:

@@ -77,7 +77,7 @@ class StagingFile:
         """True once committed or aborted."""
         return self._fh is None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` and hash it.
 
         The file is unbuffered, so when this returns the bytes are visible to other readers
@@ -124,7 +124,7 @@ class StagingFile:
             self.path.unlink(missing_ok=True)
 
 
-def _write_all(fh: io.FileIO, data: bytes) -> None:
+def _write_all(fh: io.FileIO, data: bytes | bytearray | memoryview) -> None:
     # A raw write may be short (signal, nearly full disk); loop instead of losing bytes.
     view = memoryview(data)
     while view:
