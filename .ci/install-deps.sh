@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo containerd podman)
+# curl and apache2-utils (ab) drive the bench smoke test and bench/.
+packages=(docker-registry skopeo containerd podman curl apache2-utils)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -6,18 +6,14 @@ is shared and the sizes are far too small for times to mean anything.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from bench.run import TOOLS, run
+from bench.run import run
 from bench.scenarios import SMOKE
 
 pytestmark = [
     pytest.mark.realparts,
     pytest.mark.timeout(90),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                       reason=f"needs {', '.join(TOOLS)}"),
 ]
 
 

@@ -14,7 +14,6 @@ import base64
 import datetime as dt
 import hashlib
 import json
-import shutil
 import socket
 import ssl
 from collections import defaultdict
@@ -869,8 +868,6 @@ async def test_tls_ca_bundle_and_verification(make_fake: Any, clients: Any,
 
 # ------------------------------------------------------------------------- real registry
 @pytest.mark.realparts
-@pytest.mark.skipif(shutil.which("docker-registry") is None,
-                    reason="docker-registry is not installed")
 async def test_against_real_docker_registry(real_registry: Any, unique_repo: str,
                                             clients: Any) -> None:
     """Push through distribution's own upload API, read back through the client."""
