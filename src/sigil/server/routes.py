@@ -42,7 +42,7 @@ SEND_CHUNK = 1024 * 1024
 
 
 def _route(request: web.Request, name: str) -> Route:
-    if "%" in request.raw_path.split("?")[0] and "%2f" in request.raw_path.lower():
+    if "%2f" in request.raw_path.split("?", 1)[0].lower():
         raise NameInvalid("encoded slashes are not allowed in repository names")
     router: Router = request.app[ROUTER]
     return router.resolve(name, request.query.get("ns"))
