@@ -334,3 +334,23 @@ async def test_ops_endpoints(make_mirror, upstream) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'sigil_http_requests_total{method="GET",route="manifests",status="200"}' in text
     assert "sigil_upstream_requests_total" in text
+
+
+async def test_memory_tables_stay_bounded_and_refill_from_the_index(make_mirror, upstream,
+                                                                   monkeypatch) -> None:
+    import sigil.mirror
+
+    monkeypatch.setattr(sigil.mirror, "MEMORY_TABLE_ENTRIES", 3)
+    fake, _ = upstream
+    layers = {tag: os.urandom(1000) for tag in ("a", "b", "c", "d")}
+    for tag, layer in layers.items():
+        fake.add_image("library/app", tag, [layer])
+    client = await make_mirror()
+    for tag in layers:
+        assert (await client.get(f"/v2/app/manifests/{tag}")).status == 200
+    mirror = client.server.app[MIRROR]
+    assert len(mirror._allowed) <= 3 and len(mirror._tags) <= 3
+    # What was dropped from memory is still allowed: the index answers.
+    for layer in layers.values():
+        response = await client.get(f"/v2/app/blobs/{sha(layer)}")
+        assert response.status == 200 and await response.read() == layer

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sigil import metrics
 from sigil.config import Config
@@ -56,6 +56,10 @@ ALLOW_TTL = 3600.0
 DENY_TTL = 60.0
 MAX_REFERRERS = 64
 MEMORY_MANIFEST_BYTES = 64 * 1024 * 1024
+# The in-memory tables in front of the index (tags, allows, access times) are emptied when
+# they reach this many entries: they are caches of the index, so a long-running mirror that
+# sees millions of digests keeps bounded memory and only pays an index read to refill them.
+MEMORY_TABLE_ENTRIES = 200_000
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,16 @@ class _ManifestCache:
             self._size -= len(old.raw)
 
 
+_Table = TypeVar("_Table", bound="set[Any] | dict[Any, Any]")
+
+
+def _bounded(table: _Table) -> _Table:
+    """``table``, emptied first if it has reached MEMORY_TABLE_ENTRIES."""
+    if len(table) >= MEMORY_TABLE_ENTRIES:
+        table.clear()
+    return table
+
+
 class Mirror:
     """Pull-through logic for every upstream, over one store and index."""
 
@@ -174,15 +188,16 @@ class Mirror:
             return True
         if self.index.is_allowed(route.upstream.name, route.repo, digest,
                                  self.policy.fingerprint):
-            self._allowed.add(key)
+            _bounded(self._allowed).add(key)
             return True
         return False
 
     def _allow(self, route: Route, repo: str, digests: list[Digest]) -> None:
         fingerprint = self.policy.fingerprint
         self.index.allow(route.upstream.name, repo, digests, fingerprint)
+        allowed = _bounded(self._allowed)
         for digest in digests:
-            self._allowed.add((route.upstream.name, repo, digest, fingerprint))
+            allowed.add((route.upstream.name, repo, digest, fingerprint))
 
     # --------------------------------------------------------------- manifests
     async def manifest(self, route: Route, reference: str) -> ServedManifest:
@@ -217,7 +232,7 @@ class Mirror:
             if row is not None:
                 entry = _TagEntry(Digest.parse(row.digest) if isinstance(row.digest, str)
                                   else row.digest, row.media_type, row.checked_at)
-                self._tags[key] = entry
+                _bounded(self._tags)[key] = entry
         if entry is not None and now - entry.checked_at < route.upstream.tag_ttl:
             cached = self._manifests.get(entry.digest)
             if cached is not None or self.store.has(entry.digest):
@@ -259,7 +274,7 @@ class Mirror:
             served = await self._store_manifest(Digest.of(fetched.raw), fetched.raw,
                                                 fetched.media_type)
         entry = _TagEntry(served.digest, served.media_type, time.time())
-        self._tags[key] = entry
+        _bounded(self._tags)[key] = entry
         self.index.put_tag(*key, served.digest, served.media_type, entry.checked_at)
         return served
 
@@ -306,7 +321,7 @@ class Mirror:
     def _touch(self, digest: Digest) -> None:
         now = time.time()
         if now - self._touched.get(digest, 0.0) > 60:
-            self._touched[digest] = now
+            _bounded(self._touched)[digest] = now
             self.index.touch(digest, now)
 
     # ------------------------------------------------------------- the verdict
@@ -319,7 +334,7 @@ class Mirror:
             if expanded_key not in self._expanded:
                 manifest = parse_manifest(served.raw, served.media_type)
                 self._allow(route, route.repo, self._servable_refs(manifest))
-                self._expanded.add(expanded_key)
+                _bounded(self._expanded).add(expanded_key)
             return
         manifest = parse_manifest(served.raw, served.media_type)
         subject_tag = _SUBJECT_TAG.match(reference)
@@ -336,7 +351,7 @@ class Mirror:
                          detail={"policy": verdict.to_json()})
         allows = [served.digest, *self._servable_refs(manifest)]
         self._allow(route, route.repo, allows)
-        self._expanded.add(expanded_key)
+        _bounded(self._expanded).add(expanded_key)
         by_repo: dict[str, list[Digest]] = {}
         for repo, digest in verdict.related:
             by_repo.setdefault(repo, []).append(digest)
@@ -387,7 +402,6 @@ class Mirror:
                               f"{route.client_name}")
         if self.store.has(digest):
             metrics.CACHE.labels("blob", "hit").inc()
-            self._touch_blob(digest)
             return CachedBlob(self.store.path(digest), digest)
         metrics.CACHE.labels("blob", "miss").inc()
         client = self.clients[route.upstream.name]
@@ -395,9 +409,6 @@ class Mirror:
             digest, lambda: client.open_blob(route.repo, digest),
             lambda d, size: self.index.put_blob(d, size))
         return download
-
-    def _touch_blob(self, digest: Digest) -> None:
-        """Blobs live as long as a manifest referencing them; nothing to record."""
 
     # ------------------------------------------------------- tags and referrers
     async def tags(self, route: Route, n: int | None, last: str | None
