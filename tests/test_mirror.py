@@ -117,8 +117,11 @@ async def test_blob_gate_and_range(make_mirror, upstream) -> None:
     assert gated.status == 404
     assert (await gated.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
     await client.get("/v2/app/manifests/v1")
+    objects, stored = metrics.STORE_OBJECTS._value.get(), metrics.STORE_BYTES._value.get()
     cold = await client.get(f"/v2/app/blobs/{sha(layer)}")
     assert cold.status == 200 and await cold.read() == layer
+    assert metrics.STORE_OBJECTS._value.get() == objects + 1
+    assert metrics.STORE_BYTES._value.get() == stored + len(layer)
     warm = await client.get(f"/v2/app/blobs/{sha(layer)}", headers={"Range": "bytes=10-19"})
     assert warm.status == 206
     assert await warm.read() == layer[10:20]

@@ -149,6 +149,12 @@ class _ManifestCache:
 _Table = TypeVar("_Table", bound="set[Any] | dict[Any, Any]")
 
 
+def _count_stored(size: int) -> None:
+    """Keep the store gauges current between gc passes (which set them exactly)."""
+    metrics.STORE_BYTES.inc(size)
+    metrics.STORE_OBJECTS.inc()
+
+
 def _bounded(table: _Table) -> _Table:
     """``table``, emptied first if it has reached MEMORY_TABLE_ENTRIES."""
     if len(table) >= MEMORY_TABLE_ENTRIES:
@@ -309,7 +315,9 @@ class Mirror:
     async def _store_manifest(self, digest: Digest, raw: bytes, media_type: str | None
                               ) -> ServedManifest:
         manifest = parse_manifest(raw, media_type)  # malformed JSON is never cached
-        await asyncio.to_thread(self.store.put_bytes, digest, raw)
+        if not self.store.has(digest):
+            await asyncio.to_thread(self.store.put_bytes, digest, raw)
+            _count_stored(len(raw))
         refs = [d.digest for d in manifest.manifests] + manifest.blob_digests()
         self.index.put_manifest(digest, manifest.media_type, len(raw), refs)
         if manifest.subject is not None:
@@ -407,8 +415,12 @@ class Mirror:
         client = self.clients[route.upstream.name]
         download, _ = self.downloads.get_or_start(
             digest, lambda: client.open_blob(route.repo, digest),
-            lambda d, size: self.index.put_blob(d, size))
+            self._blob_committed)
         return download
+
+    def _blob_committed(self, digest: Digest, size: int) -> None:
+        self.index.put_blob(digest, size)
+        _count_stored(size)
 
     # ------------------------------------------------------- tags and referrers
     async def tags(self, route: Route, n: int | None, last: str | None
@@ -498,7 +510,7 @@ class MirrorSource:
         client = self._mirror.clients[self._route.upstream.name]
         data = await client.get_blob_bytes(repo, digest, max_bytes)
         await asyncio.to_thread(store.put_bytes, digest, data)
-        self._mirror.index.put_blob(digest, len(data))
+        self._mirror._blob_committed(digest, len(data))
         return data
 
     async def get_referrers(self, repo: str, digest: Digest) -> Manifest | None:

@@ -27,6 +27,7 @@ from sigil.upstream import UpstreamClient
 log = get_logger("sigil.server")
 DRAIN_SECONDS = 30.0
 GC_INTERVAL = 300.0
+FIRST_GC_DELAY = 5.0
 
 
 def build_app(config: Config, policy: PolicyHook | None = None) -> web.Application:
@@ -69,8 +70,10 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
 async def _maintain(mirror: Mirror, config: Config) -> None:
     """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
     GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges)."""
+    delay = FIRST_GC_DELAY  # the first pass soon after start: it also sets the store gauges
     while True:
-        await asyncio.sleep(GC_INTERVAL)
+        await asyncio.sleep(delay)
+        delay = GC_INTERVAL
         try:
             await asyncio.to_thread(collect, mirror.store, mirror.index,
                                     config.storage.max_bytes, now=time.time())
