@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -48,7 +49,7 @@ class BlobSource(Protocol):
     def iter_chunks(self, chunk: int = ...) -> AsyncIterator[bytes]: ...
 
 
-OpenUpstream = Callable[[], "Awaitable[object]"]
+OpenBlob = Callable[[], AbstractAsyncContextManager[BlobSource]]
 
 
 def _flush(path: Path) -> None:
@@ -101,14 +102,14 @@ class Download:
         self._waiters.append(waiter)
         await waiter
 
-    async def run(self, open_blob: Callable[[], object],
+    async def run(self, open_blob: OpenBlob,
                   on_commit: Callable[[Digest, int], None]) -> None:
-        """Fetch, hash, commit. ``open_blob()`` returns an async context manager yielding a
-        :class:`BlobSource`. Errors are stored on the download, never raised to the loop."""
+        """Fetch, hash, commit. ``open_blob()`` opens the upstream body. Errors are stored
+        on the download, never raised to the loop."""
         metrics.INFLIGHT_DOWNLOADS.inc()
         flushing: asyncio.Future[None] | None = None
         try:
-            async with open_blob() as blob:  # type: ignore[attr-defined]
+            async with open_blob() as blob:
                 self.size = blob.size
                 self.started.set()
                 self._notify()
@@ -230,7 +231,7 @@ class Downloads:
     def __len__(self) -> int:
         return len(self._active)
 
-    def get_or_start(self, digest: Digest, open_blob: Callable[[], object],
+    def get_or_start(self, digest: Digest, open_blob: OpenBlob,
                      on_commit: Callable[[Digest, int], None]) -> tuple[Download, bool]:
         """Join the download of ``digest`` or start it. Returns (download, started_here)."""
         existing = self._active.get(digest)
