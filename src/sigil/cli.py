@@ -13,7 +13,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sigil import __version__
 from sigil.config import Config, load_config
 from sigil.errors import ConfigError, SigilError
 from sigil.logs import configure, get_logger
+from sigil.storage import BlobStore, Index, collect, fsck
 
 DEFAULT_CONFIG = "config/sigil.yaml"
 log = get_logger("sigil.cli")
@@ -72,7 +75,6 @@ def _load_policy(config: Config) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from sigil.server.app import listen_socket, serve
-    from sigil.storage import Index
 
     config = _load(args.config)
     configure(config.log.level, config.log.format)
@@ -121,38 +123,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
-def _gc(args: argparse.Namespace) -> int:
-    import time
-
-    from sigil.storage import BlobStore, Index
-    from sigil.storage.gc import collect
-
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[tuple[Config, BlobStore, Index]]:
+    """The configured store and index for a maintenance command (logs to stderr)."""
     config = _load(args.config)
     configure(config.log.level, config.log.format)
     root = Path(config.storage.root)
     store, index = BlobStore(root), Index(root / "index.sqlite")
     try:
-        stats = collect(store, index, config.storage.max_bytes, now=time.time())
+        yield config, store, index
     finally:
         index.close()
+
+
+def _gc(args: argparse.Namespace) -> int:
+    with _store(args) as (config, store, index):
+        stats = collect(store, index, config.storage.max_bytes, now=time.time())
     _print(stats, args.json)
     return 0
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from sigil.storage import BlobStore, Index
-    from sigil.storage.gc import fsck
-
-    config = _load(args.config)
-    configure(config.log.level, config.log.format)
-    root = Path(config.storage.root)
-    store, index = BlobStore(root), Index(root / "index.sqlite")
-    try:
+    with _store(args) as (_, store, index):
         report = fsck(store, index)
-    finally:
-        index.close()
     _print(report, args.json)
-    return 0 if getattr(report, "ok", True) else 1
+    return 0 if report.ok else 1
 
 
 def _print(report: object, as_json: bool) -> None:
