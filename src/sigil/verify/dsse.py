@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sigil.errors import VerificationError
+from sigil.verify._json import load_object
 
 ENVELOPE_MEDIA_TYPE = "application/vnd.dsse.envelope.v1+json"
 # Envelopes are small (an in-toto statement); a cap stops hostile blobs from costing memory.
@@ -79,12 +79,7 @@ def parse_envelope(raw: bytes | str | dict[str, object]) -> Envelope:
     if isinstance(raw, dict):
         obj: object = raw
     else:
-        if len(raw) > MAX_ENVELOPE_BYTES:
-            raise VerificationError("DSSE envelope is too large", reason="invalid")
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise VerificationError("DSSE envelope is not valid JSON", reason="invalid") from exc
+        obj = load_object(raw, "DSSE envelope", MAX_ENVELOPE_BYTES)
     if not isinstance(obj, dict):
         raise VerificationError("DSSE envelope is not a JSON object", reason="invalid")
     payload_type = obj.get("payloadType")

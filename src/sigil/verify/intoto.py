@@ -7,13 +7,13 @@ annotations such as ``in-toto.io/predicate-type`` are unsigned hints and never d
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from sigil.errors import VerificationError
 from sigil.oci.digest import Digest
+from sigil.verify._json import load_object
 
 STATEMENT_V01 = "https://in-toto.io/Statement/v0.1"
 STATEMENT_V1 = "https://in-toto.io/Statement/v1"
@@ -58,14 +58,7 @@ class Statement:
 
 def parse_statement(payload: bytes) -> Statement:
     """Parse an in-toto Statement v0.1 or v1; raise :class:`VerificationError` when malformed."""
-    if len(payload) > MAX_STATEMENT_BYTES:
-        raise VerificationError("in-toto statement is too large", reason="invalid")
-    try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise VerificationError("in-toto statement is not valid JSON", reason="invalid") from exc
-    if not isinstance(obj, dict):
-        raise VerificationError("in-toto statement is not a JSON object", reason="invalid")
+    obj = load_object(payload, "in-toto statement", MAX_STATEMENT_BYTES)
     st_type = obj.get("_type")
     if st_type not in STATEMENT_TYPES:
         raise VerificationError(f"unsupported in-toto statement type {str(st_type)[:80]!r}",

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from sigil.errors import ConfigError, VerificationError
 from sigil.verify import dsse
+from sigil.verify._json import load_object
 from sigil.verify.authority import (
     IN_TOTO,
     MESSAGE_DIGEST,
@@ -385,12 +386,7 @@ class KeyAuthority:
         return self._verify_bundle_locally(bundle)
 
     def _verify_bundle_locally(self, bundle: bytes) -> VerifiedPayload:
-        try:
-            obj = json.loads(bundle)
-        except (ValueError, RecursionError) as exc:
-            raise VerificationError("sigstore bundle is not valid JSON", reason="invalid") from exc
-        if not isinstance(obj, dict):
-            raise VerificationError("sigstore bundle is not a JSON object", reason="invalid")
+        obj = load_object(bundle, "sigstore bundle")
         note = "tlog: not checked (no trusted_root configured)" if self.tlog != "skip" \
             else "tlog: skipped by policy"
         if "dsseEnvelope" in obj:

@@ -13,13 +13,13 @@ name the digest being served (else a valid signature of another image could be r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sigil.errors import DigestInvalid, VerificationError
 from sigil.oci.digest import Digest
+from sigil.verify._json import load_object
 
 MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -42,14 +42,8 @@ def parse_simple_signing(payload: bytes) -> SimpleSigning:
     ``critical.type`` must be exactly ``cosign container image signature`` and
     ``critical.image.docker-manifest-digest`` a valid sha256 digest.
     """
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise VerificationError("simple-signing payload is too large", reason="invalid")
-    try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise VerificationError("simple-signing payload is not valid JSON",
-                                reason="invalid") from exc
-    critical = obj.get("critical") if isinstance(obj, dict) else None
+    obj = load_object(payload, "simple-signing payload", MAX_PAYLOAD_BYTES)
+    critical = obj.get("critical")
     if not isinstance(critical, dict):
         raise VerificationError("simple-signing payload lacks 'critical'", reason="invalid")
     if critical.get("type") != COSIGN_TYPE:
