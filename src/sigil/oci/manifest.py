@@ -122,7 +122,7 @@ def _depth(obj: Any, limit: int) -> int:
     return deepest
 
 
-def load_json(raw: bytes, *, what: str = "manifest", max_depth: int = MAX_JSON_DEPTH) -> Any:
+def load_json(raw: bytes | str, *, what: str = "manifest", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Decode bounded JSON; raise :class:`ManifestInvalid` on anything malformed."""
     try:
         obj = json.loads(raw)
