@@ -22,6 +22,15 @@ public formats byte for byte, so the same code path verifies them as real ones:
   the log is an RFC 6962 Merkle tree over the canonicalized entry bodies, inclusion proofs
   are audit paths, and the checkpoint is a C2SP signed note ``<origin>\\n<size>\\n<b64 root>\\n``
   signed ``— <host> base64(logID[:4] || ECDSA signature)``, origin ``<host> - <tree id>``.
+* **TSA** (RFC 3161, CMS SignedData per RFC 5652): a self-signed P-384 root issues a P-256
+  signing certificate with ``digitalSignature`` key usage and the timeStamping EKU, critical
+  and alone (RFC 3161 §2.3). A token is a ``TimeStampResp`` (status granted) whose
+  ``ContentInfo`` holds SignedData v3 over an ``id-ct-TSTInfo`` eContent (TSTInfo v1, policy,
+  ``messageImprint`` SHA-256 of what is timestamped, serial, ``genTime``, accuracy, nonce) and
+  one SignerInfo v1 (issuerAndSerialNumber) with the signed attributes content-type,
+  message-digest and ESS signing-certificate-v2 (RFC 5035), DER-sorted, signed
+  ECDSA-with-SHA256. The signing certificate is embedded, as sigstore's timestamp-authority
+  does.
 * **Trusted root**: protobuf-specs ``dev.sigstore.trustroot.v1.TrustedRoot`` JSON
   (``certificateAuthorities``, ``tlogs``, ``ctlogs``, ``timestampAuthorities``, ``validFor``).
 
@@ -62,6 +71,17 @@ STATEMENT_V1 = "https://in-toto.io/Statement/v1"
 COSIGN_SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 TRUSTED_ROOT_MEDIA_TYPE = "application/vnd.dev.sigstore.trustedroot+json;version=0.1"
+DSSE_ENVELOPE = "application/vnd.dsse.envelope.v1+json"
+SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"
+# RFC 3161 / RFC 5652 / RFC 5035 object identifiers.
+OID_SHA256 = "2.16.840.1.101.3.4.2.1"
+OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_TST_INFO = "1.2.840.113549.1.9.16.1.4"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_CERT_V2 = "1.2.840.113549.1.9.16.2.47"
+TSA_POLICY = "1.3.6.1.4.1.57264.2"
 
 
 # -- encodings ----------------------------------------------------------------------------
@@ -108,6 +128,41 @@ def der_tlv(tag: int, content: bytes) -> bytes:
 def der_utf8(text: str) -> bytes:
     """A DER UTF8String."""
     return der_tlv(0x0C, text.encode("utf-8"))
+
+
+def der_seq(*items: bytes) -> bytes:
+    """A DER SEQUENCE of already encoded elements."""
+    return der_tlv(0x30, b"".join(items))
+
+
+def der_set(*items: bytes) -> bytes:
+    """A DER SET OF: elements sorted by their encodings (X.690 §11.6)."""
+    return der_tlv(0x31, b"".join(sorted(items)))
+
+
+def der_int(value: int) -> bytes:
+    """A DER INTEGER (minimal two's complement)."""
+    return der_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def der_oid(dotted: str) -> bytes:
+    """A DER OBJECT IDENTIFIER."""
+    return der_tlv(0x06, _oid_content(x509.ObjectIdentifier(dotted)))
+
+
+def der_octets(data: bytes) -> bytes:
+    """A DER OCTET STRING."""
+    return der_tlv(0x04, data)
+
+
+def der_generalized_time(t: dt.datetime) -> bytes:
+    """A DER GeneralizedTime in UTC, whole seconds (``YYYYMMDDHHMMSSZ``)."""
+    return der_tlv(0x18, t.astimezone(dt.UTC).strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def der_explicit(number: int, content: bytes) -> bytes:
+    """A context-specific constructed tag ``[number]`` around ``content``."""
+    return der_tlv(0xA0 | number, content)
 
 
 def _der_elements(data: bytes) -> list[tuple[int, bytes, bytes]]:
@@ -331,6 +386,121 @@ class TestRekor(_LogKey):
             checkpoint=self.checkpoint(size, root, signer))
 
 
+# -- RFC 3161 timestamp authority -----------------------------------------------------------
+
+def _alg_sha256() -> bytes:
+    # RFC 5754 §2: the SHA-2 AlgorithmIdentifier parameters are absent.
+    return der_seq(der_oid(OID_SHA256))
+
+
+class TestTSA:
+    """An RFC 3161 timestamp authority: a self-signed root and a timeStamping signing certificate.
+
+    :meth:`timestamp` returns a DER ``TimeStampResp`` over ``SHA-256(data)``; ``signer``
+    (another TSA) signs the token with its key while naming this TSA's certificate.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, name: str = "sigstore-test-tsa", *, now: dt.datetime | None = None,
+                 uri: str = "https://tsa.sigstore.test") -> None:
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.start = self.now - dt.timedelta(days=1)
+        self.name = name
+        self.uri = uri
+        self.root_key = ec.generate_private_key(ec.SECP384R1())
+        root_name = _name(f"{name}-root")
+        self.root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+                     .public_key(self.root_key.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(self.now - dt.timedelta(days=30))
+                     .not_valid_after(self.now + dt.timedelta(days=3650))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                     .add_extension(x509.KeyUsage(
+                         digital_signature=False, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=True, crl_sign=True, encipher_only=False,
+                         decipher_only=False), critical=True)
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                         self.root_key.public_key()), critical=False)
+                     .sign(self.root_key, hashes.SHA384()))
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = (x509.CertificateBuilder().subject_name(_name(name))
+                     .issuer_name(root_name).public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(self.now - dt.timedelta(days=7))
+                     .not_valid_after(self.now + dt.timedelta(days=365))
+                     .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                    critical=True)
+                     .add_extension(x509.KeyUsage(
+                         digital_signature=True, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=False, crl_sign=False, encipher_only=False,
+                         decipher_only=False), critical=True)
+                     # RFC 3161 §2.3: exactly one EKU, id-kp-timeStamping, critical.
+                     .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]),
+                                    critical=True)
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                         self.key.public_key()), critical=False)
+                     .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                         self.root_key.public_key()), critical=False)
+                     .sign(self.root_key, hashes.SHA384()))
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    def trusted_root_entry(self) -> dict[str, Any]:
+        """The protobuf-specs ``CertificateAuthority`` JSON: signing certificate, then root."""
+        der = serialization.Encoding.DER
+        return {"subject": {"organization": "sigstore.test", "commonName": self.name},
+                "uri": self.uri,
+                "certChain": {"certificates": [{"rawBytes": b64(c.public_bytes(der))}
+                                               for c in (self.cert, self.root)]},
+                "validFor": {"start": rfc3339(self.start)}}
+
+    def tst_info(self, data: bytes, gen_time: dt.datetime) -> bytes:
+        """The DER ``TSTInfo`` (RFC 3161 §2.4.2) over ``SHA-256(data)``."""
+        return der_seq(
+            der_int(1),                                                  # version v1
+            der_oid(TSA_POLICY),                                         # policy
+            der_seq(_alg_sha256(), der_octets(hashlib.sha256(data).digest())),  # imprint
+            der_int(int.from_bytes(os.urandom(16), "big") >> 1),       # serialNumber
+            der_generalized_time(gen_time),                              # genTime
+            der_seq(der_int(1)),                                         # accuracy: 1 s
+            der_int(int.from_bytes(os.urandom(8), "big") >> 1))        # nonce
+
+    def timestamp(self, data: bytes, at: dt.datetime | None = None, *,
+                  signer: TestTSA | None = None, embed_certificate: bool = True) -> bytes:
+        """A DER ``TimeStampResp`` (status granted) timestamping ``data`` at ``at``."""
+        gen_time = at or (self.now - dt.timedelta(seconds=1))
+        tst = self.tst_info(data, gen_time)
+        # ESSCertIDv2 with the default hash (SHA-256, omitted) and no issuerSerial.
+        ess = der_seq(der_seq(der_seq(der_octets(hashlib.sha256(self.cert_der).digest()))))
+        attrs = [der_seq(der_oid(OID_CONTENT_TYPE), der_set(der_oid(OID_TST_INFO))),
+                 der_seq(der_oid(OID_MESSAGE_DIGEST),
+                         der_set(der_octets(hashlib.sha256(tst).digest()))),
+                 der_seq(der_oid(OID_SIGNING_CERT_V2), der_set(ess))]
+        signed_attrs = der_set(*attrs)
+        key = (signer or self).key
+        signature = key.sign(signed_attrs, ec.ECDSA(hashes.SHA256()))
+        signer_info = der_seq(
+            der_int(1),                                                  # issuerAndSerialNumber
+            der_seq(self.cert.issuer.public_bytes(), der_int(self.cert.serial_number)),
+            _alg_sha256(),
+            b"\xa0" + signed_attrs[1:],                                  # [0] IMPLICIT SET
+            der_seq(der_oid(OID_ECDSA_SHA256)),
+            der_octets(signature))
+        signed_data = der_seq(
+            der_int(3),                                                  # eContentType != data
+            der_set(_alg_sha256()),
+            der_seq(der_oid(OID_TST_INFO), der_explicit(0, der_octets(tst))),
+            *([der_explicit(0, self.cert_der)] if embed_certificate else []),
+            der_set(signer_info))
+        token = der_seq(der_oid(OID_SIGNED_DATA), der_explicit(0, signed_data))
+        return der_seq(der_seq(der_int(0)), token)                      # PKIStatus granted
+
+
 # -- Fulcio ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -361,7 +531,8 @@ def _name(cn: str) -> x509.Name:
 
 
 class TestSigstore:
-    """A Fulcio CA (root + intermediate), a CT log and a Rekor log, made now, in memory."""
+    """A Fulcio CA (root + intermediate), a CT log, a Rekor log and an RFC 3161 timestamp
+    authority, made now, in memory."""
 
     __test__ = False  # not a pytest test class
 
@@ -380,6 +551,7 @@ class TestSigstore:
                                           eku=True)
         self.ctlog = TestCTLog(ctlog_url)
         self.rekor = TestRekor(rekor_url)
+        self.tsa = TestTSA(now=self.now)
 
     def _ca_cert(self, subject: x509.Name, key: ec.EllipticCurvePrivateKey,
                  signer: ec.EllipticCurvePrivateKey, issuer: x509.Name, *, path_length: int,
@@ -408,7 +580,8 @@ class TestSigstore:
 
     # -- trust material ----------------------------------------------------------------------
 
-    def trusted_root(self, *, extra_tlogs: Sequence[_LogKey] = ()) -> dict[str, Any]:
+    def trusted_root(self, *, extra_tlogs: Sequence[_LogKey] = (),
+                     tsas: Sequence[TestTSA] | None = None) -> dict[str, Any]:
         """The protobuf-specs TrustedRoot JSON for this instance."""
         der = serialization.Encoding.DER
         return {
@@ -424,7 +597,8 @@ class TestSigstore:
                     for c in (self.intermediate, self.root)]},
                 "validFor": {"start": rfc3339(self.start)}}],
             "ctlogs": [self.ctlog.trusted_root_entry(self.start)],
-            "timestampAuthorities": [],
+            "timestampAuthorities": [t.trusted_root_entry()
+                                     for t in ((self.tsa,) if tsas is None else tsas)],
         }
 
     def write_trusted_root(self, path: Path, **kwargs: Any) -> Path:
@@ -507,6 +681,25 @@ def dsse_body(envelope: dict[str, Any], cert_pem: bytes) -> bytes:
                        for sig in envelope["signatures"]]}})
 
 
+def intoto_v002_body(envelope_json: bytes, cert_pem: bytes) -> bytes:
+    """An intoto 0.0.2 canonicalized body exactly as Rekor v1 stores it (rekor
+    ``pkg/types/intoto/v0.0.2/entry.go`` ``Canonicalize``): the envelope keeps only its
+    ``payloadType`` and signatures (``sig`` is the envelope's base64 string base64-encoded
+    again, ``publicKey`` the base64 PEM); the payload itself is *not* in the body, only
+    ``payloadHash`` (SHA-256 of the decoded payload) and ``hash`` (SHA-256 of the uploaded
+    envelope JSON)."""
+    env = json.loads(envelope_json)
+    payload = base64.b64decode(env["payload"])
+    return canonical_json({"apiVersion": "0.0.2", "kind": "intoto", "spec": {"content": {
+        "envelope": {"payloadType": env["payloadType"],
+                     "signatures": [{"publicKey": b64(cert_pem),
+                                     "sig": b64(sig["sig"].encode())}
+                                    for sig in env["signatures"]]},
+        "hash": {"algorithm": "sha256", "value": hashlib.sha256(envelope_json).hexdigest()},
+        "payloadHash": {"algorithm": "sha256", "value": hashlib.sha256(payload).hexdigest()},
+    }}})
+
+
 # -- cosign artifacts -----------------------------------------------------------------------
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -531,20 +724,30 @@ def dsse_envelope(leaf: Leaf, payload: bytes, payload_type: str = IN_TOTO) -> di
 
 def cosign_bundle(leaf: Leaf, statement: bytes, rekor: TestRekor, *,
                   integrated_time: int | None = None, signer: _LogKey | None = None,
-                  logged_envelope: dict[str, Any] | None = None) -> bytes:
+                  logged_envelope: dict[str, Any] | None = None,
+                  tsa: TestTSA | None = None, timestamped: bytes | None = None) -> bytes:
     """A sigstore bundle v0.3 (DSSE) as cosign v3 attaches it.
 
     ``logged_envelope``: log this envelope's entry instead (a tlog body recording another
-    signature). ``signer``: sign the SET and checkpoint with another log's key.
+    signature). ``signer``: sign the SET and checkpoint with another log's key. ``tsa``: add
+    ``timestampVerificationData`` with an RFC 3161 timestamp of the DSSE signature bytes (as
+    cosign v3 ``--timestamp-server-url`` does), or of ``timestamped`` if given.
     """
     envelope = dsse_envelope(leaf, statement)
     t = integrated_time if integrated_time is not None else int(
         (leaf.cert.not_valid_before_utc + dt.timedelta(seconds=30)).timestamp())
     entry = rekor.append(dsse_body(logged_envelope or envelope, leaf.pem), t, signer=signer)
+    material: dict[str, Any] = {"certificate": {"rawBytes": b64(leaf.der)},
+                                "tlogEntries": [entry.bundle_entry("dsse")]}
+    if tsa is not None:
+        signature = base64.b64decode(envelope["signatures"][0]["sig"])
+        token = tsa.timestamp(timestamped if timestamped is not None else signature,
+                              dt.datetime.fromtimestamp(t + 1, dt.UTC))
+        material["timestampVerificationData"] = {
+            "rfc3161Timestamps": [{"signedTimestamp": b64(token)}]}
     return json.dumps({
         "mediaType": BUNDLE_V03,
-        "verificationMaterial": {"certificate": {"rawBytes": b64(leaf.der)},
-                                 "tlogEntries": [entry.bundle_entry("dsse")]},
+        "verificationMaterial": material,
         "dsseEnvelope": envelope,
     }, separators=(",", ":")).encode()
 
@@ -598,4 +801,61 @@ def cosign_sig_annotations(leaf: Leaf, payload: bytes, rekor: TestRekor, *,
         "dev.sigstore.cosign/certificate": leaf.pem.decode(),
         "dev.sigstore.cosign/chain": b"".join(pem(c) for c in leaf.chain).decode(),
         "dev.sigstore.cosign/bundle": entry.cosign_bundle_annotation(),
+    }
+
+
+def slsa_provenance_statement(image: str, digest_hex: str, *, builder_id: str,
+                              repository: str = "https://git.test/acme/app") -> bytes:
+    """An in-toto v1 statement with a SLSA provenance v1 predicate naming the image digest
+    (the shape GitHub's and slsa-github-generator's container provenance has)."""
+    return json.dumps({
+        "_type": STATEMENT_V1,
+        "subject": [{"name": image, "digest": {"sha256": digest_hex}}],
+        "predicateType": SLSA_PROVENANCE_V1,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": "https://actions.github.io/buildtypes/workflow/v1",
+                "externalParameters": {"workflow": {
+                    "ref": "refs/tags/v1.0.0", "repository": repository,
+                    "path": ".github/workflows/release.yml"}},
+                "internalParameters": {"github": {"event_name": "push"}},
+                "resolvedDependencies": [{"uri": f"git+{repository}@refs/tags/v1.0.0",
+                                          "digest": {"gitCommit": "0" * 40}}]},
+            "runDetails": {"builder": {"id": builder_id},
+                           "metadata": {"invocationId": f"{repository}/actions/runs/1/1"}}},
+    }, separators=(",", ":")).encode()
+
+
+def cosign_att_layer(leaf: Leaf, statement: bytes, rekor: TestRekor, *,
+                     entry_kind: str = "intoto", integrated_time: int | None = None,
+                     predicate_type: str = SLSA_PROVENANCE_V1) -> tuple[bytes, dict[str, str]]:
+    """The blob and annotations legacy keyless ``cosign attest`` pushes as one ``.att`` layer
+    (media type ``application/vnd.dsse.envelope.v1+json``).
+
+    The blob is the DSSE envelope JSON as cosign marshals it (Go field order ``payloadType``,
+    ``payload``, ``signatures``) and uploads to Rekor; the Rekor entry is ``intoto`` 0.0.2
+    (cosign's ``--rekor-entry-type intoto``) or ``dsse`` 0.0.1 (``--rekor-entry-type dsse``).
+    The annotations: an empty ``dev.cosignproject.cosign/signature`` (the signature is in the
+    envelope), the certificate, the chain, the Rekor bundle and the ``predicateType`` hint.
+    """
+    payload_type = IN_TOTO
+    sig = leaf.sign(pae(payload_type, statement))
+    envelope = {"payloadType": payload_type, "payload": b64(statement),
+                "signatures": [{"keyid": "", "sig": b64(sig)}]}
+    blob = json.dumps(envelope, separators=(",", ":")).encode()
+    if entry_kind == "intoto":
+        body = intoto_v002_body(blob, leaf.pem)
+    elif entry_kind == "dsse":
+        body = dsse_body(envelope, leaf.pem)
+    else:
+        raise ValueError(f"unknown entry kind {entry_kind!r}")
+    t = integrated_time if integrated_time is not None else int(
+        (leaf.cert.not_valid_before_utc + dt.timedelta(seconds=30)).timestamp())
+    entry = rekor.append(body, t)
+    return blob, {
+        "dev.cosignproject.cosign/signature": "",
+        "dev.sigstore.cosign/certificate": leaf.pem.decode(),
+        "dev.sigstore.cosign/chain": b"".join(pem(c) for c in leaf.chain).decode(),
+        "dev.sigstore.cosign/bundle": entry.cosign_bundle_annotation(),
+        "predicateType": predicate_type,
     }
