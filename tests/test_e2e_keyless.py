@@ -422,13 +422,10 @@ PROVENANCE_REQUIREMENT = {
         {"key": "predicate.buildDefinition.externalParameters.workflow.repository",
          "operator": "In", "value": ["https://git.test/acme/app"]},
     ]}
-# Rekor's intoto 0.0.2 canonicalized body has no envelope payload (rekor
-# pkg/types/intoto/v0.0.2/entry.go Canonicalize keeps payloadType and signatures only);
-# sigil requires spec.content.envelope.payload and rejects the entry as malformed.
-INTOTO_BUG = ("sigil bug: src/sigil/verify/sigstore/rekor.py check_body, intoto 0.0.2 branch, "
-              "requires spec.content.envelope.payload, which Rekor does not store")
-ATT_ENTRY_KINDS = ["dsse", pytest.param("intoto", marks=pytest.mark.xfail(
-    strict=True, raises=ProcessError, reason=INTOTO_BUG))]
+# Both tlog entry kinds cosign writes for attestations: dsse 0.0.1 (its default) and intoto
+# 0.0.2, whose canonicalized body has no envelope payload (rekor pkg/types/intoto/v0.0.2
+# Canonicalize keeps payloadType, signatures and the hashes only).
+ATT_ENTRY_KINDS = ["dsse", "intoto"]
 # variant -> (reason, texts of the denial message)
 BAD_ATTESTATIONS = {
     "statement-for-another-digest": ("attestation_missing", (
