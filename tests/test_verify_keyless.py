@@ -16,8 +16,6 @@ from sigil.verify.authority import IN_TOTO
 from sigil.verify.engine import Verifier
 from sigil.verify.policy import Policy
 
-pytest.importorskip("sigil.verify.sigstore")
-
 LEGACY = json.loads((ASSETS / "legacy-keyless-sig.json").read_text())
 LEGACY_DIGEST = Digest.parse(LEGACY["image"]["digest"])
 ATTESTATION_DIGEST = Digest.parse(
