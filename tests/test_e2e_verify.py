@@ -349,3 +349,23 @@ async def test_platform_manifest_alone_needs_its_own_signature(start_sigil, key_
     assert status == 200 and body == child.manifest
     for blob in child.blobs:
         assert get(f"{sigil.url}/v2/{unique_repo}/blobs/{blob}")[0] == 200
+
+
+async def test_ctr_pulls_signed_and_is_refused_unsigned(start_sigil, key_file, signer,
+                                                        registry_pusher, unique_repo,
+                                                        containerd_daemon) -> None:
+    """containerd through a hosts.toml mirror (?ns=): a signed multi-platform image pulls and
+    unpacks; an unsigned one fails with the mirror's DENIED answer, and containerd cannot fall
+    back past the mirror (its own server is a dead port)."""
+    signed = await registry_pusher.make_multiplatform_image(unique_repo, "signed")
+    await registry_pusher.push_cosign_signatures(unique_repo, signed.index.digest,
+                                                 [sig_layer(signer, signed.index.digest)])
+    await registry_pusher.make_multiplatform_image(unique_repo, "unsigned")
+    sigil = start_sigil(key_policy_doc(key_file))
+    mirrors = {UPSTREAM: sigil.url}
+    digest = await containerd_daemon.pull(f"{UPSTREAM}/{unique_repo}:signed", mirrors=mirrors)
+    assert digest == signed.index.digest
+    with pytest.raises(ProcessError) as info:
+        await containerd_daemon.pull(f"{UPSTREAM}/{unique_repo}:unsigned", mirrors=mirrors)
+    assert "403" in str(info.value) or "denied" in str(info.value).lower()
+    assert any(e.get("ns") == UPSTREAM and e.get("status") == 403 for e in sigil.log_events())
