@@ -81,3 +81,24 @@ def test_cli_bad_config_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{path}: storage.max_bytes" in result.stderr
+
+
+def test_shipped_policy_and_its_keyless_example_load(tmp_path: Path) -> None:
+    """config/policy.yaml loads as shipped, and so does its commented keyless example once
+    uncommented (against the shipped public-good trusted root): the docs cannot drift."""
+    from sigil.verify.policy import load_policy
+
+    shipped = REPO / "config" / "policy.yaml"
+    assert [rule.name for rule in load_policy(shipped).rules] == ["hardened-images",
+                                                                  "sandbox-exemption"]
+    lines = shipped.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # - name: acme"))
+    example = [line.replace("  # ", "  ", 1) for line in lines[start:]
+               if line.startswith("  # ")]
+    text = "\n".join(lines[:start] + example) + "\n"
+    (tmp_path / "sigstore").mkdir()
+    (tmp_path / "sigstore" / "trusted_root.json").write_bytes(
+        (REPO / "config" / "sigstore" / "trusted_root.json").read_bytes())
+    (tmp_path / "policy.yaml").write_text(text)
+    policy = load_policy(tmp_path / "policy.yaml")
+    assert [rule.name for rule in policy.rules][-1] == "acme-releases"
