@@ -102,3 +102,28 @@ def test_shipped_policy_and_its_keyless_example_load(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(text)
     policy = load_policy(tmp_path / "policy.yaml")
     assert [rule.name for rule in policy.rules][-1] == "acme-releases"
+
+
+def test_policy_doc_examples_load(tmp_path: Path) -> None:
+    """Every complete example in docs/policy.md is a valid policy (keys and the trusted root
+    it names are put where it expects them)."""
+    import re
+    import shutil
+
+    from sigil.verify.policy import load_policy
+    from tests.test_verify_support import Signer
+
+    text = (REPO / "docs" / "policy.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+              if b.startswith("policies:")]
+    assert len(blocks) >= 3
+    (tmp_path / "keys").mkdir()
+    dhi = REPO / "tests" / "assets" / "verify"
+    for name in ("dhi-1.pub", "dhi-2.pub"):
+        shutil.copy(next(dhi.rglob(name)), tmp_path / "keys" / name)
+    (tmp_path / "keys" / "ci.pub").write_text(Signer("p256").pem())
+    shutil.copytree(REPO / "config" / "sigstore", tmp_path / "sigstore")
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(block)
+        assert load_policy(path).rules, block
