@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,43 @@ def test_policy_doc_examples_load(tmp_path: Path) -> None:
         path = tmp_path / f"example{i}.yaml"
         path.write_text(block)
         assert load_policy(path).rules, block
+
+
+def test_shipped_config_starts_and_serves(tmp_path: Path) -> None:
+    """The README's first command, minus the install: the shipped config and policy start a
+    server (store and port moved by the documented env overrides; no upstream is contacted)."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
+    env.update(SIGIL_STORAGE_ROOT=str(tmp_path / "store"),
+               SIGIL_SERVER_LISTEN=f"127.0.0.1:{port}", SIGIL_LOG_FORMAT="json")
+    proc = subprocess.Popen([sys.executable, "-m", "sigil", "serve", "--config",
+                             "config/sigil.yaml"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "not ready in 30 s"
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=5) as response:
+            assert response.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    started = [json.loads(line) for line in err.decode().splitlines()
+               if '"sigil.started"' in line]
+    assert started and started[0]["policy"].endswith("config/policy.yaml")
+    assert (tmp_path / "store" / "index.sqlite").exists()
