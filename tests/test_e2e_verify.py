@@ -369,3 +369,23 @@ async def test_ctr_pulls_signed_and_is_refused_unsigned(start_sigil, key_file, s
         await containerd_daemon.pull(f"{UPSTREAM}/{unique_repo}:unsigned", mirrors=mirrors)
     assert "403" in str(info.value) or "denied" in str(info.value).lower()
     assert any(e.get("ns") == UPSTREAM and e.get("status") == 403 for e in sigil.log_events())
+
+
+async def test_runnable_image_under_a_signature_tag_is_not_served(start_sigil, key_file, signer,
+                                                                 registry_pusher,
+                                                                 unique_repo) -> None:
+    """Signature tags of a verified image are servable, but the tag name is only a hint: a
+    runnable image stored under `sha256-<hex>.att` must not leave the mirror unverified."""
+    image = await registry_pusher.make_image(unique_repo, "v1")
+    await registry_pusher.push_cosign_signatures(unique_repo, image.digest,
+                                                 [sig_layer(signer, image.digest)])
+    smuggled = await registry_pusher.make_image(unique_repo, "sha256-" + image.digest[7:] + ".att")
+    sigil = start_sigil(key_policy_doc(key_file))
+    assert get(f"{sigil.url}/v2/{unique_repo}/manifests/v1")[0] == 200
+    assert get(f"{sigil.url}/v2/{unique_repo}/manifests/sha256-{image.digest[7:]}.sig")[0] == 200
+    status, body = get(f"{sigil.url}/v2/{unique_repo}/manifests/sha256-{image.digest[7:]}.att")
+    assert status == 403, body
+    assert "not a signature or attestation artifact" in json.loads(body)["errors"][0]["message"]
+    assert get(f"{sigil.url}/v2/{unique_repo}/manifests/{smuggled.digest}")[0] == 403
+    for blob in smuggled.blobs:
+        assert get(f"{sigil.url}/v2/{unique_repo}/blobs/{blob}")[0] == 404

@@ -50,6 +50,8 @@ log = get_logger("sigil.mirror")
 
 # Cosign and referrers tag-schema tags name the subject they belong to.
 _SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
+# Layer media types a container runtime would unpack and run (OCI and Docker, any compression).
+_RUNNABLE_LAYER = re.compile(r"image\.layer|image\.rootfs|tar")
 # Verdicts are re-evaluated after this long even with an unchanged policy (revocations, new
 # signatures); denials sooner, so a signature published after a deny is picked up quickly.
 ALLOW_TTL = 3600.0
@@ -348,11 +350,17 @@ class Mirror:
         subject_tag = _SUBJECT_TAG.match(reference)
         if subject_tag is not None:
             # A .sig/.att/tag-schema artifact: servable when its subject passed, so clients can
-            # verify again through the mirror. It is not itself a subject of the policy.
+            # verify again through the mirror. It is not itself a subject of the policy, so it
+            # must be inert: the tag name is only a hint, and a runnable image stored under
+            # it must not leave the mirror unverified.
             if not self._is_allowed(route, Digest(subject_tag.group(1))):
                 raise Denied(f"{reference} belongs to a subject that has not been verified")
-            self._allow(route, route.repo, [served.digest, *self._servable_refs(manifest)])
+            if not self._allow_artifact(route, route.repo, manifest):
+                raise Denied(f"{reference} is not a signature or attestation artifact")
             return
+        if (manifest.subject is not None and self._is_allowed(route, manifest.subject.digest)
+                and self._allow_artifact(route, route.repo, manifest, index_ok=False)):
+            return  # a referrer (signature, attestation, SBOM) of a verified subject
         verdict = await self._verdict(route, manifest)
         if not verdict.allowed:
             raise Denied(verdict.message or "denied by policy",
@@ -360,11 +368,31 @@ class Mirror:
         allows = [served.digest, *self._servable_refs(manifest)]
         self._allow(route, route.repo, allows)
         _bounded(self._expanded).add(expanded_key)
-        by_repo: dict[str, list[Digest]] = {}
+        # The signatures and attestations the decision used become servable (inert ones).
         for repo, digest in verdict.related:
-            by_repo.setdefault(repo, []).append(digest)
-        for repo, digests in by_repo.items():
-            self._allow(route, repo, digests)
+            row = self.index.get_manifest(digest)
+            if row is None or not self.store.has(digest):
+                continue  # a blob: servable through its (inert) manifest
+            raw = await asyncio.to_thread(self.store.read_bytes, digest)
+            self._allow_artifact(route, repo, parse_manifest(raw, row.media_type))
+
+    def _allow_artifact(self, route: Route, repo: str, manifest: Manifest, *,
+                        index_ok: bool = True) -> bool:
+        """Make a signature/attestation artifact servable in ``repo`` if it is inert.
+
+        An index (the ``sha256-<hex>`` tag schema) is only a list of descriptors: it is
+        servable itself, its children are not (each must qualify on its own). An image
+        manifest qualifies when none of its layers is a runnable image layer."""
+        if manifest.is_index:
+            if index_ok:
+                self._allow(route, repo, [manifest.digest])
+            return index_ok
+        if any(_RUNNABLE_LAYER.search(layer.media_type) for layer in manifest.layers):
+            log.warning("artifact.not_inert", repo=repo, digest=str(manifest.digest))
+            return False
+        self._allow(route, repo, [manifest.digest, *manifest.blob_digests()])
+        return True
+
 
     @staticmethod
     def _servable_refs(manifest: Manifest) -> list[Digest]:
@@ -466,7 +494,8 @@ class Mirror:
             kind = parsed.artifact_type or (parsed.config.media_type if parsed.config else None)
             if artifact_type and kind != artifact_type:
                 continue
-            self._allow(route, route.repo, [descriptor.digest, *self._servable_refs(parsed)])
+            if not self._allow_artifact(route, route.repo, parsed, index_ok=False):
+                continue
             entry = {"mediaType": referrer.media_type, "digest": str(descriptor.digest),
                      "size": len(referrer.raw)}
             if kind:
