@@ -118,7 +118,11 @@ class SigilProcess:
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines as dicts."""
         events = []
-        for line in self.logs().splitlines():
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
             try:
                 events.append(json.loads(line))
             except ValueError:
