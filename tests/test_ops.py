@@ -73,6 +73,10 @@ async def test_two_workers_serve_pulls_and_stop(tmp_path: Path, real_registry: R
         assert sigil.stop() == 0
     started = [e for e in sigil.log_events() if e.get("event") == "sigil.listening"]
     assert len(started) == 2
+    # Both workers write to one stderr: every line is still one whole JSON object.
+    lines = [line for line in sigil.log_path.read_text().splitlines() if line.strip()]
+    assert lines and all(line.startswith("{") and line.endswith("}") for line in lines)
+    assert len(sigil.log_events()) == len(lines)
 
 
 async def test_gc_and_fsck_commands(tmp_path: Path, real_registry: RealRegistry,

@@ -36,6 +36,35 @@ def _redact(_: object, __: str, event: structlog.types.EventDict) -> structlog.t
     return event
 
 
+class LineLogger:
+    """Writes each event as ``message + newline`` in a single write(2).
+
+    ``--workers`` processes share one stderr: with print(), a line and its newline are separate
+    writes and two workers' lines interleave into invalid JSON. One write per line keeps lines
+    whole (appends and pipe writes under PIPE_BUF are atomic)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def msg(self, message: str) -> None:
+        data = memoryview((message + "\n").encode("utf-8", "replace"))
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _line_logger_factory() -> Any:
+    """A :class:`LineLogger` on stderr's descriptor; print-based when stderr has none (a test
+    harness that swapped it for an in-memory stream)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return structlog.PrintLoggerFactory(file=sys.stderr)
+    return lambda *_: LineLogger(fd)
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog once for the process."""
     global _generation
@@ -55,7 +84,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_line_logger_factory(),
         cache_logger_on_first_use=False,
     )
     _generation += 1
