@@ -96,6 +96,8 @@ class FakeRegistry:
     blobs: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, list[str]] = field(default_factory=dict)
     referrers: dict[str, bytes] | None = None   # None: no referrers API (404)
+    referrer_pages: dict[str, list[list[Any]]] = field(default_factory=dict)
+    referrer_link_origin: str = ""  # prefix of the referrers Link (another host, in a test)
     faults: dict[str, list[tuple[Any, ...]]] = field(default_factory=lambda: defaultdict(list))
     extra_headers: dict[str, str] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
@@ -226,6 +228,15 @@ class FakeRegistry:
             return web.json_response({"name": repo, "tags": names}, headers=headers)
         if self.referrers is None:
             return web.Response(status=404, text="404 page not found")
+        pages = self.referrer_pages.get(rest)
+        if pages is not None:  # paginated: ?page=N, Link to the next one
+            page = int(request.query.get("page", "0"))
+            if page + 1 < len(pages):
+                link = f"{self.referrer_link_origin}/v2/{repo}/referrers/{rest}?page={page + 1}"
+                headers["Link"] = f'<{link}>; rel="next"'
+            return web.json_response({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                      "manifests": pages[page]}, headers=headers,
+                                     content_type=OCI_INDEX)
         body = self.referrers.get(rest, json.dumps(
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode())
         return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
@@ -508,6 +519,17 @@ async def test_tags_pagination_and_referrers(make_fake: Any, clients: Any) -> No
         b'{"schemaVersion":2,"manifests":[]}'
     assert fake.seen[-1].query == {"artifactType": "application/x-sig"}
     assert len(fake.seen) == 4
+
+    # Paginated referrers are followed and merged; a Link to another host is not followed.
+    entries = [[{"digest": f"sha256:{i:064x}"}] for i in range(3)]
+    fake.referrer_pages = {str(subject): entries}
+    merged = json.loads(await client.get_referrers(REPO, subject, None) or b"")
+    assert [m["digest"] for m in merged["manifests"]] == [e[0]["digest"] for e in entries]
+    assert len(fake.seen) == 7
+    fake.referrer_link_origin = "http://127.0.0.9:1"
+    one = json.loads(await client.get_referrers(REPO, subject, None) or b"")
+    assert [m["digest"] for m in one["manifests"]] == [entries[0][0]["digest"]]
+    assert len(fake.seen) == 8
 
 
 # ------------------------------------------------------------------------------------- auth

@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import aiohttp
 from yarl import URL
@@ -71,6 +71,8 @@ KIND_TOKEN = "token"
 BLOB_CHUNK = 1024 * 1024
 #: Tag lists larger than this are refused (Docker Hub pages are far smaller).
 MAX_TAGS_BYTES = 16 * 1024 * 1024
+# Referrers pages followed per call (each up to MAX_MANIFEST_BYTES).
+MAX_REFERRER_PAGES = 8
 #: How much of an error body is read to find its OCI error code.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -193,6 +195,22 @@ def parse_next_link(value: str | None) -> str | None:
         return None
     match = _LINK_NEXT.search(value)
     return match.group(1) if match else None
+
+
+def _merge_referrer_pages(pages: list[bytes], upstream: str) -> bytes:
+    """One referrers index from several pages (their ``manifests`` lists, in order)."""
+    manifests: list[Any] = []
+    for page in pages:
+        try:
+            obj = json.loads(page)
+        except ValueError as exc:
+            raise ManifestInvalid(f"upstream {upstream}: malformed referrers page") from exc
+        items = obj.get("manifests") if isinstance(obj, dict) else None
+        if not isinstance(items, list):
+            raise ManifestInvalid(f"upstream {upstream}: malformed referrers page")
+        manifests.extend(items)
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                       "manifests": manifests}).encode()
 
 
 def _reason(exc: BaseException) -> str:
@@ -433,23 +451,43 @@ class UpstreamClient:
 
     async def get_referrers(self, repo: str, digest: Digest | str,
                             artifact_type: str | None = None) -> bytes | None:
-        """The OCI 1.1 referrers index of ``digest`` (first page), or None when the upstream
-        answers 404: it has no referrers API, and the caller falls back to the
-        ``sha256-<hex>`` tag schema (distribution-spec "Listing Referrers")."""
+        """The OCI 1.1 referrers index of ``digest``, or None when the upstream answers 404:
+        it has no referrers API, and the caller falls back to the ``sha256-<hex>`` tag schema
+        (distribution-spec "Listing Referrers"). Pages (``Link: rel="next"``) are followed on
+        the same registry, up to MAX_REFERRER_PAGES, and merged into one index."""
         repo, parsed = validate_name(repo), _as_digest(digest)
-        query = {"artifactType": artifact_type} if artifact_type else None
-        result = await self._request(KIND_REFERRERS, "GET", f"/v2/{repo}/referrers/{parsed}",
-                                     repo, subject=f"{repo}@{parsed}", query=query,
-                                     headers={"Accept": OCI_INDEX},
-                                     read_limit=MAX_MANIFEST_BYTES, allow=(404,))
-        if result.response.status == 404:
-            _finish(result.response)
-            return None
-        if result.overflow:
-            self._count_error("protocol")
-            raise ManifestInvalid(f"upstream {self.name}: referrers index exceeds "
-                                  f"{MAX_MANIFEST_BYTES} bytes")
-        return result.body or b""
+        path = f"/v2/{repo}/referrers/{parsed}"
+        query: dict[str, str] | None = {"artifactType": artifact_type} if artifact_type else None
+        pages: list[bytes] = []
+        for _ in range(MAX_REFERRER_PAGES):
+            result = await self._request(KIND_REFERRERS, "GET", path, repo,
+                                         subject=f"{repo}@{parsed}", query=query,
+                                         headers={"Accept": OCI_INDEX},
+                                         read_limit=MAX_MANIFEST_BYTES, allow=(404,))
+            if result.response.status == 404:
+                _finish(result.response)
+                if not pages:
+                    return None
+                break
+            if result.overflow:
+                self._count_error("protocol")
+                raise ManifestInvalid(f"upstream {self.name}: referrers index exceeds "
+                                      f"{MAX_MANIFEST_BYTES} bytes")
+            pages.append(result.body or b"")
+            following = parse_next_link(result.response.headers.get("Link"))
+            if following is None:
+                break
+            target = URL(following)
+            # Only the same registry's referrers path: a Link is not allowed to send us
+            # (and the registry's credentials) anywhere else.
+            if target.is_absolute() and target.origin() != URL(self._base).origin():
+                break
+            if target.path != path and not target.path.endswith(path):
+                break
+            query = dict(target.query)
+        if len(pages) == 1:
+            return pages[0]
+        return _merge_referrer_pages(pages, self.name)
 
     # -- request machinery --------------------------------------------------------------------
     async def _request(self, kind: str, method: str, path: str, repo: str, *, subject: str,
