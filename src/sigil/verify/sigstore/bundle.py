@@ -14,6 +14,8 @@ from typing import Any
 
 from cryptography import x509
 
+from sigil.verify.dsse import DsseSignature, Envelope
+
 from ._common import as_int, b64decode, fail, load_der_certificate
 
 # Media type -> bundle version. Both spellings of v0.3 exist in the wild.
@@ -55,26 +57,9 @@ class TlogEntry:
     canonicalized_body: bytes
 
 
-@dataclass(frozen=True)
-class DSSESignature:
-    """One DSSE signature (``keyid`` is an unsigned hint and never used)."""
-
-    sig: bytes
-    keyid: str
-
-
-@dataclass(frozen=True)
-class DSSEEnvelope:
-    """A DSSE envelope (secure-systems-lab/dsse ``envelope.md``)."""
-
-    payload: bytes
-    payload_type: str
-    signatures: tuple[DSSESignature, ...]
-
-    def pae(self) -> bytes:
-        """DSSE v1 Pre-Authentication Encoding of the payload: what the signature covers."""
-        t = self.payload_type.encode("utf-8")
-        return b"DSSEv1 %d %s %d %s" % (len(t), t, len(self.payload), self.payload)
+# One DSSE envelope type and one PAE for all of sigil (sigil.verify.dsse): a bundle's
+# envelope is parsed with sigstore's stricter rules below but is the same object.
+DSSEEnvelope = Envelope
 
 
 @dataclass(frozen=True)
@@ -168,7 +153,7 @@ class Bundle:
                    message_digest=digest, message_signature=msg_sig, dsse=dsse)
 
 
-def parse_dsse_envelope(env: Any) -> DSSEEnvelope:
+def parse_dsse_envelope(env: Any) -> Envelope:
     """Parse a DSSE envelope object (exactly one signature, as sigstore requires)."""
     if not isinstance(env, dict):
         fail("DSSE envelope is not an object", "malformed")
@@ -186,9 +171,9 @@ def parse_dsse_envelope(env: Any) -> DSSEEnvelope:
         sig = b64decode(s.get("sig"), f"dsseEnvelope.signatures[{i}].sig")
         if not sig:
             fail("DSSE signature is empty", "malformed")
-        keyid = s.get("keyid", "")
-        out.append(DSSESignature(sig, keyid if isinstance(keyid, str) else ""))
-    return DSSEEnvelope(payload=payload, payload_type=payload_type, signatures=tuple(out))
+        keyid = s.get("keyid")
+        out.append(DsseSignature(sig=sig, keyid=keyid if isinstance(keyid, str) else None))
+    return Envelope(payload_type=payload_type, payload=payload, signatures=tuple(out))
 
 
 def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
