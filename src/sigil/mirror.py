@@ -43,7 +43,7 @@ from sigil.oci.manifest import (
 from sigil.oci.reference import validate_tag
 from sigil.routing import Route
 from sigil.singleflight import SingleFlight
-from sigil.storage import BlobStore, Index
+from sigil.storage import BlobStore, Index, TagRow
 from sigil.upstream import UpstreamClient
 
 log = get_logger("sigil.mirror")
@@ -117,13 +117,6 @@ class CachedBlob:
     digest: Digest
 
 
-@dataclass
-class _TagEntry:
-    digest: Digest
-    media_type: str
-    checked_at: float
-
-
 class _ManifestCache:
     """A small LRU of manifest bytes in memory, bounded in bytes: the warm HEAD/GET path."""
 
@@ -176,7 +169,7 @@ class Mirror:
         self.policy: PolicyHook = policy or AllowAll()
         self.downloads = Downloads(store)
         self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
-        self._tags: dict[tuple[str, str, str], _TagEntry] = {}
+        self._tags: dict[tuple[str, str, str], TagRow] = {}
         self._allowed: set[tuple[str, str, Digest, str]] = set()
         self._expanded: set[tuple[str, str, Digest, str]] = set()
         self._served_flights: SingleFlight[ServedManifest] = SingleFlight()
@@ -236,10 +229,8 @@ class Mirror:
         now = time.time()
         entry = self._tags.get(key)
         if entry is None:
-            row = self.index.get_tag(*key)
-            if row is not None:
-                entry = _TagEntry(Digest.parse(row.digest) if isinstance(row.digest, str)
-                                  else row.digest, row.media_type, row.checked_at)
+            entry = self.index.get_tag(*key)
+            if entry is not None:
                 _bounded(self._tags)[key] = entry
         if entry is not None and now - entry.checked_at < route.upstream.tag_ttl:
             cached = self._manifests.get(entry.digest)
@@ -281,7 +272,7 @@ class Mirror:
             fetched = await client.get_manifest(route.repo, tag, DEFAULT_ACCEPT)
             served = await self._store_manifest(Digest.of(fetched.raw), fetched.raw,
                                                 fetched.media_type)
-        entry = _TagEntry(served.digest, served.media_type, time.time())
+        entry = TagRow(served.digest, served.media_type, time.time())
         _bounded(self._tags)[key] = entry
         self.index.put_tag(*key, served.digest, served.media_type, entry.checked_at)
         return served
