@@ -35,8 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from tests.realparts import (
     RegistryPusher,
     skopeo_copy,
 )
+from tests.support.e2e import http_get, sigil_starter
 from tests.support.sigilproc import SigilProcess
 from tests.support.testsigstore import (
     BUNDLE_V03,
@@ -121,25 +120,10 @@ def keyless_policy(root: Path, *, timestamps: int | None = None,
 @pytest.fixture
 def start_sigil(real_registry: RealRegistry, tmp_path: Path
                 ) -> Iterator[Callable[..., SigilProcess]]:
-    started: list[SigilProcess] = []
-
-    def start(policy: dict[str, Any]) -> SigilProcess:
-        up = {"name": UPSTREAM, "url": real_registry.url, "default": True}
-        process = SigilProcess(tmp_path / f"sigil{len(started)}", [up], policy)
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        process.stop()
+    yield from sigil_starter(real_registry.url, tmp_path, UPSTREAM)
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+get = http_get
 
 
 async def sign_keyless(sigstore: TestSigstore, pusher: RegistryPusher, repo: str,

@@ -23,6 +23,7 @@ import yaml
 
 from sigil.oci.digest import Digest
 from tests.realparts import Layer, ProcessError, RealRegistry, RegistryPusher, skopeo_copy
+from tests.support.e2e import http_get, sigil_starter
 from tests.support.sigilproc import SigilProcess
 from tests.test_verify_support import (
     INTOTO,
@@ -54,17 +55,7 @@ def signer() -> Signer:
 @pytest.fixture
 def start_sigil(real_registry: RealRegistry, tmp_path: Path
                 ) -> Iterator[Callable[..., SigilProcess]]:
-    started: list[SigilProcess] = []
-
-    def start(policy: dict[str, Any], **upstream: Any) -> SigilProcess:
-        up = {"name": UPSTREAM, "url": real_registry.url, "default": True, **upstream}
-        process = SigilProcess(tmp_path / f"sigil{len(started)}", [up], policy)
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        process.stop()
+    yield from sigil_starter(real_registry.url, tmp_path, UPSTREAM)
 
 
 @pytest.fixture
@@ -82,12 +73,7 @@ def sig_layer(signer: Signer, digest: str, *, tamper: bool = False) -> Layer:
     return Layer(payload, SIMPLE, {"dev.cosignproject.cosign/signature": b64(signature)})
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+get = http_get
 
 
 async def pull(sigil: SigilProcess, repo: str, ref: str, dest: Path) -> str:
