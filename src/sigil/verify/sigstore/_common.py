@@ -157,30 +157,30 @@ def load_pem_certificates(pem: bytes) -> tuple[x509.Certificate, ...]:
         fail(f"certificate PEM is invalid: {exc}", "malformed")
 
 
-@lru_cache(maxsize=256)
-def load_der_public_key(der: bytes) -> PublicKey:
-    """Parse (and cache) a DER SubjectPublicKeyInfo; only EC, Ed25519 and RSA keys."""
-    try:
-        key = serialization.load_der_public_key(der)
-    except (ValueError, UnsupportedAlgorithm):
-        fail("public key is not a valid DER SubjectPublicKeyInfo", "malformed")
+def _supported(key: Any) -> PublicKey:
+    """``key`` if it is an EC, Ed25519 or RSA public key, else fail ``unsupported``."""
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
                       | rsa.RSAPublicKey):
         fail(f"unsupported public key type {type(key).__name__}", "unsupported")
     return key
+
+
+@lru_cache(maxsize=256)
+def load_der_public_key(der: bytes) -> PublicKey:
+    """Parse (and cache) a DER SubjectPublicKeyInfo; only EC, Ed25519 and RSA keys."""
+    try:
+        return _supported(serialization.load_der_public_key(der))
+    except (ValueError, UnsupportedAlgorithm):
+        fail("public key is not a valid DER SubjectPublicKeyInfo", "malformed")
 
 
 @lru_cache(maxsize=256)
 def load_pem_public_key(pem: bytes) -> PublicKey:
     """Parse (and cache) a PEM public key (``-----BEGIN PUBLIC KEY-----``)."""
     try:
-        key = serialization.load_pem_public_key(pem)
+        return _supported(serialization.load_pem_public_key(pem))
     except (ValueError, UnsupportedAlgorithm):
         fail("public key PEM is invalid", "malformed")
-    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-                      | rsa.RSAPublicKey):
-        fail(f"unsupported public key type {type(key).__name__}", "unsupported")
-    return key
 
 
 def spki_der(key: PublicKey) -> bytes:
