@@ -1,0 +1,57 @@
+"""The per-digest fetch lease: who downloads a cold blob when several processes share a store.
+
+One process (a ``--workers`` sibling on one host, or a replica of a fleet) holds the lease for a
+digest while it fetches the blob from the upstream; the others find the holder and stream from
+it (on one host: the growing staging file; in a fleet: the holder's peer endpoint) instead of
+fetching again. A lease carries an expiry: a holder that dies or stalls stops renewing it and
+another process takes it over once it has expired.
+
+Expiry is judged by one clock only, the one of the lease table's owner (SQLite: the host; the
+shared database: the database server's ``now()``), never by comparing the clocks of two
+processes, so clock skew between replicas cannot make two holders at once.
+
+Implementations: the local one (beside the SQLite index) and the PostgreSQL one. Both pass the
+same contract tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sigil.oci.digest import Digest
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """The current holder of a digest's lease."""
+
+    digest: Digest
+    holder: str          # an opaque, unique id of the holding process (e.g. "host:pid:uuid")
+    location: str        # where waiters stream from: a staging file path or a peer URL
+    expires_at: float    # seconds since the epoch, on the lease table's clock
+    size: int | None = None  # the blob's size once the holder knows it (upstream Content-Length)
+
+
+class FetchLeases(Protocol):
+    """Per-digest fetch leases shared by every process using one store."""
+
+    async def acquire(self, digest: Digest, holder: str, location: str,
+                      ttl: float) -> LeaseInfo:
+        """Take the lease if it is free or expired and return it; otherwise return the live
+        lease of the current holder (``result.holder != holder``). Atomic."""
+        ...
+
+    async def renew(self, digest: Digest, holder: str, ttl: float,
+                    size: int | None = None) -> bool:
+        """Extend a lease this holder still holds (and record the size once known).
+        False if it was lost (expired and taken over): the caller must stop publishing."""
+        ...
+
+    async def release(self, digest: Digest, holder: str) -> None:
+        """Give the lease up (after commit or failure). A lease held by another is untouched."""
+        ...
+
+    async def current(self, digest: Digest) -> LeaseInfo | None:
+        """The live (unexpired) lease for ``digest``, if any."""
+        ...
