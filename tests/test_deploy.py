@@ -12,11 +12,13 @@ probe paths answer 200. Each check is also run on a deliberately broken copy, an
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +28,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.realparts import Containerd, ProcessError, podman_pull, shipped_client_config
 from tests.realparts._process import DEAD_URL, http_status
+from tests.realparts.clients import (
+    SHIPPED_CLIENT_CONFIGS,
+    SHIPPED_SIGIL_HOST,
+    SHIPPED_UPSTREAM_HOST,
+)
 from tests.support.confined import start_confined, world_readable_tempdir
-from tests.support.sigilproc import free_port
+from tests.support.sigilproc import SigilProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -397,3 +405,140 @@ def test_broken_copy_fails(kit_copy, file, old, new, expected) -> None:
 
 def test_old_single_manifest_is_gone() -> None:
     assert not (REPO / "deploy" / "kubernetes.yaml").exists()
+
+
+# -- client configs (deploy/clients/) ---------------------------------------------------------------
+
+#: The upstream registries sigil's Kubernetes config serves; every client file covers them.
+K8S_UPSTREAMS = {u["name"] for u in
+                 yaml.safe_load((BASE / "config" / "sigil.yaml").read_text())["upstreams"]}
+DENY_ALL = {"policies": [{"name": "deny-all", "images": ["**"], "static": "deny"}]}
+
+
+def test_containerd_hosts_toml_has_sigil_as_server_and_only_host() -> None:
+    config = tomllib.loads((SHIPPED_CLIENT_CONFIGS / "containerd/hosts.toml").read_text())
+    sigil_url = f"https://{SHIPPED_SIGIL_HOST}"
+    # Nothing else to fall back to: the server and every host are sigil.
+    assert config["server"] == sigil_url
+    assert set(config["host"]) == {sigil_url}
+    assert config["host"][sigil_url]["capabilities"] == ["pull", "resolve"]
+
+
+def test_registries_conf_locations_are_sigil_and_hub_names_blocked() -> None:
+    config = tomllib.loads((SHIPPED_CLIENT_CONFIGS / "containers/registries.conf").read_text())
+    served = {r["prefix"]: r for r in config["registry"] if not r.get("blocked")}
+    assert set(served) == K8S_UPSTREAMS
+    for prefix, registry in served.items():
+        assert registry["location"] == f"{SHIPPED_SIGIL_HOST}/{prefix}"
+        assert "mirror" not in registry  # a refusing mirror is followed by the location
+    blocked = {r["prefix"] for r in config["registry"] if r.get("blocked")}
+    assert {SHIPPED_UPSTREAM_HOST, "index.docker.io"} <= blocked
+    mirror_form = tomllib.loads(
+        (SHIPPED_CLIENT_CONFIGS / "containers/registries-mirror.conf").read_text())
+    (entry,) = mirror_form["registry"]
+    assert entry["mirror"][0]["pull-from-mirror"] == "all"
+
+
+def test_docker_daemon_json_names_sigil_as_mirror() -> None:
+    config = json.loads((SHIPPED_CLIENT_CONFIGS / "docker/daemon.json").read_text())
+    assert config == {"registry-mirrors": [f"https://{SHIPPED_SIGIL_HOST}"]}
+
+
+def test_k3s_registries_yaml_mirrors_every_upstream_to_sigil() -> None:
+    config = yaml.safe_load((SHIPPED_CLIENT_CONFIGS / "k3s/registries.yaml").read_text())
+    assert set(config) == {"mirrors", "configs"}
+    assert set(config["mirrors"]) == K8S_UPSTREAMS
+    for mirror in config["mirrors"].values():
+        assert set(mirror) == {"endpoint"}
+        assert mirror["endpoint"] == [f"https://{SHIPPED_SIGIL_HOST}"]
+    # The TLS settings are keyed by the endpoint's host:port, as k3s looks them up.
+    assert set(config["configs"]) == {SHIPPED_SIGIL_HOST}
+    assert set(config["configs"][SHIPPED_SIGIL_HOST]["tls"]) <= {
+        "ca_file", "cert_file", "key_file", "insecure_skip_verify"}
+
+
+@pytest.fixture
+def denying_sigil(real_registry, tmp_path: Path) -> Iterator[SigilProcess]:
+    """sigil denying every image, with the real registry as the upstream under two names:
+    its own host:port (containerd sends ?ns=<that>) and docker.io (podman's path prefix)."""
+    upstreams = [{"name": real_registry.host, "url": real_registry.url},
+                 {"name": "docker.io", "url": real_registry.url, "default": True}]
+    with SigilProcess(tmp_path / "sigil", upstreams, DENY_ALL) as process:
+        yield process
+
+
+def _client_requests(registry, mark: int) -> list[str]:
+    """Requests that reached the upstream from a client itself (not through sigil)."""
+    return [f"{r.method} {r.path} ({r.user_agent})" for r in registry.requests(since=mark)
+            if not r.user_agent.startswith("sigil/")]
+
+
+@pytest.mark.realparts
+async def test_ctr_denied_pull_through_shipped_hosts_toml_fails_closed(
+        denying_sigil, real_registry, registry_pusher, unique_repo,
+        containerd_daemon: Containerd) -> None:
+    """The image's own registry is reachable (it is the real upstream), so a fallback would
+    succeed: with the shipped hosts.toml the denial stands and ctr never contacts it."""
+    await registry_pusher.make_image(unique_repo, "denied")
+    ref = f"{real_registry.host}/{unique_repo}:denied"
+    hosts_dir = containerd_daemon.shipped_hosts_dir([real_registry.host], denying_sigil.host)
+    mark = real_registry.log_mark()
+    with pytest.raises(ProcessError) as denied:
+        await containerd_daemon.pull(ref, hosts_dir=hosts_dir)
+    assert "403" in str(denied.value) or "denied" in str(denied.value).lower()
+    assert any(e.get("status") == 403 and e.get("ns") == real_registry.host
+               for e in denying_sigil.log_events())
+    assert _client_requests(real_registry, mark) == []
+    assert await containerd_daemon.image(ref) is None
+
+
+@pytest.mark.realparts
+async def test_ctr_mirror_style_hosts_toml_bypasses_a_denial(
+        denying_sigil, real_registry, registry_pusher, unique_repo,
+        containerd_daemon: Containerd) -> None:
+    """Why the shipped file has sigil as `server`: the usual mirror form (sigil as a [host],
+    the registry as `server`) fetches a denied image from the registry directly."""
+    pushed = await registry_pusher.make_image(unique_repo, "bypass")
+    ref = f"{real_registry.host}/{unique_repo}:bypass"
+    hosts_dir = containerd_daemon.directory / f"mirror-style-{unique_repo.replace('/', '-')}"
+    (hosts_dir / real_registry.host).mkdir(parents=True)
+    (hosts_dir / real_registry.host / "hosts.toml").write_text(
+        f'server = "{real_registry.url}"\n\n[host."{denying_sigil.url}"]\n'
+        '  capabilities = ["pull", "resolve"]\n')
+    mark = real_registry.log_mark()
+    digest = await containerd_daemon.pull(ref, hosts_dir=hosts_dir)
+    assert digest == pushed.digest
+    assert any("containerd" in request for request in _client_requests(real_registry, mark))
+    await containerd_daemon.remove_image(ref)
+
+
+@pytest.mark.realparts
+async def test_podman_denied_pull_through_shipped_registries_conf_fails_closed(
+        denying_sigil, real_registry, registry_pusher, unique_repo) -> None:
+    """Docker Hub's endpoint name in the shipped file is the real upstream here, so a
+    fallback would succeed: the denial stands, and a direct reference is blocked."""
+    await registry_pusher.make_image(unique_repo, "denied")
+    conf = shipped_client_config("containers/registries.conf", denying_sigil.host,
+                                 upstream_host=real_registry.host)
+    mark = real_registry.log_mark()
+    with pytest.raises(ProcessError) as denied:
+        await podman_pull(f"docker.io/{unique_repo}:denied", conf)
+    assert "denied" in str(denied.value)
+    with pytest.raises(ProcessError) as blocked:
+        await podman_pull(f"{real_registry.host}/{unique_repo}:denied", conf)
+    assert "is blocked" in str(blocked.value)
+    assert _client_requests(real_registry, mark) == []
+
+
+@pytest.mark.realparts
+async def test_podman_mirror_form_falls_back_past_a_denial(
+        denying_sigil, real_registry, registry_pusher, unique_repo) -> None:
+    """What registries-mirror.conf warns about: after sigil's 403 podman pulls directly."""
+    pushed = await registry_pusher.make_image(unique_repo, "bypass")
+    conf = shipped_client_config("containers/registries-mirror.conf", denying_sigil.host,
+                                 upstream_host=real_registry.host)
+    mark = real_registry.log_mark()
+    image = await podman_pull(f"docker.io/{unique_repo}:bypass", conf)
+    assert image.digest == pushed.digest
+    assert any(e.get("status") == 403 for e in denying_sigil.log_events())
+    assert any("containers/" in request for request in _client_requests(real_registry, mark))

@@ -14,7 +14,7 @@ from tests.realparts import (
     RealRegistry,
     RegistryPusher,
     podman_pull,
-    registries_conf_mirror,
+    shipped_client_config,
     skopeo_copy,
 )
 from tests.support.sigilproc import SigilProcess
@@ -91,7 +91,9 @@ async def test_ctr_pull_through_hosts_toml(sigil, registry_pusher, unique_repo,
                                            containerd_daemon: Containerd) -> None:
     pushed = await registry_pusher.make_multiplatform_image(unique_repo, "c1")
     ref = f"registry.test/{unique_repo}:c1"
-    digest = await containerd_daemon.pull(ref, mirrors={"registry.test": sigil.url})
+    # The shipped deploy/clients/containerd/hosts.toml (sigil as `server`), in registry.test/.
+    hosts_dir = containerd_daemon.shipped_hosts_dir(["registry.test"], sigil.host)
+    digest = await containerd_daemon.pull(ref, hosts_dir=hosts_dir)
     assert digest == pushed.index.digest
     # containerd routed with ?ns=registry.test: the mirror saw it.
     assert any(event.get("ns") == "registry.test" and event.get("status") == 200
@@ -100,9 +102,12 @@ async def test_ctr_pull_through_hosts_toml(sigil, registry_pusher, unique_repo,
 
 async def test_podman_pull_through_registries_conf(sigil, registry_pusher, unique_repo) -> None:
     pushed = await registry_pusher.make_image(unique_repo, "p1")
-    conf = registries_conf_mirror("registry.test", f"{sigil.host}/registry.test")
-    image = await podman_pull(f"registry.test/{unique_repo}:p1", conf)
+    # The shipped deploy/clients/containers/registries.conf: docker.io -> sigil/docker.io.
+    conf = shipped_client_config("containers/registries.conf", sigil.host)
+    image = await podman_pull(f"docker.io/{unique_repo}:p1", conf)
     assert image.digest == pushed.digest
+    assert any(event.get("path", "").startswith(f"/v2/docker.io/{unique_repo}/manifests/")
+               and event.get("status") == 200 for event in sigil.log_events())
 
 
 async def test_missing_image_is_manifest_unknown(sigil, tmp_path) -> None:

@@ -172,6 +172,32 @@ async def skopeo_inspect_raw(
     return result.stdout.encode()
 
 
+# -- the client configs shipped in deploy/clients/ -------------------------------------------------
+
+#: What users install (docs/clients.md); tests configure clients from these very files.
+SHIPPED_CLIENT_CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "clients"
+#: How the shipped files name sigil.
+SHIPPED_SIGIL_HOST = "sigil.internal:5000"
+#: How the shipped files name Docker Hub's own endpoint (the place a fallback would go).
+SHIPPED_UPSTREAM_HOST = "registry-1.docker.io"
+
+
+def shipped_client_config(name: str, sigil_host: str, *, upstream_host: str | None = None) -> str:
+    """The shipped ``deploy/clients/<name>`` for a sigil at ``sigil_host`` (``host:port``).
+
+    Templating only: the sigil under test speaks plain HTTP on loopback, so
+    ``https://sigil.internal:5000`` becomes ``http://<sigil_host>`` and any other
+    ``sigil.internal:5000`` becomes ``sigil_host``; with ``upstream_host``, Docker Hub's
+    endpoint name becomes it (a real loopback registry, so a fallback can be observed).
+    """
+    text = (SHIPPED_CLIENT_CONFIGS / name).read_text()
+    text = text.replace(f"https://{SHIPPED_SIGIL_HOST}", f"http://{sigil_host}")
+    text = text.replace(SHIPPED_SIGIL_HOST, sigil_host)
+    if upstream_host is not None:
+        text = text.replace(SHIPPED_UPSTREAM_HOST, upstream_host)
+    return text
+
+
 # -- containerd ------------------------------------------------------------------------------------
 
 
@@ -329,6 +355,16 @@ class Containerd:
         self._hosts_dirs += 1
         return write_hosts_dir(self.directory / f"hosts-{self._hosts_dirs}", mirrors,
                                override_path=override_path)
+
+    def shipped_hosts_dir(self, registries: Sequence[str], sigil_host: str) -> Path:
+        """A new hosts dir with the shipped ``containerd/hosts.toml`` for each registry name."""
+        self._hosts_dirs += 1
+        hosts_dir = self.directory / f"hosts-{self._hosts_dirs}"
+        text = shipped_client_config("containerd/hosts.toml", sigil_host)
+        for registry in registries:
+            (hosts_dir / registry).mkdir(parents=True)
+            (hosts_dir / registry / "hosts.toml").write_text(text)
+        return hosts_dir
 
     async def pull(
         self,
