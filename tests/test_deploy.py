@@ -542,3 +542,118 @@ async def test_podman_mirror_form_falls_back_past_a_denial(
     assert image.digest == pushed.digest
     assert any(e.get("status") == 403 for e in denying_sigil.log_events())
     assert any("containers/" in request for request in _client_requests(real_registry, mark))
+
+
+# -- compose (deploy/compose/) ---------------------------------------------------------------------
+
+COMPOSE = REPO / "deploy" / "compose"
+
+
+def compose_config(compose_file: Path) -> Manifest:
+    """``docker compose config``: the file validated against the Compose schema, paths resolved.
+
+    Debian 12's ``docker-compose`` (1.29, the Compose Specification) or the compose plugin.
+    """
+    if shutil.which("docker-compose"):
+        argv = ["docker-compose", "-f", str(compose_file), "config"]
+    else:
+        argv = ["docker", "compose", "-f", str(compose_file), "config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "COMPOSE_"))}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env,
+                            cwd=compose_file.parent, check=False)
+    if result.returncode != 0:
+        raise RenderError(result.stderr.strip() or result.stdout.strip())
+    config: Manifest = yaml.safe_load(result.stdout)
+    return config
+
+
+def _binds(service: Manifest) -> dict[str, Path]:
+    """Bind mounts of a resolved service: container path -> host path (short or long form)."""
+    binds = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind":
+                binds[volume["target"]] = Path(volume["source"])
+        else:
+            source, target = volume.split(":")[:2]
+            if source.startswith("/"):
+                binds[target] = Path(source)
+    return binds
+
+
+def _published(service: Manifest) -> set[int]:
+    ports = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.add(int(port["target"]))
+        else:
+            ports.add(int(str(port).split(":")[-1].split("/")[0]))
+    return ports
+
+
+@pytest.fixture(scope="module")
+def compose() -> Manifest:
+    return compose_config(COMPOSE / "compose.yaml")
+
+
+def test_compose_validates_with_three_services_and_existing_mounts(compose) -> None:
+    services = compose["services"]
+    assert set(services) == {"sigil", "prometheus", "grafana"}
+    build = services["sigil"]["build"]
+    assert Path(build["context"]).resolve() == REPO
+    assert (REPO / build.get("dockerfile", "Dockerfile")).is_file()
+    assert _published(services["sigil"]) == {5000}
+    assert _published(services["prometheus"]) == {9090}
+    assert _published(services["grafana"]) == {3000}
+    for name, service in services.items():
+        for target, source in _binds(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+    # The sigil container is hardened as the pod is.
+    assert services["sigil"]["read_only"] is True
+    assert services["sigil"]["cap_drop"] == ["ALL"]
+
+
+def test_compose_prometheus_loads_sigil_rules_and_scrapes_the_sigil_service(compose) -> None:
+    prometheus = compose["services"]["prometheus"]
+    binds = _binds(prometheus)
+    assert binds["/etc/prometheus/prometheus.yml"] == REPO / "deploy/prometheus/prometheus.yml"
+    assert binds["/etc/prometheus/sigil-rules.yaml"] == REPO / "deploy/prometheus/sigil-rules.yaml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load(binds["/etc/prometheus/prometheus.yml"].read_text())
+    # Rule files resolve relative to the config file: each is mounted beside it.
+    for rule_file in config["rule_files"]:
+        assert str(Path("/etc/prometheus") / rule_file) in binds, rule_file
+    targets = {target for job in config["scrape_configs"] for sc in job["static_configs"]
+               for target in sc["targets"]}
+    assert "sigil:5000" in targets  # this file's service name and sigil's port
+
+
+def test_compose_grafana_provisions_datasource_and_dashboard(compose) -> None:
+    grafana = compose["services"]["grafana"]
+    binds = _binds(grafana)
+    datasources = yaml.safe_load(
+        (binds["/etc/grafana/provisioning/datasources"] / "prometheus.yaml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load(
+        (binds["/etc/grafana/provisioning/dashboards"] / "sigil.yaml").read_text())
+    (provider,) = providers["providers"]
+    dashboard_target = next(t for t, s in binds.items() if s.name == "sigil.json")
+    assert binds[dashboard_target] == REPO / "deploy/grafana/sigil.json"
+    assert Path(dashboard_target).parent == Path(provider["options"]["path"])
+    dashboard = json.loads(binds[dashboard_target].read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("    read_only: true\n", "    read_only: sometimes\n"),      # wrong type
+    ("    stop_grace_period: 45s\n", "    stop_grace_periode: 45s\n"),  # unknown key
+    ("      sigil:\n        condition: service_healthy", "      sigil:\n        condition: healthy"),
+])
+def test_broken_compose_copy_fails(tmp_path: Path, old: str, new: str) -> None:
+    copy = tmp_path / "deploy" / "compose"
+    shutil.copytree(COMPOSE, copy)
+    compose_config(copy / "compose.yaml")  # the unbroken copy validates
+    _edit(copy / "compose.yaml", old, new)
+    with pytest.raises(RenderError):
+        compose_config(copy / "compose.yaml")
