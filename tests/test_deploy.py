@@ -12,8 +12,10 @@ probe paths answer 200. Each check is also run on a deliberately broken copy, an
 from __future__ import annotations
 
 import base64
+import configparser
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -657,3 +659,22 @@ def test_broken_compose_copy_fails(tmp_path: Path, old: str, new: str) -> None:
     _edit(copy / "compose.yaml", old, new)
     with pytest.raises(RenderError):
         compose_config(copy / "compose.yaml")
+
+
+def test_docker_egress_drop_in_proxies_everything_but_sigil() -> None:
+    """The systemd drop-in that stops dockerd's fallback to Hub: a dead proxy, sigil exempt."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    text = (SHIPPED_CLIENT_CONFIGS / "docker/sigil-egress.conf").read_text()
+    # systemd allows repeated keys; configparser keeps the last, so read each line's values.
+    environment: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line.partition("=")[2]):
+                key, _, value = assignment.partition("=")
+                environment[key] = value
+    parser.read_string(text)
+    assert parser.has_section("Service")
+    assert environment["HTTPS_PROXY"] == environment["HTTP_PROXY"] == DEAD_URL
+    mirror_host = json.loads((SHIPPED_CLIENT_CONFIGS / "docker/daemon.json").read_text())[
+        "registry-mirrors"][0].split("://")[1].split(":")[0]
+    assert mirror_host in environment["NO_PROXY"].split(",")
