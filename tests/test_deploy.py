@@ -15,6 +15,7 @@ import base64
 import configparser
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -247,8 +248,12 @@ def test_overlay_namespaces_renames_and_keeps_selectors(rendered) -> None:
     assert one(overlay, "PersistentVolumeClaim")["spec"]["resources"]["requests"] == {
         "storage": "500Gi"}
     # The overlay's own policy and credentials replaced the base's: new generated names.
-    for kind in ("ConfigMap",):
-        assert one(overlay, kind)["metadata"]["name"] != one(base, kind)["metadata"]["name"]
+    assert one(overlay, "ConfigMap")["metadata"]["name"] != one(base, "ConfigMap")["metadata"][
+        "name"]
+    policy = yaml.safe_load(one(overlay, "ConfigMap")["data"]["policy.yaml"])
+    assert "docker-official-images" in {p["name"] for p in policy["policies"]}
+    assert ({s["metadata"]["name"] for s in by_kind(overlay, "Secret")}
+            != {s["metadata"]["name"] for s in by_kind(base, "Secret")})
 
 
 def _secret_values(objects: list[Manifest]) -> dict[tuple[str, str], str]:
@@ -352,6 +357,7 @@ def test_rendered_pod_starts_sigil_and_answers_its_probes(rendered, which, pod_d
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()  # SIGTERM (the kubelet's stop): clean drain
     # It wrote its store where the PVC is, as the image's user.
     assert (store / "index.sqlite").stat().st_uid == SIGIL_UID
 
@@ -613,6 +619,10 @@ def test_compose_validates_with_three_services_and_existing_mounts(compose) -> N
     # The sigil container is hardened as the pod is.
     assert services["sigil"]["read_only"] is True
     assert services["sigil"]["cap_drop"] == ["ALL"]
+    # Prometheus waits for the image's HEALTHCHECK (the Dockerfile's, on /healthz).
+    assert services["prometheus"]["depends_on"]["sigil"]["condition"] == "service_healthy"
+    assert re.search(r"^HEALTHCHECK .*/healthz", (REPO / "Dockerfile").read_text(),
+                     re.MULTILINE | re.DOTALL)
 
 
 def test_compose_prometheus_loads_sigil_rules_and_scrapes_the_sigil_service(compose) -> None:
