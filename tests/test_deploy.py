@@ -31,7 +31,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.realparts import Containerd, ProcessError, podman_pull, shipped_client_config
+from tests.realparts import (
+    Containerd,
+    Podman,
+    ProcessError,
+    podman_pull,
+    shipped_client_config,
+)
 from tests.realparts._process import DEAD_URL, http_status
 from tests.realparts.clients import (
     SHIPPED_CLIENT_CONFIGS,
@@ -39,6 +45,7 @@ from tests.realparts.clients import (
     SHIPPED_UPSTREAM_HOST,
 )
 from tests.support.confined import start_confined, world_readable_tempdir
+from tests.support.e2e import self_signed_cert
 from tests.support.sigilproc import SigilProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -688,3 +695,36 @@ def test_docker_egress_drop_in_proxies_everything_but_sigil() -> None:
     mirror_host = json.loads((SHIPPED_CLIENT_CONFIGS / "docker/daemon.json").read_text())[
         "registry-mirrors"][0].split("://")[1].split(":")[0]
     assert mirror_host in environment["NO_PROXY"].split(",")
+
+
+@pytest.mark.realparts
+async def test_ctr_and_podman_pull_over_tls_through_the_shipped_files(
+        real_registry, registry_pusher, unique_repo, tmp_path: Path,
+        containerd_daemon: Containerd) -> None:
+    """The shipped files as written (https://, TLS verified), with only sigil's host:port and
+    its CA filled in: sigil serves TLS with a self-signed certificate for 127.0.0.1."""
+    cert, key = self_signed_cert(tmp_path)
+    upstreams = [{"name": "docker.io", "url": real_registry.url, "default": True}]
+    pushed = await registry_pusher.make_image(unique_repo, "tls")
+    with SigilProcess(tmp_path / "sigil", upstreams, tls=(cert, key)) as sigil:
+        hosts_dir = containerd_daemon.shipped_hosts_dir(["docker.io"], sigil.host, ca_file=cert)
+        hosts_toml = (hosts_dir / "docker.io/hosts.toml").read_text()
+        assert f'server = "https://{sigil.host}"' in hosts_toml and f'ca = "{cert}"' in hosts_toml
+        ref = f"docker.io/{unique_repo}:tls"
+        # The certificate is verified: without the CA line the pull fails.
+        untrusted = tmp_path / "untrusted"
+        (untrusted / "docker.io").mkdir(parents=True)
+        (untrusted / "docker.io/hosts.toml").write_text(hosts_toml.replace(f'ca = "{cert}"', ""))
+        with pytest.raises(ProcessError, match="certificate"):
+            await containerd_daemon.pull(ref, hosts_dir=untrusted)
+        assert await containerd_daemon.pull(ref, hosts_dir=hosts_dir) == pushed.digest
+        await containerd_daemon.remove_image(ref)
+
+        cert_dir = tmp_path / "certs"
+        cert_dir.mkdir()
+        shutil.copy(cert, cert_dir / "sigil-ca.crt")
+        conf = shipped_client_config("containers/registries.conf", sigil.host, ca_file=cert)
+        assert "insecure = false" in conf
+        async with Podman(conf) as podman:
+            image = await podman.pull(ref, tls_verify=True, cert_dir=cert_dir)
+        assert image.digest == pushed.digest

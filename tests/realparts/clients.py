@@ -10,6 +10,7 @@ without blocking the event loop, so an in-process server in the same loop keeps 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -182,16 +183,22 @@ SHIPPED_SIGIL_HOST = "sigil.internal:5000"
 SHIPPED_UPSTREAM_HOST = "registry-1.docker.io"
 
 
-def shipped_client_config(name: str, sigil_host: str, *, upstream_host: str | None = None) -> str:
+def shipped_client_config(name: str, sigil_host: str, *, upstream_host: str | None = None,
+                          ca_file: Path | None = None) -> str:
     """The shipped ``deploy/clients/<name>`` for a sigil at ``sigil_host`` (``host:port``).
 
-    Templating only: the sigil under test speaks plain HTTP on loopback, so
-    ``https://sigil.internal:5000`` becomes ``http://<sigil_host>`` and any other
-    ``sigil.internal:5000`` becomes ``sigil_host``; with ``upstream_host``, Docker Hub's
-    endpoint name becomes it (a real loopback registry, so a fallback can be observed).
+    Templating only: ``sigil.internal:5000`` becomes ``sigil_host``. Without ``ca_file`` the
+    sigil under test speaks plain HTTP, so ``https://`` before it becomes ``http://``; with
+    ``ca_file`` (sigil serving TLS) the file's commented ``# ca = ...`` lines name that CA.
+    With ``upstream_host``, Docker Hub's endpoint name becomes it (a real loopback registry,
+    so a fallback can be observed).
     """
     text = (SHIPPED_CLIENT_CONFIGS / name).read_text()
-    text = text.replace(f"https://{SHIPPED_SIGIL_HOST}", f"http://{sigil_host}")
+    if ca_file is None:
+        text = text.replace(f"https://{SHIPPED_SIGIL_HOST}", f"http://{sigil_host}")
+    else:
+        text = re.sub(r'(?m)^(\s*)# ca = "[^"]*"$', lambda m: f'{m.group(1)}ca = "{ca_file}"',
+                      text)
     text = text.replace(SHIPPED_SIGIL_HOST, sigil_host)
     if upstream_host is not None:
         text = text.replace(SHIPPED_UPSTREAM_HOST, upstream_host)
@@ -356,11 +363,13 @@ class Containerd:
         return write_hosts_dir(self.directory / f"hosts-{self._hosts_dirs}", mirrors,
                                override_path=override_path)
 
-    def shipped_hosts_dir(self, registries: Sequence[str], sigil_host: str) -> Path:
-        """A new hosts dir with the shipped ``containerd/hosts.toml`` for each registry name."""
+    def shipped_hosts_dir(self, registries: Sequence[str], sigil_host: str, *,
+                          ca_file: Path | None = None) -> Path:
+        """A new hosts dir with the shipped ``containerd/hosts.toml`` for each registry name
+        (see :func:`shipped_client_config`)."""
         self._hosts_dirs += 1
         hosts_dir = self.directory / f"hosts-{self._hosts_dirs}"
-        text = shipped_client_config("containerd/hosts.toml", sigil_host)
+        text = shipped_client_config("containerd/hosts.toml", sigil_host, ca_file=ca_file)
         for registry in registries:
             (hosts_dir / registry).mkdir(parents=True)
             (hosts_dir / registry / "hosts.toml").write_text(text)
@@ -511,13 +520,19 @@ class Podman:
         image: str,
         *,
         tls_verify: bool = False,
+        cert_dir: Path | None = None,
         platform: str | None = None,
         timeout: float = 60.0,
     ) -> PodmanImage:
-        """``podman pull`` a fully qualified ``image`` and return what was stored."""
+        """``podman pull`` a fully qualified ``image`` and return what was stored.
+
+        ``cert_dir``: a directory of CA certificates (``*.crt``) trusted for every registry.
+        """
         args = ["pull", "--quiet", f"--tls-verify={str(tls_verify).lower()}",
                 # Hidden in podman 4.3's help, but honoured.
                 "--signature-policy", str(self._config.policy)]
+        if cert_dir is not None:
+            args += ["--cert-dir", str(cert_dir)]
         if platform is not None:
             args += ["--platform", platform]
         await self.podman(*args, image, timeout=timeout)
