@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # curl and apache2-utils (ab) drive the bench smoke test and bench/.
+packages=(docker-registry skopeo containerd podman curl apache2-utils)
+
 # docker-compose (1.29, the Compose Specification) validates deploy/compose/compose.yaml
 # (`docker-compose config`, no daemon needed); its recommended docker.io is not installed.
-packages=(docker-registry skopeo containerd podman curl apache2-utils docker-compose)
+packages+=(docker-compose)
 
 missing=()
 for pkg in "${packages[@]}"; do
