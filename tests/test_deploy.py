@@ -7,6 +7,14 @@ Service that selects no pod renders and validates fine, and still breaks the dep
 the rendered ConfigMap, Secret and pod spec start a real sigil the way the kubelet would (the
 projected config volume materialised, env from the Secret, read-only root, uid 10001), whose
 probe paths answer 200. Each check is also run on a deliberately broken copy, and must fail.
+
+Compose: ``docker-compose config`` validates deploy/compose/compose.yaml (broken copies fail),
+and the services' mounts and wiring (Prometheus config and rules, Grafana provisioning) agree.
+
+Clients: the shipped deploy/clients/ files are parsed, and real ``ctr`` and ``podman`` pull
+through them (templated with sigil's address): a pull sigil denies fails and the upstream --
+reachable, so a fallback would succeed -- sees no request from the client itself, while the
+usual mirror forms demonstrably fall back past the denial.
 """
 
 from __future__ import annotations
