@@ -2,9 +2,9 @@
 
 Connected phase: a private docker-registry holds a keyed-signed image (``.sig``), a multi-platform
 index signed with ``.sig``, a DHI-shaped index (tag-schema signature referrer, per-platform
-attestation referrers each with its own signature), an image with ``.sig`` and ``.att``, an
-unsigned image the policy denies, a signed image whose blobs are never pulled and a tag nobody
-pulls. An online sigil pulls them with skopeo, which fills its store and index.
+attestation referrers each with its own signature), an image with ``.sig`` and ``.att``, a
+keyless-signed image (sigstore bundle referrer, private test sigstore), an unsigned image the
+policy denies, a signed image whose blobs are never pulled and a tag nobody pulls. An online sigil pulls them with skopeo, which fills its store and index.
 
 Disconnected phase: sigil and the registry are stopped, and a listener that records every
 connection takes the registry's port. The same sigil (same config and store, ``server.offline``
@@ -50,6 +50,8 @@ from tests.realparts._process import http_status, start_daemon, stop_daemon, wai
 from tests.realparts.images import cosign_tag, tag_schema_tag
 from tests.support.e2e import http_get
 from tests.support.sigilproc import SigilProcess, free_port
+from tests.support.testsigstore import BUNDLE_V03, TestSigstore
+from tests.test_e2e_keyless import keyless_policy, sign_keyless
 from tests.test_e2e_verify import UPSTREAM, _dhi_image, att_layer, sig_layer
 from tests.test_verify_support import INTOTO, SIG_ARTIFACT, SLSA_V02, Signer
 
@@ -108,11 +110,15 @@ class ConnectionRecorder:
 
 def _policy(signer: Signer, key_dir: Path, prefix: str) -> dict[str, Any]:
     """Signed repositories need the key's signature; attested ones also a signed SLSA
-    provenance. ``prefix`` names the policies (a new name is a new fingerprint)."""
+    provenance; ``offline/keyless`` a keyless signature under the private sigstore's root
+    (``key_dir/trusted_root.json``). ``prefix`` names the policies (a new name is a new
+    fingerprint)."""
     key_file = key_dir / f"{prefix}key.pub"
     key_file.write_text(signer.pem())
     authority = [{"name": "release-key", "key": {"path": str(key_file)}}]
-    return {"policies": [
+    keyless = keyless_policy(key_dir / "trusted_root.json")["policies"][0]
+    keyless.update(name=f"{prefix}keyless", images=[f"{UPSTREAM}/offline/keyless"])
+    return {"policies": [keyless,
         {"name": f"{prefix}signed", "images": [f"{UPSTREAM}/{r}" for r in SIGNED_REPOS],
          "authorities": authority},
         {"name": f"{prefix}attested", "images": [f"{UPSTREAM}/{r}" for r in ATTESTED_REPOS],
@@ -138,9 +144,13 @@ class Site:
         return f"{self.sigil.url}/v2/{path}"
 
 
-async def _populate(registry: RealRegistry, signer: Signer, sigil: SigilProcess,
-                    site_images: dict[str, Any], sigs: dict[str, Pushed], tmp: Path) -> None:
+async def _populate(registry: RealRegistry, signer: Signer, sigstore: TestSigstore,
+                    sigil: SigilProcess, site_images: dict[str, Any], sigs: dict[str, Pushed],
+                    tmp: Path) -> None:
     async with RegistryPusher(registry.url) as pusher:
+        keyless = await pusher.make_image("offline/keyless", "v1")
+        sigs["keyless"] = await sign_keyless(sigstore, pusher, "offline/keyless", keyless,
+                                             "bundle")
         signed = await pusher.make_image("offline/signed", "v1")
         sigs["signed"] = await pusher.push_cosign_signatures(
             "offline/signed", signed.digest, [sig_layer(signer, signed.digest)])
@@ -160,11 +170,12 @@ async def _populate(registry: RealRegistry, signer: Signer, sigil: SigilProcess,
         lazy = await pusher.make_image("offline/lazy", "v1")
         await pusher.push_cosign_signatures("offline/lazy", lazy.digest,
                                             [sig_layer(signer, lazy.digest)])
-    site_images.update(signed=signed, notpulled=notpulled, multi=multi, dhi=dhi, att=att,
+    site_images.update(keyless=keyless, signed=signed, notpulled=notpulled, multi=multi, dhi=dhi, att=att,
                        unsigned=unsigned, lazy=lazy)
     # Through the online sigil: this is what fills the store and the index.
     for name, repo, tag in (("signed", "offline/signed", "v1"), ("multi", "offline/multi", "v1"),
-                            ("dhi", "offline/dhi", "dhi"), ("att", "offline/att", "v1")):
+                            ("dhi", "offline/dhi", "dhi"), ("att", "offline/att", "v1"),
+                            ("keyless", "offline/keyless", "v1")):
         await skopeo_copy(f"{sigil.host}/{repo}:{tag}", tmp / f"online-{name}")
     assert http_get(f"{sigil.url}/v2/offline/unsigned/manifests/v1")[0] == 403
     assert http_get(f"{sigil.url}/v2/offline/lazy/manifests/v1")[0] == 200  # no blobs
@@ -175,6 +186,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Populate through an online sigil, cut the upstream, serve the same store offline."""
     workdir = tmp_path_factory.mktemp("offline")
     signer = Signer("p256")
+    sigstore = TestSigstore()
+    sigstore.write_trusted_root(workdir / "trusted_root.json")
     registry = RealRegistry().start()
     recorder: ConnectionRecorder | None = None
     sigil = SigilProcess(workdir / "sigil",
@@ -186,7 +199,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     sigs: dict[str, Pushed] = {}
     try:
         sigil.start()
-        asyncio.run(_populate(registry, signer, sigil, images, sigs, workdir))
+        asyncio.run(_populate(registry, signer, sigstore, sigil, images, sigs, workdir))
         sigil.stop()
         port = registry.port
         registry.stop()
@@ -214,7 +227,8 @@ def _error(body: bytes) -> str:
 # ------------------------------------------------------------------------------------ clients
 async def test_skopeo_pulls_offline_with_upstream_digests(site: Site, tmp_path: Path) -> None:
     images = site.images
-    for name, repo, tag in (("signed", "offline/signed", "v1"), ("att", "offline/att", "v1")):
+    for name, repo, tag in (("signed", "offline/signed", "v1"), ("att", "offline/att", "v1"),
+                            ("keyless", "offline/keyless", "v1")):
         copy = await skopeo_copy(f"{site.sigil.host}/{repo}:{tag}", tmp_path / name)
         assert copy.digest == images[name].digest
         assert copy.manifest() == images[name].manifest
@@ -226,9 +240,11 @@ async def test_skopeo_pulls_offline_with_upstream_digests(site: Site, tmp_path: 
         for child in images[name].children.values():
             assert copy.manifest(child.digest) == child.manifest
     # Every allow was decided again offline (the offline policy has its own fingerprint).
-    for policy in ("offline-signed", "offline-attested"):
+    for policy, decided in (("offline-signed", 2), ("offline-attested", 2),
+                            ("offline-keyless", 1)):
         assert site.sigil.metric("sigil_verifications_total",
-                                 {"policy": policy, "result": "allowed", "reason": "ok"}) >= 2
+                                 {"policy": policy, "result": "allowed", "reason": "ok"}
+                                 ) >= decided, policy
     site.recorder.assert_untouched()
 
 
@@ -312,6 +328,15 @@ async def test_signature_tags_and_referrers_are_served_offline(site: Site) -> No
     # Each listed referrer is served by digest, with the bytes its digest names.
     status, body = http_get(site.url(f"offline/dhi/manifests/{listed[0]['digest']}"))
     assert status == 200 and Digest.of(body) == Digest.parse(listed[0]["digest"])
+    # The keyless image's sigstore bundle referrer, byte for byte as the upstream had it.
+    keyless = site.images["keyless"]
+    assert http_get(site.url("offline/keyless/manifests/v1"))[0] == 200
+    status, body = http_get(site.url(f"offline/keyless/referrers/{keyless.digest}"))
+    bundles = json.loads(body)["manifests"]
+    assert [(m["artifactType"], m["digest"]) for m in bundles] == [
+        (BUNDLE_V03, site.sig_manifests["keyless"].digest)]
+    assert http_get(site.url(f"offline/keyless/manifests/{bundles[0]['digest']}")) == (
+        200, site.sig_manifests["keyless"].manifest)
     site.recorder.assert_untouched()
 
 
