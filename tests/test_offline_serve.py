@@ -2,7 +2,8 @@
 
 Connected phase: a private docker-registry holds a keyed-signed image (``.sig``), a multi-platform
 index signed with ``.sig``, a DHI-shaped index (tag-schema signature referrer, per-platform
-attestation referrers each with its own signature), an image with ``.sig`` and ``.att``, a
+attestation referrers each with its own signature), a BuildKit-shaped index (an in-index
+attestation manifest, the index signed with ``.sig``), an image with ``.sig`` and ``.att``, a
 keyless-signed image (sigstore bundle referrer, private test sigstore), an unsigned image the
 policy denies, a signed image whose blobs are never pulled and a tag nobody pulls. An online sigil pulls them with skopeo, which fills its store and index.
 
@@ -47,18 +48,31 @@ from tests.realparts import (
     skopeo_copy,
 )
 from tests.realparts._process import http_status, start_daemon, stop_daemon, wait_until
-from tests.realparts.images import cosign_tag, tag_schema_tag
+from tests.realparts.images import (
+    OCI_INDEX,
+    Layer,
+    cosign_tag,
+    index_manifest,
+    parse_platform,
+    tag_schema_tag,
+)
 from tests.support.e2e import http_get
 from tests.support.sigilproc import SigilProcess, free_port
 from tests.support.testsigstore import BUNDLE_V03, TestSigstore
 from tests.test_e2e_keyless import keyless_policy, sign_keyless
 from tests.test_e2e_verify import UPSTREAM, _dhi_image, att_layer, sig_layer
-from tests.test_verify_support import INTOTO, SIG_ARTIFACT, SLSA_V02, Signer
+from tests.test_verify_support import (
+    INTOTO,
+    SIG_ARTIFACT,
+    SLSA_V02,
+    Signer,
+    statement,
+)
 
 pytestmark = [pytest.mark.realparts, pytest.mark.timeout(300)]
 
 SIGNED_REPOS = ("offline/signed", "offline/multi", "offline/unsigned", "offline/lazy")
-ATTESTED_REPOS = ("offline/dhi", "offline/att")
+ATTESTED_REPOS = ("offline/dhi", "offline/att", "offline/buildkit")
 
 
 class ConnectionRecorder:
@@ -144,6 +158,23 @@ class Site:
         return f"{self.sigil.url}/v2/{path}"
 
 
+async def _buildkit_image(pusher: RegistryPusher, repo: str, signer: Signer) -> Pushed:
+    """An index with one platform image and BuildKit's attestation manifest for it (raw
+    in-toto statement, authenticated by the index's ``.sig`` only)."""
+    platform = await pusher.make_image(repo, None)
+    body = statement(Digest.parse(platform.digest), SLSA_V02)
+    att = await pusher.push_artifact(repo, None, [
+        Layer(body, INTOTO, {"in-toto.io/predicate-type": SLSA_V02})])
+    index = index_manifest([
+        platform.descriptor(platform=parse_platform("linux/amd64")),
+        att.descriptor(platform={"os": "unknown", "architecture": "unknown"},
+                       annotations={"vnd.docker.reference.type": "attestation-manifest",
+                                    "vnd.docker.reference.digest": platform.digest})])
+    digest = await pusher.push_manifest(repo, "v1", index, OCI_INDEX)
+    await pusher.push_cosign_signatures(repo, digest, [sig_layer(signer, digest)])
+    return Pushed(digest, index, (*platform.blobs, *att.blobs))
+
+
 async def _populate(registry: RealRegistry, signer: Signer, sigstore: TestSigstore,
                     sigil: SigilProcess, site_images: dict[str, Any], sigs: dict[str, Pushed],
                     tmp: Path) -> None:
@@ -161,6 +192,7 @@ async def _populate(registry: RealRegistry, signer: Signer, sigstore: TestSigsto
         await pusher.push_cosign_signatures("offline/multi", multi.index.digest,
                                             [sig_layer(signer, multi.index.digest)])
         dhi = await _dhi_image(pusher, "offline/dhi", signer)
+        buildkit = await _buildkit_image(pusher, "offline/buildkit", signer)
         att = await pusher.make_image("offline/att", "v1")
         await pusher.push_cosign_signatures("offline/att", att.digest,
                                             [sig_layer(signer, att.digest)])
@@ -170,12 +202,13 @@ async def _populate(registry: RealRegistry, signer: Signer, sigstore: TestSigsto
         lazy = await pusher.make_image("offline/lazy", "v1")
         await pusher.push_cosign_signatures("offline/lazy", lazy.digest,
                                             [sig_layer(signer, lazy.digest)])
-    site_images.update(keyless=keyless, signed=signed, notpulled=notpulled, multi=multi, dhi=dhi, att=att,
+    site_images.update(keyless=keyless, buildkit=buildkit, signed=signed, notpulled=notpulled, multi=multi, dhi=dhi, att=att,
                        unsigned=unsigned, lazy=lazy)
     # Through the online sigil: this is what fills the store and the index.
     for name, repo, tag in (("signed", "offline/signed", "v1"), ("multi", "offline/multi", "v1"),
                             ("dhi", "offline/dhi", "dhi"), ("att", "offline/att", "v1"),
-                            ("keyless", "offline/keyless", "v1")):
+                            ("keyless", "offline/keyless", "v1"),
+                            ("buildkit", "offline/buildkit", "v1")):
         await skopeo_copy(f"{sigil.host}/{repo}:{tag}", tmp / f"online-{name}")
     assert http_get(f"{sigil.url}/v2/offline/unsigned/manifests/v1")[0] == 403
     assert http_get(f"{sigil.url}/v2/offline/lazy/manifests/v1")[0] == 200  # no blobs
@@ -228,7 +261,8 @@ def _error(body: bytes) -> str:
 async def test_skopeo_pulls_offline_with_upstream_digests(site: Site, tmp_path: Path) -> None:
     images = site.images
     for name, repo, tag in (("signed", "offline/signed", "v1"), ("att", "offline/att", "v1"),
-                            ("keyless", "offline/keyless", "v1")):
+                            ("keyless", "offline/keyless", "v1"),
+                            ("buildkit", "offline/buildkit", "v1")):
         copy = await skopeo_copy(f"{site.sigil.host}/{repo}:{tag}", tmp_path / name)
         assert copy.digest == images[name].digest
         assert copy.manifest() == images[name].manifest
@@ -240,7 +274,7 @@ async def test_skopeo_pulls_offline_with_upstream_digests(site: Site, tmp_path: 
         for child in images[name].children.values():
             assert copy.manifest(child.digest) == child.manifest
     # Every allow was decided again offline (the offline policy has its own fingerprint).
-    for policy, decided in (("offline-signed", 2), ("offline-attested", 2),
+    for policy, decided in (("offline-signed", 2), ("offline-attested", 3),
                             ("offline-keyless", 1)):
         assert site.sigil.metric("sigil_verifications_total",
                                  {"policy": policy, "result": "allowed", "reason": "ok"}
