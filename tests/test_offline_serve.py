@@ -443,7 +443,8 @@ async def test_sigil_verify_offline_explains_from_the_store(site: Site) -> None:
 
 
 async def test_serve_offline_flag_on_the_same_store(site: Site) -> None:
-    """``sigil serve --offline`` on a config without server.offline: same behaviour."""
+    """``sigil serve --offline --workers 2`` on a config without server.offline: same
+    behaviour in every worker."""
     config = yaml.safe_load(site.sigil.config_path.read_text())
     config["server"] = {"listen": f"127.0.0.1:{free_port()}"}
     config["log"] = {"level": "info", "format": "json"}
@@ -452,16 +453,18 @@ async def test_serve_offline_flag_on_the_same_store(site: Site) -> None:
     base = f"http://{config['server']['listen']}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
     proc = start_daemon([sys.executable, "-m", "sigil", "serve", "--config", str(path),
-                         "--offline"], log_path=site.workdir / "flag.log", env=env)
+                         "--offline", "--workers", "2"], log_path=site.workdir / "flag.log",
+                        env=env)
     try:
         wait_until(lambda: http_status(f"{base}/readyz") == 200, timeout=30,
                    what="sigil serve --offline", proc=proc, log_path=site.workdir / "flag.log")
         assert http_get(f"{base}/v2/offline/signed/manifests/v1") == (
             200, site.images["signed"].manifest)
-        status, body = http_get(f"{base}/v2/offline/signed/manifests/notpulled")
-        assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
-            assert "sigil_offline 1.0" in response.read().decode()
+        for _ in range(6):  # new connections: the kernel spreads them over both workers
+            status, body = http_get(f"{base}/v2/offline/signed/manifests/notpulled")
+            assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+                assert "sigil_offline 1.0" in response.read().decode()
     finally:
         stop_daemon(proc)
     site.recorder.assert_untouched()

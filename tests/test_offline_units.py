@@ -28,6 +28,7 @@ from sigil.upstream.offline import OfflineUpstreamClient
 from tests.realparts.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 from tests.support.sigilproc import free_port
 from tests.test_offline_serve import ConnectionRecorder
+from tests.test_verify_support import SIG_ARTIFACT
 
 PUBLIC_API = ("start", "close", "head_manifest", "get_manifest", "open_blob", "get_blob_bytes",
               "get_tags", "get_referrers")
@@ -158,6 +159,21 @@ async def offline_app(tmp_path: Path, recorder: ConnectionRecorder
                        [Digest.of(config), Digest.of(layer), Digest.of(absent_layer)])
     for tag in ("v1", "v1.0", "latest"):
         index.put_tag("registry.test", "app/web", tag, digest, OCI_MANIFEST, checked_at=0.0)
+    # A signature referrer of the image (stored, linked), and a link to one never stored.
+    empty = b"{}"
+    store.put_bytes(Digest.of(empty), empty)
+    index.put_blob(Digest.of(empty), len(empty))
+    referrer = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG_ARTIFACT,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                   "digest": str(Digest.of(empty)), "size": len(empty)},
+        "layers": [],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": str(digest),
+                    "size": len(manifest)}}).encode()
+    store.put_bytes(Digest.of(referrer), referrer)
+    index.put_manifest(Digest.of(referrer), OCI_MANIFEST, len(referrer), [Digest.of(empty)])
+    index.add_referrer(digest, Digest.of(referrer))
+    index.add_referrer(digest, Digest.of(b"a referrer nobody imported"))
     # A tag whose manifest is not in the store (its row survives a miss).
     gone, *_ = _image("gone")
     index.put_tag("registry.test", "app/web", "gone", Digest.of(gone), OCI_MANIFEST, 0.0)
@@ -167,7 +183,7 @@ async def offline_app(tmp_path: Path, recorder: ConnectionRecorder
     await client.start_server()
     reader = Index(root / "index.sqlite")
     info = {"digest": digest, "manifest": manifest, "layer": Digest.of(layer),
-            "absent_layer": Digest.of(absent_layer)}
+            "absent_layer": Digest.of(absent_layer), "referrer": Digest.of(referrer)}
     yield client, reader, info
     reader.close()
     await client.close()
@@ -232,3 +248,21 @@ async def test_offline_tag_list_is_the_stored_tags_paginated(offline_app) -> Non
     assert (await unknown.json())["errors"][0]["code"] == "NAME_UNKNOWN"
     ready = await client.get("/readyz")
     assert ready.status == 200
+
+
+async def test_offline_referrers_come_from_the_index_links(offline_app) -> None:
+    client, _, info = offline_app
+    # Only for a verified subject, as online.
+    assert (await client.get(f"/v2/app/web/referrers/{info['digest']}")).status == 403
+    assert (await client.get("/v2/app/web/manifests/v1")).status == 200
+    response = await client.get(f"/v2/app/web/referrers/{info['digest']}")
+    assert response.status == 200
+    listed = (await response.json())["manifests"]
+    # The stored referrer; the link to a manifest that is not in the store is left out.
+    assert [(m["digest"], m["artifactType"]) for m in listed] == [
+        (str(info["referrer"]), SIG_ARTIFACT)]
+    served = await client.get(f"/v2/app/web/manifests/{info['referrer']}")
+    assert served.status == 200 and Digest.of(await served.read()) == info["referrer"]
+    # A subject with no links and no tag-schema index: an empty list, not an error.
+    other = await client.get(f"/v2/app/web/referrers/{info['referrer']}")
+    assert other.status == 200 and (await other.json())["manifests"] == []
