@@ -132,15 +132,15 @@ def _policy(signer: Signer, key_dir: Path, prefix: str) -> dict[str, Any]:
     authority = [{"name": "release-key", "key": {"path": str(key_file)}}]
     keyless = keyless_policy(key_dir / "trusted_root.json")["policies"][0]
     keyless.update(name=f"{prefix}keyless", images=[f"{UPSTREAM}/offline/keyless"])
-    return {"policies": [keyless,
-        {"name": f"{prefix}signed", "images": [f"{UPSTREAM}/{r}" for r in SIGNED_REPOS],
-         "authorities": authority},
-        {"name": f"{prefix}attested", "images": [f"{UPSTREAM}/{r}" for r in ATTESTED_REPOS],
-         "authorities": authority,
-         "attestations": [{"name": "provenance", "predicateType": SLSA_V02,
-                           "conditions": [{"key": "predicate.builder.id",
-                                           "operator": "Exists"}]}]},
-    ]}
+    signed = {"name": f"{prefix}signed", "images": [f"{UPSTREAM}/{r}" for r in SIGNED_REPOS],
+              "authorities": authority}
+    attested = {"name": f"{prefix}attested",
+                "images": [f"{UPSTREAM}/{r}" for r in ATTESTED_REPOS],
+                "authorities": authority,
+                "attestations": [{"name": "provenance", "predicateType": SLSA_V02,
+                                  "conditions": [{"key": "predicate.builder.id",
+                                                  "operator": "Exists"}]}]}
+    return {"policies": [keyless, signed, attested]}
 
 
 @dataclass
@@ -149,7 +149,6 @@ class Site:
 
     sigil: SigilProcess
     recorder: ConnectionRecorder
-    signer: Signer
     workdir: Path
     images: dict[str, Any] = field(default_factory=dict)
     sig_manifests: dict[str, Pushed] = field(default_factory=dict)
@@ -244,7 +243,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         config["server"]["offline"] = True
         sigil.config_path.write_text(yaml.safe_dump(config))
         sigil.start()
-        yield Site(sigil, recorder, signer, workdir, images, sigs)
+        yield Site(sigil, recorder, workdir, images, sigs)
     finally:
         sigil.stop()
         registry.stop()
