@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
     serve.add_argument("--workers", type=int, default=None,
                        help="processes sharing the port (SO_REUSEPORT); overrides server.workers")
+    serve.add_argument("--offline", action="store_true",
+                       help="serve only from the store, never contact an upstream "
+                            "(sets server.offline)")
     for name, text in (("gc", "evict least-recently-used images to fit storage.max_bytes"),
                        ("fsck", "re-hash the store; quarantine corrupt objects")):
         cmd = sub.add_parser(name, help=text)
@@ -48,19 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", default=os.environ.get("SIGIL_CONFIG", DEFAULT_CONFIG))
     verify.add_argument("--policy", default=None, help="policy file (default: the config's)")
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    verify.add_argument("--offline", action="store_true",
+                        help="decide from the configured store alone, no upstream (default "
+                             "when server.offline is set)")
     return parser
 
 
 def _verify(args: argparse.Namespace) -> int:
     from sigil.verify_cli import run
 
-    config = _load(args.config)
+    config = _offline(_load(args.config), args.offline)
     configure("warning", "console")
     return run(config, args.image, args.policy, args.json)
 
 
 def _load(path: str) -> Config:
     return load_config(path)
+
+
+def _offline(config: Config, flag: bool) -> Config:
+    """``config`` with ``server.offline`` switched on by an ``--offline`` flag."""
+    if not flag or config.server.offline:
+        return config
+    return replace(config, server=replace(config.server, offline=True))
 
 
 def _load_policy(config: Config) -> Any:
@@ -76,7 +90,7 @@ def _load_policy(config: Config) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     from sigil.server.app import listen_socket, serve
 
-    config = _load(args.config)
+    config = _offline(_load(args.config), args.offline)
     configure(config.log.level, config.log.format)
     policy = _load_policy(config)
     Path(config.storage.root).mkdir(parents=True, exist_ok=True)

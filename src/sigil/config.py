@@ -103,6 +103,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     workers: int = 1
+    # Serve only what the store holds; never open a connection to an upstream (air gap).
+    offline: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Config:
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "server": {"listen", "tls", "workers"},
+    "server": {"listen", "tls", "workers", "offline"},
     "storage": {"root", "max_bytes"},
     "log": {"level", "format"},
 }
@@ -302,6 +304,7 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
     workers = server.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64:
         raise ConfigError("expected an integer from 1 to 64", file=file, key="server.workers")
+    offline = _bool(server.get("offline", False), file=file, key="server.offline")
 
     storage = _mapping(root.get("storage"), file=file, key="storage")
     _unknown(set(storage), _SECTIONS["storage"], file=file, key="storage")
@@ -344,7 +347,7 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
 
     return Config(
         server=ServerConfig(listen_host=host, listen_port=port, tls_cert=cert, tls_key=tls_key,
-                            workers=workers),
+                            workers=workers, offline=offline),
         storage=StorageConfig(root=storage_root, max_bytes=max_bytes),
         upstreams=upstreams, policy=policy, log=LogConfig(level=level, format=fmt),
         source=source, raw=root,

@@ -61,3 +61,11 @@ VERIFY_SECONDS = Histogram("sigil_verification_duration_seconds",
                                     2.5, 5, 10, 30))
 VERDICT_CACHE = Counter("sigil_verdict_cache_total", "Verdict cache lookups",
                         ["result"], registry=REGISTRY)
+
+# --- offline serving (server.offline / serve --offline) ---
+OFFLINE = Gauge("sigil_offline", "1 while sigil serves offline (store only, no upstream)",
+                registry=REGISTRY)
+OFFLINE_MISSES = Counter("sigil_offline_misses_total",
+                         "Requests for content the offline store does not hold, answered "
+                         "not-found at once instead of asking the upstream",
+                         ["upstream", "kind"], registry=REGISTRY)  # kind: tag|manifest|blob|...

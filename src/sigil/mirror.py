@@ -5,6 +5,12 @@
 3. verdict for (digest, policy fingerprint) (cache, else the policy);
 4. serve the exact verified bytes; record its children and blobs as servable in that repository.
 
+Offline (``server.offline``) the order is the same, with the store as the only source: stored
+tags are authoritative whatever their age, a store miss is "not found" at once (the clients are
+:class:`sigil.upstream.offline.OfflineUpstreamClient`, which never connect), tag lists and
+referrers come from the index, and verdicts are still decided (from stored signatures) for
+every digest not yet allowed under the current policy.
+
 Blobs are served only when a verified manifest of that repository made them servable (the
 "blob gate"); a cold blob is fetched once however many clients ask (:mod:`sigil.downloads`).
 """
@@ -16,6 +22,8 @@ import json
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -28,6 +36,7 @@ from sigil.errors import (
     Denied,
     ManifestInvalid,
     ManifestUnknown,
+    NameUnknown,
     RegistryError,
     TooManyRequests,
     Unavailable,
@@ -44,7 +53,7 @@ from sigil.oci.reference import validate_tag
 from sigil.routing import Route
 from sigil.singleflight import SingleFlight
 from sigil.storage import BlobStore, Index, TagRow
-from sigil.upstream import UpstreamClient
+from sigil.upstream import FetchedManifest, ManifestHead, UpstreamBlob
 
 log = get_logger("sigil.mirror")
 
@@ -75,6 +84,28 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "message": self.message, "reason": self.reason}
+
+
+class Upstream(Protocol):
+    """What the mirror needs from an upstream: :class:`sigil.upstream.UpstreamClient`
+    online, :class:`sigil.upstream.offline.OfflineUpstreamClient` offline."""
+
+    async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead: ...
+
+    async def get_manifest(self, repo: str, reference: str, accept: str) -> FetchedManifest: ...
+
+    def open_blob(self, repo: str, digest: Digest | str
+                  ) -> AbstractAsyncContextManager[UpstreamBlob]: ...
+
+    async def get_blob_bytes(self, repo: str, digest: Digest | str, max_bytes: int) -> bytes: ...
+
+    async def get_tags(self, repo: str, n: int | None = None,
+                       last: str | None = None) -> tuple[bytes, str | None]: ...
+
+    async def get_referrers(self, repo: str, digest: Digest | str,
+                            artifact_type: str | None = None) -> bytes | None: ...
+
+    async def close(self) -> None: ...
 
 
 class PolicyHook(Protocol):
@@ -161,11 +192,13 @@ class Mirror:
     """Pull-through logic for every upstream, over one store and index."""
 
     def __init__(self, config: Config, store: BlobStore, index: Index,
-                 clients: dict[str, UpstreamClient], policy: PolicyHook | None = None) -> None:
+                 clients: Mapping[str, Upstream], policy: PolicyHook | None = None) -> None:
         self.config = config
         self.store = store
         self.index = index
         self.clients = clients
+        # Offline: the store is the only source (module docstring); ``clients`` never connect.
+        self.offline = config.server.offline
         self.policy: PolicyHook = policy or AllowAll()
         self.downloads = Downloads(store)
         self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
@@ -232,12 +265,21 @@ class Mirror:
             entry = self.index.get_tag(*key)
             if entry is not None:
                 _bounded(self._tags)[key] = entry
-        if entry is not None and now - entry.checked_at < route.upstream.tag_ttl:
+        # Offline a stored tag is the answer whatever its age: there is nothing to revalidate
+        # against, and serving it is not "stale" (not counted in sigil_stale_serves_total).
+        if entry is not None and (now - entry.checked_at < route.upstream.tag_ttl
+                                  or self.offline):
             cached = self._manifests.get(entry.digest)
             if cached is not None or self.store.has(entry.digest):
                 metrics.CACHE.labels("tag", "hit").inc()
                 return cached or await self._load(route, entry.digest)
         metrics.CACHE.labels("tag", "miss").inc()
+        if self.offline:
+            # Not imported (or its manifest is gone). Never _revalidate_tag: its 404 handling
+            # would delete the stored tag.
+            metrics.OFFLINE_MISSES.labels(route.upstream.name, "tag").inc()
+            raise ManifestUnknown(f"{route.client_name}:{tag} is not in the store (sigil "
+                                  "serves offline: only imported or earlier pulled tags)")
         try:
             return await self._served_flights.do(("tag", *key),
                                           lambda: self._revalidate_tag(route, tag, key))
@@ -298,6 +340,7 @@ class Mirror:
                                       lambda: self._fetch_manifest(route, digest))
 
     async def _fetch_manifest(self, route: Route, digest: Digest) -> ServedManifest:
+        # Offline the client raises ManifestUnknown at once: a digest not in the store.
         client = self.clients[route.upstream.name]
         fetched = await client.get_manifest(route.repo, str(digest), DEFAULT_ACCEPT)
         if Digest.of(fetched.raw) != digest:
@@ -431,6 +474,12 @@ class Mirror:
             metrics.CACHE.labels("blob", "hit").inc()
             return CachedBlob(self.store.path(digest), digest)
         metrics.CACHE.labels("blob", "miss").inc()
+        if self.offline:
+            # Allowed (a verified manifest names it) but never imported: not found at once,
+            # rather than a download that could only fail.
+            metrics.OFFLINE_MISSES.labels(route.upstream.name, "blob").inc()
+            raise BlobUnknown(f"blob {digest} of {route.client_name} is not in the store "
+                              "(sigil serves offline)")
         client = self.clients[route.upstream.name]
         download, _ = self.downloads.get_or_start(
             digest, lambda: client.open_blob(route.repo, digest),
@@ -444,7 +493,10 @@ class Mirror:
     # ------------------------------------------------------- tags and referrers
     async def tags(self, route: Route, n: int | None, last: str | None
                    ) -> tuple[dict[str, Any], str | None]:
-        """The upstream tag list (tags are hints, not verified content)."""
+        """The upstream tag list (tags are hints, not verified content); offline, the tags
+        the index holds for the repository."""
+        if self.offline:
+            return self._stored_tags(route, n, last)
         client = self.clients[route.upstream.name]
         body, next_link = await client.get_tags(route.repo, n, last)
         try:
@@ -460,6 +512,39 @@ class Mirror:
             match = re.search(r"[?&]last=([^&>]+)", next_link)
             next_last = match.group(1) if match else None
         return {"name": route.client_name, "tags": tags}, next_last
+
+    def _stored_tags(self, route: Route, n: int | None, last: str | None
+                     ) -> tuple[dict[str, Any], str | None]:
+        """The offline tag list: stored tags in lexical order, paginated like distribution
+        (``last`` excludes up to that tag, ``n`` bounds the page; a next page is signalled)."""
+        tags = self.index.list_tags(route.upstream.name, route.repo)
+        if not tags:
+            raise NameUnknown(f"repository {route.client_name} is not in the store (sigil "
+                              "serves offline)")
+        if last is not None:
+            tags = [t for t in tags if t > last]
+        next_last = None
+        if n is not None and len(tags) > n:
+            tags = tags[:n]
+            next_last = tags[-1]
+        return {"name": route.client_name, "tags": tags}, next_last
+
+    def stored_referrers(self, digest: Digest) -> Manifest | None:
+        """The referrers index of ``digest`` built from the index's referrer links (offline,
+        in place of the upstream API): every stored manifest whose ``subject`` names it. None
+        when there is none, like an upstream without the API, so callers fall back to the
+        ``sha256-<hex>`` tag schema (which may be stored too). Each entry is still checked
+        against its own bytes by whoever reads it: this list is a hint like any other."""
+        entries = []
+        for referrer in self.index.get_referrers(digest)[:MAX_REFERRERS]:
+            row = self.index.get_manifest(referrer)
+            if row is not None and self.store.has(referrer):
+                entries.append({"mediaType": row.media_type, "digest": str(referrer),
+                                "size": row.size})
+        if not entries:
+            return None
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+        return parse_manifest(body.encode(), OCI_INDEX)
 
     async def referrers(self, route: Route, digest: Digest, artifact_type: str | None
                         ) -> dict[str, Any]:
@@ -527,6 +612,8 @@ class MirrorSource:
             data = await asyncio.to_thread(store.read_bytes, digest)
             if Digest.of(data) == digest:
                 return data
+        # Offline the client raises BlobUnknown at once: discovery records it and the
+        # verdict fails closed (a deny that is not cached, so a later import can fix it).
         client = self._mirror.clients[self._route.upstream.name]
         data = await client.get_blob_bytes(repo, digest, max_bytes)
         await asyncio.to_thread(store.put_bytes, digest, data)
@@ -534,6 +621,8 @@ class MirrorSource:
         return data
 
     async def get_referrers(self, repo: str, digest: Digest) -> Manifest | None:
+        if self._mirror.offline:
+            return self._mirror.stored_referrers(digest)
         client = self._mirror.clients[self._route.upstream.name]
         body = await client.get_referrers(repo, digest, None)
         if body is None:

@@ -4,6 +4,11 @@ The tool an operator runs when a pull is denied. It reads the upstreams and the 
 the mirror's config (``--policy`` overrides the policy file), fetches the manifest and its
 signatures straight from the upstream into a throw-away store, and evaluates the policy exactly
 as the server does. Exit code: 0 allowed, 1 denied, 2 error.
+
+``--offline`` (or ``server.offline`` in the config) decides from the configured store alone:
+the manifest, its tags, signatures, attestations and referrer links as imported or pulled
+earlier, and no upstream (the clients are offline stand-ins that never connect). The store is
+only read: the verdict is reported, not recorded, so a running offline server is unaffected.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from sigil.config import Config
-from sigil.errors import ConfigError, NameInvalid
-from sigil.mirror import Mirror
-from sigil.routing import Router
+from sigil.errors import ConfigError, ManifestUnknown, NameInvalid, SigilError, StorageError
+from sigil.mirror import Mirror, PolicyHook, Upstream
+from sigil.routing import Route, Router
 from sigil.storage import BlobStore, Index
 from sigil.upstream import UpstreamClient
+from sigil.upstream.offline import OfflineUpstreamClient
 
 
 def split_reference(ref: str) -> tuple[str, str]:
@@ -48,21 +54,42 @@ async def verify_image(config: Config, ref: str, policy_path: str | None) -> dic
     verifier = Verifier(load_policy(path))
     name, reference = split_reference(ref)
     route = Router(config).resolve(name)
-    with tempfile.TemporaryDirectory(prefix="sigil-verify-") as tmp:
-        store, index = BlobStore(Path(tmp)), Index(Path(tmp) / "index.sqlite")
-        clients = {u.name: UpstreamClient(u) for u in config.upstreams}
+    if config.server.offline:
+        root = Path(config.storage.root)
+        if not (root / "index.sqlite").is_file():
+            raise StorageError(f"no sigil store at {root} (storage.root of {config.source})")
+        offline: dict[str, Upstream] = {u.name: OfflineUpstreamClient(u)
+                                        for u in config.upstreams}
         try:
-            mirror = Mirror(config, store, index, clients, verifier)
-            manifest = await mirror.fetch_manifest(route, reference)
-            verdict = await verifier.evaluate(route.image, route.repo, manifest,
-                                              mirror.source(route))
-        finally:
-            for client in clients.values():
-                await client.close()
-            index.close()
-    data: dict[str, Any] = verdict.to_json()
+            data = await _decide(config, verifier, route, reference, root, offline)
+        except ManifestUnknown as exc:
+            raise SigilError(f"{ref} is not in the store at {root} (offline: import it, or "
+                             "pull it through an online sigil first)") from exc
+        data["offline"] = True
+        data["store"] = str(root)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sigil-verify-") as tmp:
+            online: dict[str, Upstream] = {u.name: UpstreamClient(u) for u in config.upstreams}
+            data = await _decide(config, verifier, route, reference, Path(tmp), online)
     data["reference"] = ref
     data["policy_file"] = path
+    return data
+
+
+async def _decide(config: Config, verifier: PolicyHook, route: Route, reference: str,
+                  root: Path, clients: dict[str, Upstream]) -> dict[str, Any]:
+    """The verdict for ``reference`` over the store at ``root`` and ``clients``, as JSON."""
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    try:
+        mirror = Mirror(config, store, index, clients, verifier)
+        manifest = await mirror.fetch_manifest(route, reference)
+        verdict = await verifier.evaluate(route.image, route.repo, manifest,
+                                          mirror.source(route))
+    finally:
+        for client in clients.values():
+            await client.close()
+        index.close()
+    data: dict[str, Any] = verdict.to_json()
     return data
 
 
@@ -70,6 +97,7 @@ def render(data: dict[str, Any]) -> str:
     """Human-readable report."""
     lines = [f"image:    {data['image']}  ({data['reference']})",
              f"digest:   {data['digest']}",
+             *([f"source:   store {data['store']} (offline)"] if data.get("offline") else []),
              f"decision: {'ALLOW' if data['allowed'] else 'DENY'}"
              + (f" ({data['reason']})" if data.get("reason") else "")]
     if data.get("message"):

@@ -7,22 +7,25 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from sigil import metrics
 from sigil.config import Config
 from sigil.errors import SigilError
 from sigil.logs import get_logger
-from sigil.mirror import AllowAll, Mirror, PolicyHook
+from sigil.mirror import AllowAll, Mirror, PolicyHook, Upstream
 from sigil.routing import Router
 from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
 from sigil.storage import BlobStore, Index, collect
 from sigil.upstream import UpstreamClient
+from sigil.upstream.offline import OfflineUpstreamClient
 
 log = get_logger("sigil.server")
 DRAIN_SECONDS = 30.0
@@ -43,14 +46,19 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
         store = BlobStore(root)
         removed = store.cleanup_staging()
         index = Index(root / "index.sqlite")
-        clients = {u.name: UpstreamClient(u) for u in config.upstreams}
+        # Offline: stand-ins that answer "not found" without a socket (upstream/offline.py).
+        offline = config.server.offline
+        clients: dict[str, Upstream] = {
+            u.name: OfflineUpstreamClient(u) if offline else UpstreamClient(u)
+            for u in config.upstreams}
+        metrics.OFFLINE.set(1 if offline else 0)
         mirror = Mirror(config, store, index, clients, policy)
         app[MIRROR] = mirror
         maintenance = asyncio.get_running_loop().create_task(_maintain(mirror, config))
         app[READY].set()
         log.info("sigil.started", storage=str(root), staging_removed=removed,
                  upstreams=[u.name for u in config.upstreams],
-                 policy=config.policy or "none (allow all)")
+                 policy=config.policy or "none (allow all)", offline=offline)
         try:
             yield
         finally:
@@ -71,12 +79,15 @@ async def _maintain(mirror: Mirror, config: Config) -> None:
     """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
     GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges)."""
     delay = FIRST_GC_DELAY  # the first pass soon after start: it also sets the store gauges
+    # Offline the store is the only copy (nothing evicted could be fetched again): the passes
+    # only refresh the gauges; `sigil gc` by hand still evicts.
+    budget = sys.maxsize if config.server.offline else config.storage.max_bytes
     while True:
         await asyncio.sleep(delay)
         delay = GC_INTERVAL
         try:
-            await asyncio.to_thread(collect, mirror.store, mirror.index,
-                                    config.storage.max_bytes, now=time.time())
+            await asyncio.to_thread(collect, mirror.store, mirror.index, budget,
+                                    now=time.time())
         except Exception:  # a failed pass must not stop the server
             log.exception("gc.failed")
 

@@ -254,6 +254,12 @@ class Index:
         return self._write("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?",
                            (upstream, repo, tag)) > 0
 
+    def list_tags(self, upstream: str, repo: str) -> list[str]:
+        """The stored tags of one repository, in lexical order (the offline tag list)."""
+        rows = self._query("SELECT tag FROM tags WHERE upstream = ? AND repo = ? ORDER BY tag",
+                           (upstream, repo))
+        return [str(r[0]) for r in rows]
+
     # --- manifests and references ----------------------------------------------------------
 
     def put_manifest(self, digest: Digest, media_type: str, size: int,
