@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# curl and apache2-utils (ab) drive the bench smoke test and bench/.
-packages=(docker-registry skopeo containerd podman curl apache2-utils)
+# curl and apache2-utils (ab) drive the bench smoke test and bench/. prometheus (with promtool)
+# checks the metrics, the alert rules and the dashboard queries (tests/test_observability.py).
+packages=(docker-registry skopeo containerd podman curl apache2-utils prometheus)
 
 missing=()
 for pkg in "${packages[@]}"; do
