@@ -71,6 +71,11 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def has_row(text: str, name: str, value: object) -> bool:
+    """The plain summary table has the row ``name  value``."""
+    return re.search(rf"^  {re.escape(name)}\s+{re.escape(str(value))}$", text, re.M) is not None
+
+
 def run_piped(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sigil", *args], capture_output=True,
                           text=True, timeout=120, env=cli_env(), stdin=subprocess.DEVNULL)
@@ -168,9 +173,9 @@ def test_fsck_on_a_pipe_prints_lines_and_a_table(tmp_path: Path) -> None:
     assert f"sigil fsck: listing store: done, {OBJECTS} objects" in done.stderr
     assert re.search(r"^sigil fsck: hashing: started \(\d+\.\d KiB\)$", done.stderr, re.M)
     assert re.search(r"^sigil fsck: hashing: done, ", done.stderr, re.M)
-    assert re.search(rf"^  objects checked\s+{OBJECTS}$", done.stdout, re.M)
-    assert re.search(rf"^  unindexed\s+{OBJECTS}$", done.stdout, re.M)
-    assert re.search(r"^  result\s+ok$", done.stdout, re.M)
+    assert has_row(done.stdout, "objects checked", OBJECTS)
+    assert has_row(done.stdout, "unindexed", OBJECTS)
+    assert has_row(done.stdout, "result", "ok")
 
 
 def test_fsck_reports_corrupt_objects_by_digest_and_exits_1(tmp_path: Path) -> None:
@@ -179,8 +184,8 @@ def test_fsck_reports_corrupt_objects_by_digest_and_exits_1(tmp_path: Path) -> N
     victim.write_bytes(b"not what was stored")
     done = run_piped("fsck", "--config", str(config))
     assert done.returncode == 1, done.stderr
-    assert re.search(r"^  corrupt \(quarantined\)\s+1$", done.stdout, re.M)
-    assert re.search(r"^  result\s+PROBLEMS FOUND$", done.stdout, re.M)
+    assert has_row(done.stdout, "corrupt (quarantined)", "1")
+    assert has_row(done.stdout, "result", "PROBLEMS FOUND")
     assert f"corrupt: {digests[3]}\n" in done.stdout
 
 
@@ -207,10 +212,10 @@ def test_gc_on_a_pipe_prints_phases_and_a_table(tmp_path: Path) -> None:
         assert f"sigil gc: {phase}: started" in done.stderr
     assert f"sigil gc: deleting: started ({OBJECTS} objects)" in done.stderr
     assert f"sigil gc: deleting: done, {OBJECTS} objects of {OBJECTS} objects" in done.stderr
-    assert re.search(rf"^  objects deleted\s+{OBJECTS}$", done.stdout, re.M)
+    assert has_row(done.stdout, "objects deleted", OBJECTS)
     assert re.search(rf"^  store before\s+{OBJECTS} objects, ", done.stdout, re.M)
-    assert re.search(r"^  store after\s+0 objects, 0 B$", done.stdout, re.M)
-    assert re.search(r"^  over budget\s+no$", done.stdout, re.M)
+    assert has_row(done.stdout, "store after", "0 objects, 0 B")
+    assert has_row(done.stdout, "over budget", "no")
 
 
 def test_fsck_on_a_terminal_draws_bars_and_a_table(tmp_path: Path) -> None:
