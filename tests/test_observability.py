@@ -378,11 +378,13 @@ def test_every_rule_expression_evaluates(observed: Observed) -> None:
     loaded = evaluated()
     assert {r["name"] for r in loaded} == expected
     assert all(r["health"] == "ok" for r in loaded), [r for r in loaded if r["health"] != "ok"]
-    usage = observed.prometheus.query(
-        f'sigil:store_usage:ratio{{instance="{observed.instance}"}}')
+    # Recorded series appear with the first evaluation after the scrapes they need.
+    usage = observed.prometheus.wait_for(
+        f'sigil:store_usage:ratio{{instance="{observed.instance}"}}', bool, timeout=30,
+        what="store usage recorded")
     assert len(usage) == 1 and 0 < value(usage[0]) < 1
-    denied = observed.prometheus.query(
-        f'sigil:verifications_denied:ratio_rate5m{{instance="{observed.instance}"}}')
+    denied = observed.prometheus.wait_for(
+        f'sigil:verifications_denied:ratio_rate5m{{instance="{observed.instance}"}}', bool,
+        timeout=30, what="denied ratio recorded")
     assert [s["metric"]["policy"] for s in denied] == ["signed-images"]
     assert 0 < value(denied[0]) < 1  # two denied of four decisions
-
