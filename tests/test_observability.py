@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from sigil import __version__, metrics
-from tests.realparts import ProcessError, RealRegistry, RegistryPusher, skopeo_copy
+from tests.realparts import DEAD_URL, ProcessError, RealRegistry, RegistryPusher, skopeo_copy
+from tests.support.e2e import http_get
 from tests.support.prometheus import PROMTOOL_BINARY, Prometheus, value
 from tests.support.sigilproc import SigilProcess
 from tests.test_e2e_verify import UPSTREAM, key_policy_doc, sig_layer
@@ -37,6 +38,7 @@ SAMPLE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sigil.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
 MAX_BYTES = 3 * 1024**3
+DEAD_UPSTREAM = "dead.test"  # configured at a loopback port where nothing listens
 # $__rate_interval stands for "a few scrapes" in Grafana; 5m keeps this run's traffic inside
 # the window however long the other tests of the module take.
 RATE_INTERVAL = "5m"
@@ -225,6 +227,10 @@ async def _traffic(registry: RealRegistry, sigil: SigilProcess, prometheus: Prom
         await skopeo_copy(f"{sigil.host}/{repo}:signed-1", workdir / f"again-{n}")
         with pytest.raises(ProcessError, match=r"(?i)denied"):
             await skopeo_copy(f"{sigil.host}/{repo}:unsigned-{n}", workdir / f"denied-{n}")
+        # An upstream where nothing listens: a connection error, answered 502/503.
+        status, _ = await asyncio.to_thread(
+            http_get, f"{sigil.url}/v2/{DEAD_UPSTREAM}/t/gone/manifests/v{n}")
+        assert status in (502, 503), status
 
     await round_of(1)
     seen = f'sigil_verifications_total{{instance="{sigil.host}", result="denied"}}'
@@ -241,7 +247,8 @@ def observed(real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFacto
     key_file = workdir / "release.pub"
     key_file.write_text(signer.pem())
     sigil = SigilProcess(workdir / "sigil",
-                         [{"name": UPSTREAM, "url": real_registry.url, "default": True}],
+                         [{"name": UPSTREAM, "url": real_registry.url, "default": True},
+                          {"name": DEAD_UPSTREAM, "url": DEAD_URL, "retries": 0}],
                          key_policy_doc(key_file),
                          extra={"storage": {"root": str(workdir / "sigil" / "store"),
                                             "max_bytes": MAX_BYTES}})
@@ -355,6 +362,13 @@ def test_key_panels_show_the_traffic(observed: Observed) -> None:
     assert _positive(decisions, policy="signed-images", result="denied", reason="no_signature")
     assert _positive(_series(observed, "Denials"), policy="signed-images")
     assert _positive(_series(observed, "Upstream requests by status"), upstream=UPSTREAM)
+    assert _positive(_series(observed, "Upstream requests by status"), upstream=DEAD_UPSTREAM,
+                     status="error")
+    assert _positive(_series(observed, "Upstream errors by reason"), upstream=DEAD_UPSTREAM,
+                     reason="connect")
+    errors = _series(observed, "Errors by route and status")
+    assert any(value(s) > 0 and s["metric"]["route"] == "manifests"
+               and s["metric"]["status"] in ("502", "503") for s in errors), errors
     store = _series(observed, "Store bytes vs max_bytes")
     assert sorted(value(s) for s in store)[-1] == MAX_BYTES
     assert 0 < sorted(value(s) for s in store)[0] < MAX_BYTES
@@ -388,3 +402,28 @@ def test_every_rule_expression_evaluates(observed: Observed) -> None:
         timeout=30, what="denied ratio recorded")
     assert [s["metric"]["policy"] for s in denied] == ["signed-images"]
     assert 0 < value(denied[0]) < 1  # two denied of four decisions
+    failing = observed.prometheus.wait_for(
+        f'sigil:upstream_errors:ratio_rate5m{{instance="{observed.instance}"}}',
+        lambda result: len(result) == 2, timeout=30, what="upstream error ratios recorded")
+    ratios = {s["metric"]["upstream"]: value(s) for s in failing}
+    assert ratios[DEAD_UPSTREAM] == 1 and ratios[UPSTREAM] == 0
+
+
+def test_a_failing_gc_pass_in_the_server_is_counted(tmp_path: Path,
+                                                    real_registry: RealRegistry) -> None:
+    """The server's maintenance task counts a gc pass that raises (here: the store's blobs/
+    directory vanished) and keeps serving; the last-success gauge stays unset."""
+    sigil = SigilProcess(tmp_path / "sigil", [{"name": UPSTREAM, "url": real_registry.url,
+                                               "default": True}])
+    with sigil:
+        for path in (sigil.store / "blobs").iterdir():
+            path.rmdir()  # nothing was pulled: only empty fan-out directories, if any
+        (sigil.store / "blobs").rmdir()
+        deadline = time.monotonic() + 60  # the first pass runs 5 s after start
+        while sigil.metric("sigil_gc_failures_total") < 1:
+            assert time.monotonic() < deadline, sigil.logs()
+            time.sleep(0.2)
+        assert sigil.metric("sigil_gc_last_success_timestamp_seconds") == 0
+        assert sigil.metric("sigil_gc_duration_seconds_count") >= 1
+        assert http_get(f"{sigil.url}/v2/")[0] == 200
+    assert any(e.get("event") == "gc.failed" for e in sigil.log_events())
