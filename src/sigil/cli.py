@@ -151,16 +151,55 @@ def _store(args: argparse.Namespace) -> Iterator[tuple[Config, BlobStore, Index]
 
 
 def _gc(args: argparse.Namespace) -> int:
+    from sigil.progress import BYTES, format_amount, print_summary, progress_for
+
     with _store(args) as (config, store, index):
-        stats = collect(store, index, config.storage.max_bytes, now=time.time())
-    _print(stats, args.json)
+        stats = collect(store, index, config.storage.max_bytes, now=time.time(),
+                        progress=progress_for(sys.stderr, "sigil gc"))
+    if args.json:
+        _print(stats, True)
+        return 0
+
+    def size(amount: int) -> str:
+        return format_amount(amount, BYTES)
+
+    print_summary("sigil gc", [
+        ("store before", f"{stats.objects_before:,} objects, {size(stats.bytes_before)}"),
+        ("store after", f"{stats.objects_after:,} objects, {size(stats.bytes_after)}"),
+        ("budget (storage.max_bytes)", size(config.storage.max_bytes)),
+        ("images evicted", f"{stats.roots_evicted:,}"),
+        ("manifests forgotten", f"{stats.manifests_forgotten:,}"),
+        ("tags deleted", f"{stats.tags_deleted:,}"),
+        ("objects deleted", f"{stats.objects_deleted:,}"),
+        ("freed", size(stats.bytes_freed)),
+        ("over budget", "yes (everything left is recent or referenced)"
+         if stats.over_budget else "no"),
+    ], sys.stdout)
     return 0
 
 
 def _fsck(args: argparse.Namespace) -> int:
+    from sigil.progress import BYTES, format_amount, print_summary, progress_for
+
     with _store(args) as (_, store, index):
-        report = fsck(store, index)
-    _print(report, args.json)
+        report = fsck(store, index, progress_for(sys.stderr, "sigil fsck"))
+    if args.json:
+        _print(report, True)
+        return 0 if report.ok else 1
+    print_summary("sigil fsck", [
+        ("objects checked", f"{report.objects_checked:,}"),
+        ("bytes checked", format_amount(report.bytes_checked, BYTES)),
+        ("corrupt (quarantined)", f"{len(report.corrupt):,}"),
+        ("missing", f"{len(report.missing):,}"),
+        ("unindexed", f"{len(report.unindexed):,}"),
+        ("staging leftovers", f"{len(report.staging):,}"),
+        ("result", "ok" if report.ok else "PROBLEMS FOUND"),
+    ], sys.stdout)
+    # The digests an operator acts on, one a line (the table has only their counts).
+    for digest in report.corrupt:
+        print(f"corrupt: {digest}")
+    for digest in report.missing:
+        print(f"missing: {digest}")
     return 0 if report.ok else 1
 
 

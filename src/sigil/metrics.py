@@ -6,7 +6,11 @@ digests or repository names, which would make the series count unbounded.
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sigil import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -69,3 +73,23 @@ OFFLINE_MISSES = Counter("sigil_offline_misses_total",
                          "Requests for content the offline store does not hold, answered "
                          "not-found at once instead of asking the upstream",
                          ["upstream", "kind"], registry=REGISTRY)  # kind: tag|manifest|blob|...
+# --- operations: what the alerts and the dashboard need (deploy/prometheus, deploy/grafana) ---
+GC_SECONDS = Histogram("sigil_gc_duration_seconds",
+                       "Time one gc pass took (mark and sweep, or the budget check alone)",
+                       registry=REGISTRY,
+                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800))
+GC_FAILURES = Counter("sigil_gc_failures_total", "gc passes that raised an error",
+                      registry=REGISTRY)
+GC_LAST_SUCCESS = Gauge("sigil_gc_last_success_timestamp_seconds",
+                        "Unix time the last gc pass finished without an error",
+                        registry=REGISTRY)
+GC_OVER_BUDGET = Gauge("sigil_gc_over_budget",
+                       "1 if the last gc pass left the store above storage.max_bytes "
+                       "(everything left is recent or referenced), else 0", registry=REGISTRY)
+GC_FREED_BYTES = Counter("sigil_gc_freed_bytes_total", "Bytes of objects deleted by gc",
+                         registry=REGISTRY)
+STORE_MAX_BYTES = Gauge("sigil_store_max_bytes", "The configured storage.max_bytes budget",
+                        registry=REGISTRY)
+BUILD_INFO = Gauge("sigil_build_info", "Always 1; the labels say which sigil is running",
+                   ["version", "python_version"], registry=REGISTRY)
+BUILD_INFO.labels(version=__version__, python_version=platform.python_version()).set(1)

@@ -77,7 +77,10 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
 
 async def _maintain(mirror: Mirror, config: Config) -> None:
     """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
-    GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges)."""
+    GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges).
+    Each pass is timed and counted (``sigil_gc_*``); a failed one is logged and counted."""
+    # The budget as a gauge, so "store near full" is one division in PromQL.
+    metrics.STORE_MAX_BYTES.set(config.storage.max_bytes)
     delay = FIRST_GC_DELAY  # the first pass soon after start: it also sets the store gauges
     # Offline the store is the only copy (nothing evicted could be fetched again): the passes
     # only refresh the gauges; `sigil gc` by hand still evicts.

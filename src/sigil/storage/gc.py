@@ -14,6 +14,7 @@ while gc was planning still protects what it references.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import structlog
 
 from sigil import metrics
 from sigil.oci.digest import Digest
+from sigil.progress import BYTES, NO_PROGRESS, ProgressReporter
 from sigil.storage.blobs import BlobStore, ObjectInfo
 from sigil.storage.index import Graph, Index
 
@@ -88,15 +90,38 @@ def _closure(graph: Graph, root: Digest) -> set[Digest]:
 
 
 def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
-            grace: float = DEFAULT_GRACE) -> GcStats:
+            grace: float = DEFAULT_GRACE,
+            progress: ProgressReporter = NO_PROGRESS) -> GcStats:
     """Bring the store under ``max_bytes`` by evicting least-recently used root manifests,
     then sweep every object no retained manifest keeps alive. Under budget, do nothing.
 
     ``now`` is wall-clock seconds (``time.time()``), compared with manifest access times and
     object mtimes. Evicted manifests lose their index rows and the tags resolving to them.
+    Each pass is counted in the gc metrics (duration, failures, last success); ``progress``
+    sees its phases (reading the index, scanning the store, deleting).
     """
-    graph = index.graph()  # snapshot first: an object committed after it is young, so spared
-    objects: dict[Digest, ObjectInfo] = {info.digest: info for info in store.iter_objects()}
+    started = time.monotonic()
+    try:
+        stats = _collect(store, index, max_bytes, now=now, grace=grace, progress=progress)
+    except Exception:
+        metrics.GC_FAILURES.inc()
+        raise
+    finally:
+        metrics.GC_SECONDS.observe(time.monotonic() - started)
+    metrics.GC_LAST_SUCCESS.set(time.time())
+    return stats
+
+
+def _collect(store: BlobStore, index: Index, max_bytes: int, *, now: float, grace: float,
+             progress: ProgressReporter) -> GcStats:
+    with progress.phase("reading index", unit="manifests") as step:
+        graph = index.graph()  # snapshot first: an object committed after it is young: spared
+        step.advance(len(graph.manifests))
+    objects: dict[Digest, ObjectInfo] = {}
+    with progress.phase("scanning store") as step:
+        for info in store.iter_objects():
+            objects[info.digest] = info
+            step.advance()
     stats = GcStats(bytes_before=sum(i.size for i in objects.values()),
                     objects_before=len(objects))
     stats.bytes_after, stats.objects_after = stats.bytes_before, stats.objects_before
@@ -141,17 +166,21 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
     stats.manifests_forgotten = len(forgotten)
 
     deleted: list[Digest] = []
-    for digest, info in objects.items():
-        if refcount[digest] > 0 or digest in spared:  # marked: skip without asking the index
-            continue
-        with index.locked():  # check and delete as one step against concurrent index writers
-            if index.is_referenced(digest) or not store.delete(digest):
-                continue
-        deleted.append(digest)
-        stats.objects_deleted += 1
-        stats.bytes_freed += info.size
-        kind = "manifest" if digest in graph.manifests else "blob"
-        metrics.EVICTIONS.labels(kind=kind).inc()
+    # Unmarked objects: deleted unless the index says otherwise under its lock.
+    candidates = [(digest, info) for digest, info in objects.items()
+                  if refcount[digest] <= 0 and digest not in spared]
+    with progress.phase("deleting", len(candidates)) as step:
+        for digest, info in candidates:
+            step.advance()
+            with index.locked():  # check and delete as one step against concurrent writers
+                if index.is_referenced(digest) or not store.delete(digest):
+                    continue
+            deleted.append(digest)
+            stats.objects_deleted += 1
+            stats.bytes_freed += info.size
+            kind = "manifest" if digest in graph.manifests else "blob"
+            metrics.EVICTIONS.labels(kind=kind).inc()
+            metrics.GC_FREED_BYTES.inc(info.size)
     index.forget_objects(deleted)
     # Allows of what is gone for good: the deleted objects, and what evicted manifests
     # referenced without it ever being stored (other platforms' manifests, unpulled layers).
@@ -173,28 +202,38 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
 def _publish(stats: GcStats) -> None:
     metrics.STORE_BYTES.set(stats.bytes_after)
     metrics.STORE_OBJECTS.set(stats.objects_after)
+    metrics.GC_OVER_BUDGET.set(1 if stats.over_budget else 0)
 
 
-def fsck(store: BlobStore, index: Index) -> FsckReport:
+def fsck(store: BlobStore, index: Index,
+         progress: ProgressReporter = NO_PROGRESS) -> FsckReport:
     """Re-hash every object; quarantine corrupt ones and drop their index rows (so the mirror
     fetches them again); report indexed objects that are missing, objects the index does not
-    know, and staging leftovers. Read-only apart from the quarantine."""
+    know, and staging leftovers. Read-only apart from the quarantine. ``progress`` sees the
+    listing and the hashing (counted in bytes) as phases."""
     report = FsckReport()
     graph = index.graph()
     on_disk: set[Digest] = set()
-    for info in store.iter_objects():
-        actual = store.hash_object(info.digest)
-        if actual is None:  # removed meanwhile (gc)
-            continue
-        report.objects_checked += 1
-        report.bytes_checked += info.size
-        if actual != info.digest:
-            store.quarantine(info.digest)
-            report.corrupt.append(info.digest)
-            continue
-        on_disk.add(info.digest)
-        if info.digest not in graph.manifests and info.digest not in graph.blobs:
-            report.unindexed.append(info.digest)
+    listed: list[ObjectInfo] = []
+    with progress.phase("listing store") as step:  # first, so hashing has a known total
+        for info in store.iter_objects():
+            listed.append(info)
+            step.advance()
+    with progress.phase("hashing", sum(i.size for i in listed), unit=BYTES) as step:
+        for info in listed:
+            actual = store.hash_object(info.digest)
+            step.advance(info.size)
+            if actual is None:  # removed meanwhile (gc)
+                continue
+            report.objects_checked += 1
+            report.bytes_checked += info.size
+            if actual != info.digest:
+                store.quarantine(info.digest)
+                report.corrupt.append(info.digest)
+                continue
+            on_disk.add(info.digest)
+            if info.digest not in graph.manifests and info.digest not in graph.blobs:
+                report.unindexed.append(info.digest)
     if report.corrupt:
         index.forget_objects(report.corrupt)
         log.warning("fsck.corrupt", count=len(report.corrupt),
