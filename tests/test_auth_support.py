@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "sigil.test"
+PASSWORD_FOR_TESTS = "correct horse battery staple"
 
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
@@ -179,7 +180,8 @@ class TestCA:
 
     def issue(self, stem: str, common_name: str = "127.0.0.1", *, client: bool = False
               ) -> tuple[Path, Path, int]:
-        """Write ``<stem>.crt`` and ``<stem>.key``; returns (cert, key, serial)."""
+        """Write ``<stem>.crt`` (the certificate, then the CA: a chain a server sends whole and
+        a client can use as its CA file) and ``<stem>.key``; returns (cert, key, serial)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
@@ -200,7 +202,8 @@ class TestCA:
         cert = builder.sign(self.key, hashes.SHA256())
         cert_path = self.directory / f"{stem}.crt"
         key_path = self.directory / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                              + self.cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
