@@ -10,9 +10,12 @@ import base64
 import datetime
 import ipaddress
 import json
+import socket
+import ssl
 import subprocess
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.sigilproc import SigilProcess
+
 ISSUER = "https://issuer.test"
 AUDIENCE = "sigil.test"
 PASSWORD_FOR_TESTS = "correct horse battery staple"
+BOUND = 20.0  # longest wait for anything to happen (never asserted as a time)
 
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
@@ -76,6 +82,7 @@ class TokenIssuer:
         self.acl = acl or {}
         self.lifetime = lifetime
         self.requests: list[dict[str, Any]] = []  # service, scopes, account, user per request
+        self.issued: list[str] = []  # every token handed out (to check none is logged)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -127,6 +134,7 @@ class TokenIssuer:
                 granted.append({"type": "repository", "name": name, "actions": ["pull"]})
         token = self.token(granted, sub=user or "anonymous",
                            aud=request.query.get("service") or AUDIENCE)
+        self.issued.append(token)
         return web.json_response({"token": token, "access_token": token,
                                   "expires_in": self.lifetime,
                                   "issued_at": datetime.datetime.now(datetime.UTC).isoformat()})
@@ -208,3 +216,48 @@ class TestCA:
                                                serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         return cert_path, key_path, serial
+
+
+# ------------------------------------------------------------------------ TLS clients
+def client_context(ca: TestCA, *, cert: tuple[Path, Path] | None = None,
+                   max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A client context trusting ``ca``, with a client certificate and a TLS version cap."""
+    context = ssl.create_default_context(cafile=str(ca.path))
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    if max_version is not None:
+        with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            context.maximum_version = max_version
+        # Let this client offer old versions, so that a refusal is the server's.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def replace_pair(ca: TestCA, files: dict[str, Any], stem: str) -> int:
+    """Issue a new certificate and key and move them over the served files."""
+    cert, key, serial = ca.issue(stem)
+    cert.replace(files["cert"])
+    key.replace(files["key"])
+    return serial
+
+
+def https_serial(process: SigilProcess, ca: TestCA) -> int:
+    """The serial of the certificate a new connection to ``process`` is shown."""
+    with socket.create_connection(("127.0.0.1", process.port), timeout=BOUND) as sock, \
+            client_context(ca).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` until true, at most BOUND seconds."""
+    deadline = time.monotonic() + BOUND
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +29,22 @@ from sigil.server.app import build_app
 from sigil.server.tls import CertificateReloader, TLSFiles
 from tests.realparts import RealRegistry
 from tests.support.sigilproc import SigilProcess
-from tests.test_auth_support import PASSWORD_FOR_TESTS, TestCA, basic, write_htpasswd
-
-BOUND = 20.0  # longest wait for anything to happen (never asserted as a time)
+from tests.test_auth_support import (
+    BOUND,
+    PASSWORD_FOR_TESTS,
+    TestCA,
+    basic,
+    client_context,
+    https_serial,
+    replace_pair,
+    wait_for,
+    write_htpasswd,
+)
 
 
 def reloads(result: str) -> float:
     return metrics.REGISTRY.get_sample_value("sigil_tls_reloads_total",
                                              {"result": result}) or 0.0
-
-
-def client_context(ca: TestCA, *, cert: tuple[Path, Path] | None = None,
-                   max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca.path))
-    if cert is not None:
-        context.load_cert_chain(*cert)
-    if max_version is not None:
-        with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
-            warnings.simplefilter("ignore", DeprecationWarning)
-            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-            context.maximum_version = max_version
-        # Let this client offer old versions, so that a refusal is the server's.
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    return context
 
 
 def serial_of(writer: asyncio.StreamWriter) -> int:
@@ -97,14 +88,6 @@ async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     writer.write(line)
     await writer.drain()
     return await asyncio.wait_for(reader.readline(), BOUND)
-
-
-def replace_pair(ca: TestCA, files: dict[str, Any], stem: str) -> int:
-    """Issue a new certificate and key and move them over the served files."""
-    cert, key, serial = ca.issue(stem)
-    cert.replace(files["cert"])
-    key.replace(files["key"])
-    return serial
 
 
 async def test_reload_serves_new_handshakes_and_keeps_open_connections(echo_server) -> None:
@@ -315,23 +298,6 @@ def test_cli_missing_tls_file_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ a real process
-def https_serial(process: SigilProcess, ca: TestCA) -> int:
-    """The serial of the certificate a new connection to ``process`` is shown."""
-    with socket.create_connection(("127.0.0.1", process.port), timeout=BOUND) as sock, \
-            client_context(ca).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return int(x509.load_der_x509_certificate(der).serial_number)
-
-
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def tls_process(tmp_path: Path, upstream: RealRegistry, cert: Path, key: Path,
                 **tls: Any) -> SigilProcess:
     process = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": upstream.url,
