@@ -271,6 +271,8 @@ def test_missing_or_unusable_tls_files_are_start_up_errors(pair, tmp_path: Path)
         ({"cert": str(cert), "key": str(key), "client_ca": str(ca.path),
           "client_auth": "sometimes"}, "server.tls.client_auth", "none, optional or required"),
         ({"client_ca": str(ca.path)}, "server.tls.client_ca", "need TLS"),
+        ({"cert": str(cert), "key": str(key), "client_ca": str(ca.path),
+          "client_auth": "none"}, "server.tls.client_auth", "set optional or required"),
         ({"cert": str(cert), "key": str(key), "reload_interval": "often"},
          "server.tls.reload_interval", "duration"),
     ]

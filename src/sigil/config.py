@@ -416,6 +416,9 @@ def _parse_tls_extras(tls: Mapping[str, Any], cert: str | None, key: str | None,
     if client_auth != "none" and not client_ca:
         raise ConfigError("client certificates need server.tls.client_ca", file=file,
                           key="server.tls.client_auth")
+    if client_auth == "none" and client_ca:
+        raise ConfigError("client_ca is set but client_auth is none: set optional or required",
+                          file=file, key="server.tls.client_auth")
     if client_ca and not cert:
         raise ConfigError("client certificates need TLS (server.tls.cert and key)",
                           file=file, key="server.tls.client_ca")
