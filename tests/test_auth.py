@@ -414,3 +414,50 @@ def test_failure_limiter_window_and_bounded_table() -> None:
         limiter.failed(address, 100.0)
     assert len(limiter._table) == 3  # the oldest entries went first
     assert "e" in limiter._table and "b" not in limiter._table
+
+
+# ------------------------------------------------------------------------- SIGHUP
+def test_sighup_rereads_htpasswd_and_forgets_cached_credentials(tmp_path: Path,
+                                                                 real_registry: RealRegistry
+                                                                 ) -> None:
+    import signal
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    from tests.support.sigilproc import SigilProcess
+    from tests.test_auth_support import wait_for
+
+    path = write_htpasswd(tmp_path / "htpasswd", {"alice": PASSWORD})
+    process = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                                 "default": True}])
+    config = yaml.safe_load(process.config_path.read_text())
+    config["server"]["auth"] = {"type": "htpasswd", "htpasswd": str(path)}
+    process.config_path.write_text(yaml.safe_dump(config))
+
+    def status(user: str, password: str) -> int:
+        request = urllib.request.Request(f"{process.url}/v2/",
+                                         headers={"Authorization": basic(user, password)})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    with process:
+        assert process.proc is not None
+        assert status("alice", PASSWORD) == 200  # now cached
+        write_htpasswd(path, {"dave": "new-password"})  # alice removed, dave added
+        process.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: status("dave", "new-password") == 200, "the htpasswd reload")
+        assert status("alice", PASSWORD) == 401  # the cache was dropped with the file
+        # A broken file on SIGHUP: logged, and the users in force stay.
+        path.write_text("dave:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+        process.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "auth.reload_failed"
+                             for e in process.log_events()), "the reload error")
+        assert status("dave", "new-password") == 200
+    failed = [e for e in process.log_events() if e.get("event") == "auth.reload_failed"]
+    assert "line 1" in failed[0]["error"] and "W6ph5Mm5" not in failed[0]["error"]
+    assert any(e.get("event") == "auth.without_tls" for e in process.log_events())

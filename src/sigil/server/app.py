@@ -42,6 +42,10 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
         client_certificates=config.server.tls_client_auth == "optional")
     if client_auth is not None:
         app[AUTH] = client_auth
+        if not config.server.tls_cert:
+            log.warning("auth.without_tls", type=config.server.auth.type,
+                        hint="credentials cross the network in clear text: set server.tls "
+                             "or terminate TLS in front of sigil")
     add_routes(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -116,10 +120,11 @@ async def reload_credentials(app: web.Application,
     client_auth = app.get(AUTH)
     if client_auth is not None:
         try:
-            await asyncio.to_thread(client_auth.reload)
+            await asyncio.to_thread(client_auth.reload_files)
             log.info("auth.reloaded", type=client_auth.config.type)
         except SigilError as exc:
             log.error("auth.reload_failed", error=str(exc))
+        client_auth.forget()  # credentials are checked again under the files now in force
 
 
 def listen_socket(config: Config, port: int | None = None) -> socket.socket:

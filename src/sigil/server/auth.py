@@ -58,8 +58,6 @@ _REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|referrers|tags)/
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 # bcrypt reads at most 72 bytes of a password (htpasswd -B hashes the first 72).
 _BCRYPT_MAX = 72
-# A valid hash for unknown users, so that "no such user" costs what "wrong password" does.
-_DUMMY_HASH = bcrypt.hashpw(b"sigil-no-such-user", bcrypt.gensalt(5))
 # Clients tracked by the failure limiter (bounded: the oldest entry goes first).
 FAILURE_TABLE_MAX = 65536
 # Longest Authorization header looked at (a JWT with a few hundred access entries fits).
@@ -137,12 +135,19 @@ class HtpasswdVerifier:
     def __init__(self, config: AuthConfig, *, config_file: str = "") -> None:
         self._path = config.htpasswd
         self._config_file = config_file
-        self._users = load_htpasswd(config.htpasswd, config_file=config_file)
         self._challenge = f'Basic realm="{config.realm}"'
+        self._users, self._dummy = self._load()
+
+    def _load(self) -> tuple[dict[str, bytes], bytes]:
+        users = load_htpasswd(self._path, config_file=self._config_file)
+        # A hash checked for unknown users, at the file's own cost, so that "no such user"
+        # takes as long as "wrong password" (no probing for user names by timing).
+        cost = max((int(h[4:6]) for h in users.values()), default=5)
+        return users, bcrypt.hashpw(b"sigil-no-such-user", bcrypt.gensalt(max(4, cost)))
 
     def reload(self) -> None:
         """Read the file again (SIGHUP); raises ConfigError and keeps the old users."""
-        self._users = load_htpasswd(self._path, config_file=self._config_file)
+        self._users, self._dummy = self._load()
 
     def challenge(self, scope_name: str | None, error: str | None = None) -> str:
         return self._challenge
@@ -167,7 +172,7 @@ class HtpasswdVerifier:
         hashed = self._users.get(user)
         secret = password.encode("utf-8")[:_BCRYPT_MAX]
         if hashed is None:
-            bcrypt.checkpw(secret, _DUMMY_HASH)  # same cost as a wrong password
+            bcrypt.checkpw(secret, self._dummy)  # same cost as a wrong password
             raise AuthFailure("unknown_user", f"unknown user {user!r}")
         try:
             matched = bcrypt.checkpw(secret, hashed)
@@ -424,11 +429,14 @@ class ClientAuth:
     def enabled(self) -> bool:
         return self.verifier is not None
 
-    def reload(self) -> None:
-        """Re-read htpasswd / keys (SIGHUP) and forget cached credentials; on a bad file
-        raise ConfigError and keep the old ones."""
+    def reload_files(self) -> None:
+        """Re-read htpasswd / keys (SIGHUP; may run in a thread); on a bad file raise
+        ConfigError and keep the old ones."""
         if self.verifier is not None:
             self.verifier.reload()
+
+    def forget(self) -> None:
+        """Drop every cached credential (in the event loop's thread)."""
         self._cache.clear()
 
     def protects(self, path: str) -> bool:
