@@ -261,6 +261,13 @@ async def test_token_challenge_carries_realm_service_and_scope(start, issuer, tm
     # ?ns= routing (containerd): the same name as the prefix form.
     routed = await client.get("/v2/t/app/manifests/v1?ns=registry.test")
     assert 'scope="repository:registry.test/t/app:pull"' in challenge(routed)
+    # A name that could break out of the quoted parameter gets no scope (and no 500).
+    for evil in ("/v2/a%0d%0aX-Evil:%201/manifests/v1", '/v2/a%22,realm=%22x/manifests/v1',
+                 "/v2/t/app/manifests/v1?ns=a%22b"):
+        response = await client.get(evil)
+        assert response.status == 401, evil
+        assert challenge(response) == f'Bearer realm="{issuer.realm}",service="sigil.test"'
+        assert "X-Evil" not in response.headers
 
 
 async def test_valid_token_pulls_only_its_repository(start, issuer, tmp_path, registry_pusher,

@@ -55,6 +55,7 @@ log = get_logger("sigil.auth")
 
 # The repository a /v2/ request addresses (the rest is checked by the routes).
 _REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|referrers|tags)/")
+_SCOPE_SAFE = re.compile(r"[A-Za-z0-9._:/-]{1,512}")
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 # bcrypt reads at most 72 bytes of a password (htpasswd -B hashes the first 72).
 _BCRYPT_MAX = 72
@@ -408,8 +409,11 @@ def scope_name(request: web.Request) -> str | None:
     name = match["name"]
     ns = request.query.get("ns")
     if ns and not name.startswith(f"{ns}/"):
-        return f"{ns}/{name}"
-    return name
+        name = f"{ns}/{name}"
+    # The name goes into a quoted header parameter: anything outside the characters of
+    # registry hosts and repository names (a quote, CR/LF from %0d%0a) gets no scope at all;
+    # the route answers NAME_INVALID for it after authentication.
+    return name if _SCOPE_SAFE.fullmatch(name) else None
 
 
 class ClientAuth:
