@@ -468,3 +468,17 @@ def test_sighup_rereads_htpasswd_and_forgets_cached_credentials(tmp_path: Path,
     failed = [e for e in process.log_events() if e.get("event") == "auth.reload_failed"]
     assert "line 1" in failed[0]["error"] and "W6ph5Mm5" not in failed[0]["error"]
     assert any(e.get("event") == "auth.without_tls" for e in process.log_events())
+
+
+async def test_credential_cache_is_bounded(start, tmp_path) -> None:
+    users = {f"user{i}": f"password{i}" for i in range(5)}
+    path = write_htpasswd(tmp_path / "many", users)
+    client = await start({"type": "htpasswd", "htpasswd": str(path), "cache_size": 3})
+    for user, password in users.items():
+        response = await client.get("/v2/", headers={"Authorization": basic(user, password)})
+        assert response.status == 200
+    gate = client.server.app[AUTH]
+    assert len(gate._cache) == 3
+    # Keys are digests of the header, never the credentials themselves.
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in gate._cache)
+    assert not any(b"password" in k for k in gate._cache)
