@@ -102,6 +102,8 @@ async def test_htpasswd_challenge_login_and_pull(start, htpasswd, registry_pushe
     assert ping.status == 401
     assert challenge(ping) == 'Basic realm="my mirror"'
     assert await error_code(ping) == "UNAUTHORIZED"
+    # The header docker's ping looks for to know it talks to a v2 registry.
+    assert ping.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
     ok = await client.get("/v2/", headers={"Authorization": basic("alice", PASSWORD)})
     assert ok.status == 200
     manifest = await client.get(f"/v2/{unique_repo}/manifests/v1",
