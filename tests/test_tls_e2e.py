@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 import yaml
 
 from bench.harness import ThrottledLink, _seed, make_random_file
-from tests.realparts import RealRegistry, skopeo
+from tests.realparts import ProcessError, RealRegistry, RegistryPusher, skopeo
 from tests.support.sigilproc import SigilProcess
 from tests.test_auth_support import (
     BOUND,
@@ -81,3 +84,54 @@ async def test_certificate_swap_during_a_running_pull(tmp_path: Path,
     assert (tmp_path / "digest").read_text().strip() == image.manifest_digest
     reloaded = [e for e in process.log_events() if e.get("event") == "tls.reloaded"]
     assert reloaded and reloaded[0]["new_serial"] == format(second, "x")
+
+
+async def test_skopeo_with_a_client_certificate(tmp_path: Path, real_registry: RealRegistry,
+                                                unique_repo: str) -> None:
+    """client_auth: required: skopeo pulls with a certificate from client_ca (containers'
+    cert dir: ca.crt, client.cert, client.key) and is refused without one."""
+    async with RegistryPusher(real_registry.url) as pusher:
+        pushed = await pusher.make_image(unique_repo, "m1")
+    ca = TestCA(tmp_path / "ca")
+    cert, key, _ = ca.issue("server")
+    client_cert, client_key, _ = ca.issue("node", "node-1", client=True)
+    process = SigilProcess(tmp_path / "sigil", [{"name": "docker.io", "url": real_registry.url,
+                                                 "default": True}], tls=(cert, key))
+    config = yaml.safe_load(process.config_path.read_text())
+    config["server"]["tls"].update({"client_ca": str(ca.path), "client_auth": "required"})
+    process.config_path.write_text(yaml.safe_dump(config))
+    with_cert, without_cert = tmp_path / "with", tmp_path / "without"
+    for folder in (with_cert, without_cert):
+        folder.mkdir()
+        (folder / "ca.crt").write_bytes(ca.path.read_bytes())
+    (with_cert / "client.cert").write_bytes(client_cert.read_bytes())
+    (with_cert / "client.key").write_bytes(client_key.read_bytes())
+    # The readiness probe of SigilProcess has no client certificate: start by hand.
+    assert process.proc is None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
+    with open(process.log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sigil", "serve", "--config",
+                                 str(process.config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + BOUND
+        while not any(e.get("event") == "sigil.listening" for e in process.log_events()):
+            assert proc.poll() is None, process.logs()
+            assert time.monotonic() < deadline, process.logs()
+            await asyncio.sleep(0.05)
+        ref = f"docker://{process.host}/{unique_repo}:m1"
+
+        async def pull(cert_dir: Path, dest: Path) -> None:
+            await skopeo("copy", "--quiet", "--retry-times", "0", "--src-no-creds",
+                         "--src-cert-dir", str(cert_dir), "--src-tls-verify=true",
+                         "--preserve-digests", "--digestfile", str(dest) + ".digest", ref,
+                         f"dir:{dest}", timeout=60)
+
+        await pull(with_cert, tmp_path / "ok")
+        assert (tmp_path / "ok.digest").read_text().strip() == pushed.digest
+        with pytest.raises(ProcessError) as info:
+            await pull(without_cert, tmp_path / "refused")
+        assert "certificate" in str(info.value).lower() or "tls" in str(info.value).lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
