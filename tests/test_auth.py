@@ -484,3 +484,41 @@ async def test_credential_cache_is_bounded(start, tmp_path) -> None:
     # Keys are digests of the header, never the credentials themselves.
     assert all(isinstance(k, bytes) and len(k) == 32 for k in gate._cache)
     assert not any(b"password" in k for k in gate._cache)
+
+
+def test_rs256_token_from_a_certificate_bundle_with_libtrust_key_ids(tmp_path: Path) -> None:
+    """docker_auth and distribution name keys by their libtrust id; a PEM certificate of the
+    issuer (distribution's rootcertbundle) verifies RS256 tokens carrying that kid."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    from sigil.server.auth import libtrust_key_id
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token issuer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    config = build_config({"server": {"auth": {"type": "token", "token": {
+        "issuer": ISSUER, "audience": AUDIENCE, "realm_url": "http://127.0.0.1:9/token",
+        "pem": str(bundle)}}}}, env={})
+    verifier = TokenVerifier(config.server.auth)
+    kid = libtrust_key_id(key.public_key())
+    assert len(kid.split(":")) == 12 and all(len(part) == 4 for part in kid.split(":"))
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 60,
+              "access": [{"type": "repository", "name": "a/b", "actions": ["pull", "push"]}]}
+    token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+    assert verifier.verify(f"Bearer {token}", 0.0, 60.0).repositories == frozenset({"a/b"})
+    # A token signed by another key under the same kid is refused.
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(claims, other, algorithm="RS256", headers={"kid": kid})
+    with pytest.raises(Exception, match="signature"):
+        verifier.verify(f"Bearer {forged}", 0.0, 60.0)
