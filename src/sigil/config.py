@@ -97,6 +97,36 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class TokenAuthConfig:
+    """``server.auth.token``: Bearer JWTs from an external issuer (docker token-auth spec)."""
+
+    issuer: str | None = None       # required ``iss``
+    audience: str | None = None     # required in ``aud``
+    jwks: str | None = None         # JWKS file of the issuer's public keys
+    pem: tuple[str, ...] = ()       # or PEM files (public keys or certificates)
+    realm_url: str | None = None    # where clients get tokens (challenge ``realm``)
+    service: str | None = None      # challenge ``service``; defaults to the audience
+    leeway: float = 30.0            # clock skew allowed on exp/nbf/iat
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                   "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``server.auth``: who may pull. See docs/operations.md, "Authentication and TLS"."""
+
+    type: str = "none"              # none | htpasswd | token
+    htpasswd: str = "/etc/sigil/htpasswd"
+    realm: str = "sigil"
+    token: TokenAuthConfig = field(default_factory=TokenAuthConfig)
+    protect_metrics: bool = False
+    cache_ttl: float = 60.0         # verified credentials are trusted this long
+    cache_size: int = 10000         # entries in the verified-credentials cache
+    max_failures: int = 10          # failed attempts per client address per window ...
+    failure_window: float = 60.0    # ... before 429 for the rest of the window
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = 5000
@@ -105,6 +135,10 @@ class ServerConfig:
     workers: int = 1
     # Serve only what the store holds; never open a connection to an upstream (air gap).
     offline: bool = False
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls_client_ca: str | None = None   # PEM CA bundle for client certificates (mTLS)
+    tls_client_auth: str = "none"      # none | optional | required
+    tls_reload_interval: float = 5.0   # how often cert/key mtimes are checked (0: never)
 
 
 @dataclass(frozen=True)
@@ -140,7 +174,7 @@ class Config:
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "server": {"listen", "tls", "workers", "offline"},
+    "server": {"listen", "tls", "workers", "offline", "auth"},
     "storage": {"root", "max_bytes"},
     "log": {"level", "format"},
 }
@@ -279,6 +313,148 @@ def _parse_upstream(item: Any, index: int, *, file: str,
     )
 
 
+# ------------------------------------------------------------ server.auth and server.tls
+_AUTH_KEYS = {"type", "htpasswd", "realm", "token", "protect_metrics", "cache_ttl", "cache_size",
+              "max_failures", "failure_window"}
+_TOKEN_KEYS = {"issuer", "audience", "jwks", "pem", "realm_url", "service", "leeway",
+               "algorithms"}
+_TOKEN_ALGORITHMS = set(TokenAuthConfig.algorithms)
+
+
+def _int_in(value: Any, low: int, high: int, *, file: str, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"expected an integer from {low} to {high}, got {value!r}",
+                          file=file, key=key)
+    return value
+
+
+def _parse_token(value: Any, *, file: str) -> TokenAuthConfig:
+    key = "server.auth.token"
+    data = _mapping(value, file=file, key=key)
+    _unknown(set(data), _TOKEN_KEYS, file=file, key=key)
+
+    def text(name: str) -> str:
+        found = _str(data.get(name), file=file, key=f"{key}.{name}", optional=True)
+        if found is None:
+            raise ConfigError("required when server.auth.type is token", file=file,
+                              key=f"{key}.{name}")
+        return found
+
+    issuer, audience, realm_url = text("issuer"), text("audience"), text("realm_url")
+    parts = urlsplit(realm_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"expected an http(s) URL, got {realm_url!r}", file=file,
+                          key=f"{key}.realm_url")
+    jwks = _str(data.get("jwks"), file=file, key=f"{key}.jwks", optional=True)
+    pem_value = data.get("pem") or []
+    pem = [pem_value] if isinstance(pem_value, str) else pem_value
+    if not isinstance(pem, list) or not all(isinstance(p, str) and p for p in pem):
+        raise ConfigError("expected a file name or a list of file names", file=file,
+                          key=f"{key}.pem")
+    if not jwks and not pem:
+        raise ConfigError("give the issuer's public keys as jwks (a JWKS file) or pem",
+                          file=file, key=key)
+    algorithms = data.get("algorithms", list(TokenAuthConfig.algorithms))
+    if (not isinstance(algorithms, list) or not algorithms
+            or not all(a in _TOKEN_ALGORITHMS for a in algorithms)):
+        raise ConfigError("expected a non-empty list of "
+                          f"{', '.join(TokenAuthConfig.algorithms)} (public-key algorithms "
+                          "only)", file=file, key=f"{key}.algorithms")
+    return TokenAuthConfig(
+        issuer=issuer, audience=audience, jwks=jwks, pem=tuple(pem), realm_url=realm_url,
+        service=_str(data.get("service"), file=file, key=f"{key}.service", optional=True),
+        leeway=parse_duration(data.get("leeway", "30s"), file=file, key=f"{key}.leeway"),
+        algorithms=tuple(algorithms))
+
+
+def _parse_auth(value: Any, *, file: str) -> AuthConfig:
+    key = "server.auth"
+    data = _mapping(value, file=file, key=key)
+    _unknown(set(data), _AUTH_KEYS, file=file, key=key)
+    kind = data.get("type", "none")
+    if kind not in ("none", "htpasswd", "token"):
+        raise ConfigError(f"expected none, htpasswd or token, got {kind!r}", file=file,
+                          key=f"{key}.type")
+    htpasswd = _str(data.get("htpasswd", AuthConfig.htpasswd), file=file,
+                    key=f"{key}.htpasswd")
+    assert htpasswd is not None
+    realm = _str(data.get("realm", "sigil"), file=file, key=f"{key}.realm")
+    assert realm is not None
+    if '"' in realm or "\\" in realm:
+        raise ConfigError("must not contain quotes or backslashes", file=file,
+                          key=f"{key}.realm")
+    token = _parse_token(data.get("token"), file=file) if kind == "token" else TokenAuthConfig()
+    auth = AuthConfig(
+        type=kind, htpasswd=htpasswd, realm=realm, token=token,
+        protect_metrics=_bool(data.get("protect_metrics", False), file=file,
+                              key=f"{key}.protect_metrics"),
+        cache_ttl=parse_duration(data.get("cache_ttl", "1m"), file=file,
+                                 key=f"{key}.cache_ttl"),
+        cache_size=_int_in(data.get("cache_size", 10000), 0, 1_000_000, file=file,
+                           key=f"{key}.cache_size"),
+        max_failures=_int_in(data.get("max_failures", 10), 1, 1_000_000, file=file,
+                             key=f"{key}.max_failures"),
+        failure_window=parse_duration(data.get("failure_window", "1m"), file=file,
+                                      key=f"{key}.failure_window"))
+    if kind != "none":
+        # The credential files are read now, so a bad entry stops start-up (before any
+        # worker forks) with the file and line; imported here: only auth users need it.
+        from sigil.server.auth import load_verifier
+
+        load_verifier(auth, config_file=file)
+    return auth
+
+
+def _parse_tls_extras(tls: Mapping[str, Any], cert: str | None, key: str | None, *,
+                      file: str) -> tuple[str | None, str, float]:
+    """``server.tls.client_ca``, ``client_auth`` and ``reload_interval``; and a trial load of
+    the certificate, key and client CA, so that an unusable file stops start-up."""
+    client_ca = _str(tls.get("client_ca"), file=file, key="server.tls.client_ca",
+                     optional=True)
+    client_auth = tls.get("client_auth", "required" if client_ca else "none")
+    if client_auth not in ("none", "optional", "required"):
+        raise ConfigError(f"expected none, optional or required, got {client_auth!r}",
+                          file=file, key="server.tls.client_auth")
+    if client_auth != "none" and not client_ca:
+        raise ConfigError("client certificates need server.tls.client_ca", file=file,
+                          key="server.tls.client_auth")
+    if client_auth == "none" and client_ca:
+        raise ConfigError("client_ca is set but client_auth is none: set optional or required",
+                          file=file, key="server.tls.client_auth")
+    if client_ca and not cert:
+        raise ConfigError("client certificates need TLS (server.tls.cert and key)",
+                          file=file, key="server.tls.client_ca")
+    interval = parse_duration(tls.get("reload_interval", "5s"), file=file,
+                              key="server.tls.reload_interval")
+    if cert and key:
+        import ssl  # only a TLS set-up pays for it
+
+        for name, path in (("cert", cert), ("key", key), ("client_ca", client_ca)):
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as handle:
+                    handle.read(1)
+            except OSError as exc:
+                raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", file=file,
+                                  key=f"server.tls.{name}") from exc
+        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            trial.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{cert} and {key} are not a usable certificate and key: "
+                              f"{getattr(exc, 'reason', None) or exc}", file=file,
+                              key="server.tls") from exc
+        if client_ca:
+            try:
+                trial.load_verify_locations(cafile=client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"{client_ca} holds no usable CA certificate: "
+                                  f"{getattr(exc, 'reason', None) or exc}", file=file,
+                                  key="server.tls.client_ca") from exc
+    return client_ca, str(client_auth), interval
+
+
 def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
                  env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed config mapping (plus env overrides) into a :class:`Config`."""
@@ -293,7 +469,8 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
     _unknown(set(server), _SECTIONS["server"], file=file, key="server")
     host, port = _parse_listen(server.get("listen", "0.0.0.0:5000"), file=file)
     tls = _mapping(server.get("tls"), file=file, key="server.tls")
-    _unknown(set(tls), {"cert", "key"}, file=file, key="server.tls")
+    _unknown(set(tls), {"cert", "key", "client_ca", "client_auth", "reload_interval"},
+             file=file, key="server.tls")
     cert = _str(tls.get("cert"), file=file, key="server.tls.cert", optional=True)
     tls_key = _str(tls.get("key"), file=file, key="server.tls.key", optional=True)
     if bool(cert) != bool(tls_key):
@@ -301,10 +478,12 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
     for k, p in (("cert", cert), ("key", tls_key)):
         if p and not Path(p).is_file():
             raise ConfigError(f"file {p} does not exist", file=file, key=f"server.tls.{k}")
+    client_ca, client_auth, reload_interval = _parse_tls_extras(tls, cert, tls_key, file=file)
     workers = server.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64:
         raise ConfigError("expected an integer from 1 to 64", file=file, key="server.workers")
     offline = _bool(server.get("offline", False), file=file, key="server.offline")
+    auth = _parse_auth(server.get("auth"), file=file)
 
     storage = _mapping(root.get("storage"), file=file, key="storage")
     _unknown(set(storage), _SECTIONS["storage"], file=file, key="storage")
@@ -347,7 +526,9 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
 
     return Config(
         server=ServerConfig(listen_host=host, listen_port=port, tls_cert=cert, tls_key=tls_key,
-                            workers=workers, offline=offline),
+                            workers=workers, offline=offline, auth=auth,
+                            tls_client_ca=client_ca, tls_client_auth=client_auth,
+                            tls_reload_interval=reload_interval),
         storage=StorageConfig(root=storage_root, max_bytes=max_bytes),
         upstreams=upstreams, policy=policy, log=LogConfig(level=level, format=fmt),
         source=source, raw=root,

@@ -93,3 +93,18 @@ STORE_MAX_BYTES = Gauge("sigil_store_max_bytes", "The configured storage.max_byt
 BUILD_INFO = Gauge("sigil_build_info", "Always 1; the labels say which sigil is running",
                    ["version", "python_version"], registry=REGISTRY)
 BUILD_INFO.labels(version=__version__, python_version=platform.python_version()).set(1)
+# --- client authentication and TLS (server/auth.py, server/tls.py) ---
+AUTH_FAILURES = Counter("sigil_auth_failures_total",
+                        "Client credentials refused (htpasswd or token), by reason",
+                        ["reason"], registry=REGISTRY)
+# reason: malformed|wrong_scheme|unknown_user|wrong_password|invalid_token|bad_signature|
+#         expired|not_yet_valid|wrong_issuer|wrong_audience|insufficient_scope
+AUTH_RATE_LIMITED = Counter("sigil_auth_rate_limited_total",
+                            "Requests answered 429 because their address failed to "
+                            "authenticate too often", registry=REGISTRY)
+TLS_RELOADS = Counter("sigil_tls_reloads_total",
+                      "Certificate reloads (SIGHUP or changed files), by result",
+                      ["result"], registry=REGISTRY)  # result: success|failure
+TLS_CERT_EXPIRY = Gauge("sigil_tls_certificate_expiry_timestamp_seconds",
+                        "notAfter of the certificate being served (Unix time)",
+                        registry=REGISTRY)

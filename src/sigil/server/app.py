@@ -6,10 +6,9 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 from aiohttp import web
@@ -20,9 +19,11 @@ from sigil.errors import SigilError
 from sigil.logs import get_logger
 from sigil.mirror import AllowAll, Mirror, PolicyHook, Upstream
 from sigil.routing import Router
+from sigil.server.auth import AUTH, build_client_auth
 from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
+from sigil.server.tls import CertificateReloader, TLSFiles
 from sigil.storage import BlobStore, Index, collect
 from sigil.upstream import UpstreamClient
 from sigil.upstream.offline import OfflineUpstreamClient
@@ -39,6 +40,15 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
     app[CONFIG] = config
     app[ROUTER] = Router(config)
     app[READY] = asyncio.Event()
+    client_auth = build_client_auth(
+        config.server.auth, config_file=config.source,
+        client_certificates=config.server.tls_client_auth == "optional")
+    if client_auth is not None:
+        app[AUTH] = client_auth
+        if not config.server.tls_cert:
+            log.warning("auth.without_tls", type=config.server.auth.type,
+                        hint="credentials cross the network in clear text: set server.tls "
+                             "or terminate TLS in front of sigil")
     add_routes(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -115,12 +125,20 @@ async def reload(app: web.Application,
     return True
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    if not config.server.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.server.tls_cert, config.server.tls_key)
-    return context
+async def reload_credentials(app: web.Application,
+                             certificates: CertificateReloader | None) -> None:
+    """SIGHUP, besides the policy: the TLS certificate and the client credential files
+    (htpasswd, issuer keys). Each keeps its old state if its new files are unusable."""
+    if certificates is not None:
+        await asyncio.to_thread(certificates.reload, "signal")
+    client_auth = app.get(AUTH)
+    if client_auth is not None:
+        try:
+            await asyncio.to_thread(client_auth.reload_files)
+            log.info("auth.reloaded", type=client_auth.config.type)
+        except SigilError as exc:
+            log.error("auth.reload_failed", error=str(exc))
+        client_auth.forget()  # credentials are checked again under the files now in force
 
 
 def listen_socket(config: Config, port: int | None = None) -> socket.socket:
@@ -154,7 +172,11 @@ async def serve(config: Config, policy: PolicyHook | None = None,
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=DRAIN_SECONDS)
     await runner.setup()
-    site = web.SockSite(runner, sock or listen_socket(config), ssl_context=_ssl_context(config))
+    tls_files = TLSFiles.from_config(config.server)
+    certificates = (CertificateReloader(tls_files, config.server.tls_reload_interval)
+                    if tls_files else None)
+    site = web.SockSite(runner, sock or listen_socket(config),
+                        ssl_context=certificates.listener if certificates else None)
     await site.start()
     log.info("sigil.listening", address=f"{config.server.listen_host}:{config.server.listen_port}",
              tls=bool(config.server.tls_cert))
@@ -163,9 +185,21 @@ async def serve(config: Config, policy: PolicyHook | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if reload_policy is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
-            reload(app, reload_policy)))
+    background: set[asyncio.Task[object]] = set()
+
+    def spawn(work: Coroutine[object, object, object]) -> None:
+        task = loop.create_task(work)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def on_sighup() -> None:
+        if reload_policy is not None:
+            spawn(reload(app, reload_policy))
+        spawn(reload_credentials(app, certificates))
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if certificates is not None:
+        spawn(certificates.watch())
 
     def reap() -> None:
         nonlocal clean
@@ -184,5 +218,7 @@ async def serve(config: Config, policy: PolicyHook | None = None,
         loop.add_signal_handler(signal.SIGCHLD, reap)
     await stop.wait()
     log.info("sigil.stopping")
+    for task in list(background):
+        task.cancel()
     await runner.cleanup()
     return clean

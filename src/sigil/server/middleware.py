@@ -1,4 +1,5 @@
-"""Middleware: request id, one log event per request, metrics, OCI error rendering."""
+"""Middleware: request id, client authentication (server/auth.py), one log event per
+request, metrics, OCI error rendering."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from sigil import metrics
 from sigil.errors import RegistryError
 from sigil.logs import HotLogger, get_logger, new_request_id
+from sigil.server.auth import AUTH
 
 log = get_logger("sigil.http")
 _request_log = HotLogger("sigil.http")
@@ -56,6 +58,13 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     error: str | None = None
     try:
         try:
+            client_auth = request.app.get(AUTH)
+            if client_auth is not None and client_auth.protects(request.path):
+                try:
+                    await client_auth.check(request)
+                except RegistryError:
+                    request[ROUTE_KEY] = "auth"  # refused before any route handler ran
+                    raise
             response = await handler(request)
         except RegistryError as exc:
             error = exc.code
