@@ -22,6 +22,7 @@ from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
 from sigil.storage import BlobStore, Index, collect
+from sigil.storage.lease_sqlite import SqliteFetchLeases
 from sigil.upstream import UpstreamClient
 
 log = get_logger("sigil.server")
@@ -41,10 +42,14 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
     async def resources(app: web.Application) -> AsyncIterator[None]:
         root = Path(config.storage.root)
         store = BlobStore(root)
-        removed = store.cleanup_staging()
+        # With --workers the parent cleaned staging/ before forking (a sibling may be
+        # writing there already), and the workers share one fetch lease table.
+        shared = config.server.workers > 1
+        removed = 0 if shared else store.cleanup_staging()
+        leases = SqliteFetchLeases(root) if shared else None
         index = Index(root / "index.sqlite")
         clients = {u.name: UpstreamClient(u) for u in config.upstreams}
-        mirror = Mirror(config, store, index, clients, policy)
+        mirror = Mirror(config, store, index, clients, policy, leases=leases)
         app[MIRROR] = mirror
         maintenance = asyncio.get_running_loop().create_task(_maintain(mirror, config))
         app[READY].set()
@@ -61,6 +66,8 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
             for client in clients.values():
                 await client.close()
             index.close()
+            if leases is not None:
+                leases.close()
             log.info("sigil.stopped")
 
     app.cleanup_ctx.append(resources)
