@@ -22,11 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.realparts import RealRegistry
+from tests.support.sigilproc import SigilProcess
 
 from .harness import (
     Image,
     MiB,
     Sample,
+    cpu_seconds,
     curl_get,
     curl_many,
     expect_ok,
@@ -40,7 +42,7 @@ from .harness import (
 
 
 @contextmanager
-def _sigil(upstream: str, pythonpath: str | None, workers: int) -> Iterator[str]:
+def _sigil(upstream: str, pythonpath: str | None, workers: int) -> Iterator[SigilProcess]:
     """A fresh sigil (code from ``pythonpath`` if given) on a fresh store; yields its URL."""
     workdir = Path(tempfile.mkdtemp(prefix="sigil-ab-"))
     saved = os.environ.get("PYTHONPATH")
@@ -54,18 +56,20 @@ def _sigil(upstream: str, pythonpath: str | None, workers: int) -> Iterator[str]
         else:
             os.environ["PYTHONPATH"] = saved
     try:
-        yield proc.url
+        yield proc
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _pull(base: str, image: Image, what: str) -> float:
+def _pull(base: str, image: Image, what: str, pid: int | None) -> tuple[float, float]:
+    """(MiB/s of the blob GET, CPU seconds the server process spent during it)."""
     manifest = curl_get(base + image.manifest_path())
     if manifest.status != 200:
         raise RuntimeError(f"{what}: manifest HTTP {manifest.status}")
+    before = cpu_seconds(pid) if pid else 0.0
     fetch = expect_ok(curl_get(base + image.blob_path), image.blob.size, what)
-    return image.blob.size / MiB / fetch.seconds
+    return image.blob.size / MiB / fetch.seconds, (cpu_seconds(pid) - before) if pid else 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,18 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         expect_ok(curl_get(upstream.url + image.blob_path), image.blob.size, "warm-up")
         systems = list(sources) + ([] if args.no_dist else ["dist"])
         rates = {name: Sample() for name in systems}
+        cpus = {name: Sample() for name in systems}
         herd_gets: dict[str, list[int]] = {name: [] for name in systems}
         herd_walls = {name: Sample() for name in systems}
         for i in range(args.runs):
             k = i % len(systems)
             for name in systems[k:] + systems[:k]:
-                with _system(name, upstream, sources, args.workers) as (base, proxy):
-                    rates[name].add(_pull(base, image, f"cold {name}"))
+                with _system(name, upstream, sources, args.workers) as (base, proxy, pid):
+                    rate, cpu = _pull(base, image, f"cold {name}", pid)
+                    rates[name].add(rate)
+                    cpus[name].add(cpu)
                     if proxy is not None:
                         wait_for(lambda p=proxy: proxy_has_blob(p, image.blob), 120,
                                  "distribution to store the blob")
                 if args.herd and i < 3:
-                    with _system(name, upstream, sources, args.workers) as (base, proxy):
+                    with _system(name, upstream, sources, args.workers) as (base, proxy, _):
                         manifest = curl_get(base + image.manifest_path())
                         if manifest.status != 200:
                             raise RuntimeError(f"herd {name}: manifest {manifest.status}")
@@ -127,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ncold {args.size_mib} MiB pull, workers={args.workers}, {args.runs} rounds, "
               f"load {Path('/proc/loadavg').read_text().split()[:3]}, {time.strftime('%H:%M')}")
         for name in systems:
-            print(f"  {name:5} {rates[name].median:6.0f} MiB/s ({rates[name].spread()})")
+            print(f"  {name:7} {rates[name].median:6.0f} MiB/s ({rates[name].spread()}); "
+                  f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()})")
         if "dist" in rates:
             for name in sources:
                 print(f"  {name} / dist = {rates[name].median / rates['dist'].median:.2f}x")
@@ -144,13 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextmanager
 def _system(name: str, upstream: RealRegistry, sources: dict[str, str | None], workers: int
-            ) -> Iterator[tuple[str, RealRegistry | None]]:
+            ) -> Iterator[tuple[str, RealRegistry | None, int | None]]:
+    """(base URL, the proxy if it is distribution, the server pid whose CPU is measured:
+    sigil's with one worker, distribution's proxy process)."""
     if name == "dist":
         with running_proxy(upstream.url) as proxy:
-            yield proxy.url, proxy
+            yield proxy.url, proxy, proxy.pid
         return
-    with _sigil(upstream.url, sources[name], workers) as url:
-        yield url, None
+    with _sigil(upstream.url, sources[name], workers) as proc:
+        pid = proc.proc.pid if proc.proc is not None and workers == 1 else None
+        yield proc.url, None, pid
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ async def test_wrong_bytes_at_the_holder_abort_the_followers_and_commit_nothing(
     follower, _ = second.get_or_start(digest, blob.open, _committed)
     got = bytearray()
     reader = asyncio.ensure_future(_read(follower, got))
+    await _until(lambda: follower.started.is_set(), "the follower to attach")
     blob.allow(10)
     with pytest.raises(RegistryError):
         await asyncio.wait_for(reader, 20)

@@ -4,8 +4,9 @@ One :class:`Download` per digest and process: it runs as its own task (a client 
 does not cancel it), writes to a staging file while hashing, and lets every waiting client
 stream it as it grows: a client that has caught up is handed the chunk just received from
 memory, one further behind reads the staging file with ``pread``. The staging write and the
-sha256 run on a thread of their own, pipelined behind the event loop (which only receives and
-sends), so on a machine with a second core the hash no longer sits on the loop.
+sha256 stay on the event loop, chunk by chunk while the chunk is hot in the cache: on the 2-core
+VMs sigil is measured on, handing them to a thread cost ~0.1 s more CPU per 256 MiB (the bytes
+cross cores) and was not faster (bench/README.md).
 
 The last byte is held back until the sha256 of everything received matches the digest. Then it
 is released at once, and the commit (fsync, atomic rename into the store, index row) follows:
@@ -29,10 +30,8 @@ import asyncio
 import os
 import socket
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,10 +55,6 @@ HOLD_BACK = 1
 # instead of 0.05 s, in about one file of three), which halved the cold pull; 128 KiB writes
 # did not stall in any of the runs.
 STAGING_WRITE = 128 * 1024
-# Chunks handed to the staging thread and not yet written: the receive loop waits for the
-# oldest beyond this, so a slow disk slows the download instead of filling memory.
-STAGING_QUEUE = 4
-STAGING_THREAD = True
 # While a download runs, its staging file is fdatasync'ed in a thread every this many bytes, so
 # the commit's fsync finds little left to flush (followers in other workers wait for it).
 SYNC_EVERY = 32 * 1024 * 1024
@@ -106,13 +101,12 @@ def _flush(path: Path) -> None:
         os.close(fd)
 
 
-def _stage(staging: StagingFile, chunk: bytes) -> int:
-    """Write and hash one chunk (on the staging thread)."""
+def _write(staging: StagingFile, chunk: bytes) -> None:
+    """Append and hash one chunk, in STAGING_WRITE slices (StagingFile.write takes any
+    buffer: a raw file write and hashlib, while the slice is hot in the cache)."""
     view = memoryview(chunk)
     for at in range(0, len(chunk), STAGING_WRITE):
-        # StagingFile.write takes any buffer (raw file write + hashlib, both drop the GIL).
         staging.write(view[at:at + STAGING_WRITE])
-    return len(chunk)
 
 
 def _observe(future: asyncio.Future[Any]) -> None:
@@ -202,10 +196,6 @@ class Download:
         """Fetch from the upstream into the staging file; verify; release; commit."""
         staging = self.staging
         assert staging is not None
-        loop = asyncio.get_running_loop()
-        # One thread per download keeps the writes (and the hash) in order.
-        stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sigil-stage")
-        queued: deque[asyncio.Future[int]] = deque()
         flushing: asyncio.Future[None] | None = None
         ok = False
         try:
@@ -219,21 +209,13 @@ class Download:
                     self.received += len(chunk)
                     if self.size is not None and self.received > self.size:
                         raise UpstreamError("upstream sent more bytes than it announced")
-                    if STAGING_THREAD:
-                        staged = loop.run_in_executor(stager, _stage, staging, chunk)
-                        staged.add_done_callback(self._staged)
-                        queued.append(staged)
-                    else:
-                        self.written += _stage(staging, chunk)
+                    _write(staging, chunk)
+                    self.written = self.received
                     self._notify()
-                    while len(queued) > STAGING_QUEUE or (queued and queued[0].done()):
-                        await queued.popleft()
                     if self.written - synced >= SYNC_EVERY and (flushing is None
                                                                 or flushing.done()):
                         synced = self.written
                         flushing = asyncio.ensure_future(asyncio.to_thread(_flush, self.path))
-            while queued:
-                await queued.popleft()
             if self.size is not None and self.received != self.size:
                 raise UpstreamError(
                     f"upstream blob ended after {self.received} of {self.size} bytes")
@@ -247,24 +229,10 @@ class Download:
             on_commit(self.digest, self.received)
             log.info("blob.committed", digest=str(self.digest), size=self.received)
         finally:
-            if not ok and not staging.closed:
-                # Close (and unlink) on the staging thread, after the writes queued before:
-                # closing the fd under a running write could let the number be reused.
-                aborting = loop.run_in_executor(stager, staging.abort)
-                aborting.add_done_callback(_observe)
-                with suppress(BaseException):
-                    await asyncio.shield(aborting)
-            for future in queued:
-                future.add_done_callback(_observe)
-            stager.shutdown(wait=False)
+            if not ok:
+                staging.abort()
             if flushing is not None and not flushing.done():
                 flushing.add_done_callback(_observe)
-
-    def _staged(self, future: asyncio.Future[int]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # the receive loop raises it
-        self.written += future.result()
-        self._notify()
 
     # ------------------------------------------------------------ across workers
     async def _run_leased(self, open_blob: OpenBlob, on_commit: Callable[[Digest, int], None],
