@@ -239,3 +239,23 @@ async def test_one_worker_without_leases_releases_the_tail_once_verified(
     gate.set()
     await asyncio.wait_for(download.finished.wait(), 20)
     assert store.path(digest).read_bytes() == data and rows == [(digest, len(data))]
+
+
+async def test_a_lease_pointing_outside_staging_is_never_opened(
+        store: BlobStore, workers: tuple[Downloads, Downloads], tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    elsewhere = tmp_path / "not-staging"
+    elsewhere.write_bytes(data)
+    leases = SqliteFetchLeases(store.root)
+    try:
+        await leases.acquire(digest, "someone", str(elsewhere), 30)
+        await leases.renew(digest, "someone", 30, size=len(data))
+    finally:
+        leases.close()
+    blob = SteppedBlob(data)
+    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
+    with pytest.raises(RegistryError):
+        await asyncio.wait_for(_read(download, bytearray()), 20)
+    assert "outside staging" in str(download.error) and blob.opens == 0
+    assert not store.has(digest)

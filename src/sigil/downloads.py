@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sigil import metrics
-from sigil.errors import RegistryError, SigilError, UpstreamError
+from sigil.errors import RegistryError, SigilError, StorageError, UpstreamError
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.storage import BlobStore
@@ -62,9 +62,11 @@ SYNC_EVERY = 32 * 1024 * 1024
 # download runs. A holder that dies loses the lease after at most LEASE_TTL.
 LEASE_TTL = 10.0
 LEASE_RENEW = 2.5
-# A follower checks the holder's staging file this often (a stat; no inotify) and the lease
-# table every LEASE_CHECK seconds.
+# A follower checks the holder's staging file every FOLLOW_POLL seconds while it grows (a
+# stat; no inotify), backing off to FOLLOW_IDLE while it does not, and the lease table every
+# LEASE_CHECK seconds.
 FOLLOW_POLL = 0.002
+FOLLOW_IDLE = 0.02
 LEASE_CHECK = 0.1
 # How often a miss may find the lease held by a holder whose staging file is already gone
 # (it just failed or committed) before answering UNAVAILABLE.
@@ -184,6 +186,8 @@ class Download:
         finally:
             if self.error is not None:
                 self._chunk = b""
+            if self.staging is not None and not self.staging.closed:
+                self.staging.abort()  # a path that failed before fetching or following
             metrics.INFLIGHT_DOWNLOADS.dec()
             self.started.set()
             self.finished.set()
@@ -305,8 +309,13 @@ class Download:
         """Stream another worker's staging file as it grows. True when done (committed or
         failed: the outcome is on the download); False when the holder's file is already
         gone and uncommitted, so the caller tries to take the lease."""
+        location = Path(lease.location)
+        if location.parent != self.store.staging_dir:
+            # Only ever a sibling's staging file: a path from the lease table is not opened
+            # anywhere else, whoever wrote the row.
+            raise StorageError(f"lease of {self.digest} points outside staging/")
         try:
-            fd = os.open(lease.location, os.O_RDONLY)
+            fd = os.open(location, os.O_RDONLY)
         except FileNotFoundError:
             # Committed (renamed) or aborted just now.
             return self._already_committed()
@@ -314,18 +323,22 @@ class Download:
         if self.staging is not None:
             self.staging.abort()
             self.staging = None
-        self._path = Path(lease.location)
+        self._path = location
         loop = asyncio.get_running_loop()
         try:
             mine = os.fstat(fd)
             target = self.store.path(self.digest)
             size = lease.size
             checked = loop.time()
+            pause = FOLLOW_POLL
             while True:
                 grown = os.fstat(fd).st_size
                 if grown > self.written:
                     self.received = self.written = grown
                     self._notify()
+                    pause = FOLLOW_POLL
+                else:
+                    pause = min(FOLLOW_IDLE, pause * 2)
                 if size is not None and grown > size:
                     raise UpstreamError("the fetching worker wrote more bytes than announced")
                 now = loop.time()
@@ -350,7 +363,7 @@ class Download:
                 if holder_gone:
                     raise UpstreamError("the worker fetching this blob stopped before it was "
                                         "verified")
-                await asyncio.sleep(FOLLOW_POLL)
+                await asyncio.sleep(pause)
         finally:
             os.close(fd)
 
