@@ -167,3 +167,15 @@ def test_processes_racing_for_the_same_digests_get_one_winner_each(tmp_path: Pat
     for n, seen in enumerate(results):
         assert {i for i, h in seen.items() if h == f"p{n}"} == {
             i for i in range(digests) if results[0][i] == f"p{n}"}
+
+
+async def test_a_release_after_close_is_dropped_and_other_calls_fail_clearly(
+        tmp_path: Path, clock: Clock) -> None:
+    leases = SqliteFetchLeases(tmp_path, clock)
+    await leases.acquire(DIGEST, "w1", "/s/1", 10)
+    leases.close()
+    await leases.release(DIGEST, "w1")  # shutdown: a release on its way is not an error
+    with pytest.raises(StorageError, match="closed"):
+        await leases.current(DIGEST)
+    with pytest.raises(StorageError, match="closed"):
+        await leases.renew(DIGEST, "w1", 10)

@@ -73,11 +73,18 @@ class SqliteFetchLeases:
         self._clock = clock
         # One connection per process, used from worker threads one call at a time.
         self._lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection. A release still on its way (shutdown) is dropped: start-up
+        empties the table anyway; other calls then raise :class:`StorageError`."""
         with self._lock:
+            self._closed = True
             self._db.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"lease table {self.path} is closed")
 
     async def acquire(self, digest: Digest, holder: str, location: str,
                       ttl: float) -> LeaseInfo:
@@ -101,7 +108,13 @@ class SqliteFetchLeases:
     # ------------------------------------------------------------------ blocking parts
     def _acquire(self, digest: Digest, holder: str, location: str, ttl: float) -> LeaseInfo:
         key = str(digest)
-        with self._lock, self._transaction():
+        with self._lock:
+            self._check_open()
+            return self._acquire_locked(key, digest, holder, location, ttl)
+
+    def _acquire_locked(self, key: str, digest: Digest, holder: str, location: str,
+                        ttl: float) -> LeaseInfo:
+        with self._transaction():
             now = self._clock()
             row = self._db.execute(
                 "SELECT holder, location, expires_at, size FROM fetch_leases WHERE digest = ?",
@@ -114,7 +127,12 @@ class SqliteFetchLeases:
             return LeaseInfo(digest, holder, location, now + ttl, None)
 
     def _renew(self, digest: Digest, holder: str, ttl: float, size: int | None) -> bool:
-        with self._lock, self._transaction():
+        with self._lock:
+            self._check_open()
+            return self._renew_locked(digest, holder, ttl, size)
+
+    def _renew_locked(self, digest: Digest, holder: str, ttl: float, size: int | None) -> bool:
+        with self._transaction():
             # Our row only, and only while it is live: an expired lease may already have been
             # judged dead by a follower, so it is not brought back to life.
             changed = self._db.execute(
@@ -125,6 +143,7 @@ class SqliteFetchLeases:
 
     def _current(self, digest: Digest) -> LeaseInfo | None:
         with self._lock:
+            self._check_open()
             try:
                 row = self._db.execute(
                     "SELECT holder, location, expires_at, size FROM fetch_leases "
@@ -135,8 +154,11 @@ class SqliteFetchLeases:
         return None if row is None else LeaseInfo(digest, row[0], row[1], row[2], row[3])
 
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
-        with self._lock, self._transaction():
-            self._db.execute(sql, args)
+        with self._lock:
+            if self._closed:
+                return  # only release writes: see close()
+            with self._transaction():
+                self._db.execute(sql, args)
 
     def _transaction(self) -> _Immediate:
         return _Immediate(self._db, self.path)
