@@ -123,6 +123,8 @@ async def test_sigkill_right_after_the_last_byte_leaves_the_whole_object_or_none
                 assert await response.read() == layer
         # Fetched again only if the crash came before the rename.
         assert fake.hits[f"GET blob {sha(layer)}"] in (1, 2)
+        # One worker: no fetch lease table at all (the lease code is for --workers N).
+        assert not (sigil.store / "leases.sqlite").exists()
         sigil.stop()
         fsck = await asyncio.to_thread(
             subprocess.run,
