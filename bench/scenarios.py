@@ -368,6 +368,36 @@ class Bench:
         self.log("\n".join(["profile of sigil, 20 cold clients:", *summary.lines(10)]))
         return summary
 
+    # -------------------------------------------------------------------------- 3d. herd, w2
+    def herd_workers(self) -> None:
+        """Scenario 3a with ``sigil --workers 2``: the clients' connections are spread over
+        the two processes by the kernel (SO_REUSEPORT), and the fetch lease must keep the
+        upstream at one GET per blob (before: up to one per worker)."""
+        p, image = self.params, self.big
+        gets: list[int] = []
+        walls = Sample()
+        for _ in range(p.conc_runs):
+            with running_sigil(self.up.url, workers=2) as sigil:
+                expect_ok(curl_get(sigil.url + image.manifest_path()),
+                          len_manifest(self, image), "herd w2 manifest")
+                mark = self.up.log_mark()
+                outputs = self._outputs("herd-w2", p.clients)
+                wall, fetches = curl_many(sigil.url + image.blob_path, p.clients,
+                                          outputs=outputs)
+                for fetch in fetches:
+                    expect_ok(fetch, image.blob.size, "herd w2")
+                self._check_bodies(outputs, image)
+                gets.append(settled_upstream_count(self.up, mark, "GET", image.blob_path,
+                                                   quiet=0.5))
+                walls.add(wall)
+        self.raw["herd_workers"] = {"upstream_gets": gets, "wall_s": walls.values}
+        self.rows.append(Row(
+            "3d", f"  same {p.clients} clients, sigil --workers 2: upstream GETs",
+            _counts(gets), "", "", "sigil = 1", _verdict(all(n == 1 for n in gets)),
+            f"wall of the {p.clients}: {_med(walls, 's')}; one fetch lease per blob in "
+            f"<root>/leases.sqlite, the other worker streams the holder's staging file"))
+        self.log(f"3d herd w2: gets {gets} wall {walls.median:.2f}s")
+
     # -------------------------------------------------------------------------- 3w. herd, WAN
     def herd_wan(self) -> None:
         """Scenario 3 with the upstream behind a shared throttled link (a remote registry):
@@ -601,7 +631,7 @@ def len_manifest(bench: Bench, image: Image) -> int:
 
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "0": Bench.ceiling, "1": Bench.warm, "2": Bench.cold, "3": Bench.herd,
-    "3w": Bench.herd_wan, "4": Bench.head, "5": Bench.rss,
+    "3d": Bench.herd_workers, "3w": Bench.herd_wan, "4": Bench.head, "5": Bench.rss,
 }
 
 

@@ -28,6 +28,8 @@ def test_bench_scenarios_on_tiny_blobs() -> None:
     assert raw["herd"]["upstream_gets"]["sigil"] == [1] * SMOKE.conc_runs
     assert all(n >= 1 for n in raw["herd"]["upstream_gets"]["dist"])
     assert raw["herd_wan"]["upstream_gets"]["sigil"] == [1] * SMOKE.wan_runs
+    # The same herd over `--workers 2`: still one upstream GET per run (the fetch lease).
+    assert raw["herd_workers"]["upstream_gets"] == [1] * SMOKE.conc_runs
     assert len(raw["herd_wan"]["single_wall_s"]["dist"]) == SMOKE.wan_runs
     # One cold pull: one upstream GET for sigil; warm pulls: none at all.
     assert raw["cold"]["upstream_gets"]["sigil"] == [1] * SMOKE.cold_runs
@@ -45,6 +47,6 @@ def test_bench_scenarios_on_tiny_blobs() -> None:
     assert all(0 < v < 10**9 for v in raw["rss"]["sigil_cold"] + raw["rss"]["sigil_warm"])
 
     keys = sorted(row.key for row in bench.rows)
-    assert keys == ["0", "0b", "1", "2", "2w", "3a", "3b", "3c", "3w", "4a", "4b", "4c", "5a",
-                    "5b"]
+    assert keys == ["0", "0b", "1", "2", "2w", "3a", "3b", "3c", "3d", "3w", "4a", "4b", "4c",
+                    "5a", "5b"]
     assert "distribution" in text and "3w" in text

@@ -97,3 +97,39 @@ async def test_sigterm_drains_in_flight_download(tmp_path: Path) -> None:
         assert blob_path.read_bytes() == layer
         assert fake.hits[f"GET blob {sha(layer)}"] == 1
         assert any(e.get("event") == "downloads.draining" for e in sigil.log_events())
+
+
+async def test_sigkill_right_after_the_last_byte_leaves_the_whole_object_or_none(
+        tmp_path: Path) -> None:
+    """The tail now leaves before the commit (fsync, rename, index row): a crash right after
+    the client got the whole body must leave either the complete verified object under its
+    digest or nothing there (a staging file, removed at start-up), never a partial one."""
+    async with slow_upstream(tmp_path, 16 * 1024 * 1024, 0.0) as (fake, layer, sigil):
+        await asyncio.to_thread(sigil.start)
+        blob_path = sigil.store / "blobs" / "sha256" / sha(layer)[7:9] / sha(layer)[7:]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{sigil.url}/v2/app/manifests/v1") as response:
+                assert response.status == 200
+            async with session.get(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
+                body = await response.read()
+            sigil.kill()  # as soon as the client has the last byte
+            assert body == layer
+            if blob_path.exists():
+                assert blob_path.read_bytes() == layer, "a partial object is visible"
+            await asyncio.to_thread(sigil.start)
+            assert list((sigil.store / "staging").iterdir()) == []
+            async with session.get(f"{sigil.url}/v2/app/blobs/{sha(layer)}") as response:
+                assert response.status == 200
+                assert await response.read() == layer
+        # Fetched again only if the crash came before the rename.
+        assert fake.hits[f"GET blob {sha(layer)}"] in (1, 2)
+        # One worker: no fetch lease table at all (the lease code is for --workers N).
+        assert not (sigil.store / "leases.sqlite").exists()
+        sigil.stop()
+        fsck = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "sigil", "fsck", "--config", str(sigil.config_path), "--json"],
+            capture_output=True, text=True, timeout=60)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        report = json.loads(fsck.stdout)
+        assert report["corrupt"] == [] and report["missing"] == []

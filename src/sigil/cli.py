@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -98,6 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
     Index(Path(config.storage.root) / "index.sqlite").close()
     sock = listen_socket(config)  # bound before forking: a port in use fails the start
     workers = args.workers or config.server.workers
+    if workers > 1:
+        # The workers share one fetch lease table; each must know it is not alone.
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, workers=workers))
+        _prepare_shared_store(Path(config.storage.root))
     children: list[int] = []
     for _ in range(workers - 1):
         pid = os.fork()
@@ -135,6 +141,15 @@ def _serve(args: argparse.Namespace) -> int:
             except (ProcessLookupError, ChildProcessError):
                 pass
     return 0 if clean else 1
+
+
+def _prepare_shared_store(root: Path) -> None:
+    """Before ``--workers`` fork: remove the staging files of an earlier run and its leases
+    once, here, so that no worker's start-up removes a file a sibling is already writing."""
+    from sigil.storage.lease_sqlite import reset_leases
+
+    BlobStore(root).cleanup_staging()
+    reset_leases(root)
 
 
 @contextmanager

@@ -53,6 +53,7 @@ from sigil.oci.reference import validate_tag
 from sigil.routing import Route
 from sigil.singleflight import SingleFlight
 from sigil.storage import BlobStore, Index, TagRow
+from sigil.storage.lease import FetchLeases
 from sigil.upstream import FetchedManifest, ManifestHead, UpstreamBlob
 
 log = get_logger("sigil.mirror")
@@ -192,7 +193,8 @@ class Mirror:
     """Pull-through logic for every upstream, over one store and index."""
 
     def __init__(self, config: Config, store: BlobStore, index: Index,
-                 clients: Mapping[str, Upstream], policy: PolicyHook | None = None) -> None:
+                 clients: Mapping[str, Upstream], policy: PolicyHook | None = None,
+                 leases: FetchLeases | None = None) -> None:
         self.config = config
         self.store = store
         self.index = index
@@ -200,7 +202,7 @@ class Mirror:
         # Offline: the store is the only source (module docstring); ``clients`` never connect.
         self.offline = config.server.offline
         self.policy: PolicyHook = policy or AllowAll()
-        self.downloads = Downloads(store)
+        self.downloads = Downloads(store, leases)  # leases: single-flight across workers
         self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
         self._tags: dict[tuple[str, str, str], TagRow] = {}
         self._allowed: set[tuple[str, str, Digest, str]] = set()

@@ -25,6 +25,7 @@ from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
 from sigil.server.tls import CertificateReloader, TLSFiles
 from sigil.storage import BlobStore, Index, collect
+from sigil.storage.lease_sqlite import SqliteFetchLeases
 from sigil.upstream import UpstreamClient
 from sigil.upstream.offline import OfflineUpstreamClient
 
@@ -54,7 +55,11 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
     async def resources(app: web.Application) -> AsyncIterator[None]:
         root = Path(config.storage.root)
         store = BlobStore(root)
-        removed = store.cleanup_staging()
+        # With --workers the parent cleaned staging/ before forking (a sibling may be
+        # writing there already), and the workers share one fetch lease table.
+        shared = config.server.workers > 1
+        removed = 0 if shared else store.cleanup_staging()
+        leases = SqliteFetchLeases(root) if shared else None
         index = Index(root / "index.sqlite")
         # Offline: stand-ins that answer "not found" without a socket (upstream/offline.py).
         offline = config.server.offline
@@ -62,7 +67,7 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
             u.name: OfflineUpstreamClient(u) if offline else UpstreamClient(u)
             for u in config.upstreams}
         metrics.OFFLINE.set(1 if offline else 0)
-        mirror = Mirror(config, store, index, clients, policy)
+        mirror = Mirror(config, store, index, clients, policy, leases=leases)
         app[MIRROR] = mirror
         maintenance = asyncio.get_running_loop().create_task(_maintain(mirror, config))
         app[READY].set()
@@ -79,6 +84,8 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
             for client in clients.values():
                 await client.close()
             index.close()
+            if leases is not None:
+                leases.close()
             log.info("sigil.stopped")
 
     app.cleanup_ctx.append(resources)

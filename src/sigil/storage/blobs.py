@@ -92,19 +92,29 @@ class StagingFile:
         self._hash.update(data)
         self.size += len(data)
 
+    def check(self, expected: Digest) -> None:
+        """Raise :class:`DigestInvalid` unless the bytes written so far hash to ``expected``
+        (the file is left as it is: the caller aborts it)."""
+        actual = self.digest
+        if actual != expected:
+            raise DigestInvalid(f"content digest {actual} does not match {expected}",
+                                detail={"expected": str(expected), "actual": str(actual)})
+
     async def commit(self, expected: Digest) -> Path:
         """Move the file into the store as ``expected``; return the blob path.
 
         Raise :class:`DigestInvalid` (and remove the file) when the bytes written do not hash
         to ``expected``. The fsyncs run in a thread because they can take long on a busy disk.
+        Only the rename makes the object visible, after the fsync: a crash before it leaves
+        a staging file (removed at start-up), never a partial object under its digest.
         """
         if self._fh is None:
             raise StorageError("commit of a closed staging file")
-        actual = self.digest
-        if actual != expected:
+        try:
+            self.check(expected)
+        except DigestInvalid:
             self.abort()
-            raise DigestInvalid(f"content digest {actual} does not match {expected}",
-                                detail={"expected": str(expected), "actual": str(actual)})
+            raise
         fh, self._fh = self._fh, None
         try:
             return await asyncio.to_thread(self._store._finish, fh, self.path, expected)

@@ -1,0 +1,261 @@
+"""Single-flight across worker processes, in one process: two :class:`Downloads` tables (two
+workers) on one store, each with its own connection to the SQLite lease file, fed by an
+upstream body the test releases step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from sigil import downloads as downloads_module
+from sigil.downloads import Download, Downloads
+from sigil.errors import RegistryError
+from sigil.oci.digest import Digest
+from sigil.storage import BlobStore
+from sigil.storage.lease_sqlite import SqliteFetchLeases, reset_leases
+
+CHUNK = downloads_module.READ_CHUNK
+
+
+class SteppedBlob:
+    """An upstream body whose chunks leave only when the test allows (``allow(n)``)."""
+
+    def __init__(self, data: bytes, wrong: bool = False) -> None:
+        self.data = bytes(reversed(data)) if wrong else data
+        self.size: int | None = len(data)
+        self.opens = 0
+        self._allowed = 0
+        self._more = asyncio.Event()
+
+    def allow(self, chunks: int) -> None:
+        self._allowed += chunks
+        self._more.set()
+
+    def open(self) -> AsyncIterator[SteppedBlob]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[SteppedBlob]:
+            self.opens += 1
+            yield self
+
+        return opened()
+
+    async def iter_chunks(self, chunk: int = CHUNK) -> AsyncIterator[bytes]:
+        for n, at in enumerate(range(0, len(self.data), chunk)):
+            while n >= self._allowed:
+                self._more.clear()
+                await self._more.wait()
+            yield self.data[at:at + chunk]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    reset_leases(tmp_path)
+    return BlobStore(tmp_path)
+
+
+@pytest.fixture
+async def workers(store: BlobStore) -> AsyncIterator[tuple[Downloads, Downloads]]:
+    leases = [SqliteFetchLeases(store.root), SqliteFetchLeases(store.root)]
+    yield Downloads(store, leases[0]), Downloads(store, leases[1])
+    for lease in leases:
+        lease.close()
+
+
+def _committed(digest: Digest, size: int) -> None:
+    """The index row callback (the mirror writes the index row here)."""
+
+
+async def _read(download: Download, into: bytearray) -> None:
+    await download.wait_started()
+    async for piece in download.stream():
+        into += piece
+
+
+async def _until(condition: object, what: str, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_a_follower_streams_the_holders_file_and_gets_the_tail_after_commit(
+        store: BlobStore, workers: tuple[Downloads, Downloads]) -> None:
+    data = os.urandom(4 * CHUNK + 1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blob = SteppedBlob(data)
+    first, second = workers
+    holder, _ = first.get_or_start(digest, blob.open, _committed)
+    blob.allow(1)
+    await _until(lambda: holder.written > 0, "the holder's first chunk")
+    follower, _ = second.get_or_start(digest, blob.open, _committed)
+    got, mine = bytearray(), bytearray()
+    readers = [asyncio.ensure_future(_read(follower, got)),
+               asyncio.ensure_future(_read(holder, mine))]
+    blob.allow(3)  # everything but the last, short chunk
+    await _until(lambda: len(got) == 4 * CHUNK, "the follower to catch up")
+    assert follower.path == holder.path  # it reads the holder's staging file
+    assert follower.size == len(data)  # from the lease, before the body is complete
+    blob.allow(1)
+    await asyncio.wait_for(asyncio.gather(*readers), 20)
+    assert bytes(got) == data and bytes(mine) == data
+    assert blob.opens == 1  # one upstream fetch for both workers
+    await asyncio.wait_for(holder.finished.wait(), 20)
+    assert store.path(digest).read_bytes() == data
+    assert follower.committed == store.path(digest)
+
+
+async def test_the_follower_holds_the_last_byte_until_the_object_is_committed(
+        store: BlobStore, workers: tuple[Downloads, Downloads]) -> None:
+    data = os.urandom(2 * CHUNK)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blob = SteppedBlob(data)
+    first, second = workers
+    holder, _ = first.get_or_start(digest, blob.open, _committed)
+    blob.allow(1)
+    await _until(lambda: holder.written > 0, "the holder's first chunk")
+    follower, _ = second.get_or_start(digest, blob.open, _committed)
+    got = bytearray()
+    reader = asyncio.ensure_future(_read(follower, got))
+    # Pretend the holder is slow to commit: every byte is in its file, not yet verified.
+    gate = asyncio.Event()
+    commit = holder.staging.commit  # type: ignore[union-attr]
+
+    async def slow_commit(expected: Digest) -> Path:
+        await gate.wait()
+        return await commit(expected)
+
+    holder.staging.commit = slow_commit  # type: ignore[method-assign,union-attr]
+    blob.allow(1)
+    await _until(lambda: holder.verified, "the holder to verify")
+    await _until(lambda: len(got) == len(data) - 1, "all but the last byte")
+    await asyncio.sleep(0.3)  # the follower keeps polling, and still holds the last byte back
+    assert len(got) == len(data) - 1 and not store.has(digest)
+    gate.set()
+    await asyncio.wait_for(reader, 20)
+    assert bytes(got) == data
+
+
+async def test_wrong_bytes_at_the_holder_abort_the_followers_and_commit_nothing(
+        store: BlobStore, workers: tuple[Downloads, Downloads]) -> None:
+    data = os.urandom(3 * CHUNK)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blob = SteppedBlob(data, wrong=True)
+    first, second = workers
+    holder, _ = first.get_or_start(digest, blob.open, _committed)
+    blob.allow(1)
+    await _until(lambda: holder.written > 0, "the holder's first chunk")
+    follower, _ = second.get_or_start(digest, blob.open, _committed)
+    got = bytearray()
+    reader = asyncio.ensure_future(_read(follower, got))
+    await _until(lambda: follower.started.is_set(), "the follower to attach")
+    blob.allow(10)
+    with pytest.raises(RegistryError):
+        await asyncio.wait_for(reader, 20)
+    assert len(got) < len(data)  # never a complete body
+    await asyncio.wait_for(follower.finished.wait(), 20)
+    assert not store.has(digest) and blob.opens == 1
+    await _until(lambda: not store.staging_entries(), "the staging files to go")
+
+
+async def test_a_dead_holders_lease_expires_and_the_next_request_takes_over(
+        store: BlobStore, workers: tuple[Downloads, Downloads],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(downloads_module, "LEASE_TTL", 0.5)
+    data = os.urandom(2 * CHUNK)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    # A worker that died mid-download: a lease it will never renew and a half-written file.
+    dead = store.new_staging()
+    dead.write(data[:CHUNK])
+    leases = SqliteFetchLeases(store.root)
+    try:
+        await leases.acquire(digest, "dead-worker", str(dead.path), 0.5)
+        await leases.renew(digest, "dead-worker", 0.5, size=len(data))
+    finally:
+        leases.close()
+    _, second = workers
+    blob = SteppedBlob(data)
+    blob.allow(10)
+    follower, _ = second.get_or_start(digest, blob.open, _committed)
+    got = bytearray()
+    with pytest.raises(RegistryError, match="stopped before it was verified"):
+        await asyncio.wait_for(_read(follower, got), 20)
+    assert len(got) == CHUNK and blob.opens == 0 and not store.has(digest)
+    await asyncio.wait_for(follower.finished.wait(), 20)
+    # The next request takes the expired lease over and fetches anew.
+    again, started = second.get_or_start(digest, blob.open, _committed)
+    assert started
+    fresh = bytearray()
+    await asyncio.wait_for(_read(again, fresh), 20)
+    assert bytes(fresh) == data and blob.opens == 1
+    await asyncio.wait_for(again.finished.wait(), 20)
+    assert store.path(digest).read_bytes() == data
+    dead.abort()
+
+
+async def test_a_blob_committed_by_another_worker_meanwhile_is_not_fetched_again(
+        store: BlobStore, workers: tuple[Downloads, Downloads]) -> None:
+    data = os.urandom(1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    store.put_bytes(digest, data)  # committed between the store check and the lease
+    blob = SteppedBlob(data)
+    download, _ = workers[0].get_or_start(digest, blob.open, _committed)
+    got = bytearray()
+    await asyncio.wait_for(_read(download, got), 20)
+    assert bytes(got) == data and blob.opens == 0
+    await _until(lambda: not store.staging_entries(), "the unused staging file to go")
+
+
+async def test_one_worker_without_leases_releases_the_tail_once_verified(
+        store: BlobStore) -> None:
+    """workers = 1: no lease table at all; the tail leaves after the hash matched, and the
+    commit (fsync, rename, index row) follows."""
+    data = os.urandom(2 * CHUNK + 7)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    blob = SteppedBlob(data)
+    table = Downloads(store)
+    rows: list[tuple[Digest, int]] = []
+    download, _ = table.get_or_start(digest, blob.open, lambda d, n: rows.append((d, n)))
+    gate = asyncio.Event()
+    commit = download.staging.commit  # type: ignore[union-attr]
+
+    async def slow_commit(expected: Digest) -> Path:
+        await gate.wait()
+        return await commit(expected)
+
+    download.staging.commit = slow_commit  # type: ignore[method-assign,union-attr]
+    blob.allow(10)
+    got = bytearray()
+    await asyncio.wait_for(_read(download, got), 20)
+    # The client has the whole verified body while the object is not committed yet.
+    assert bytes(got) == data and not store.has(digest) and rows == []
+    gate.set()
+    await asyncio.wait_for(download.finished.wait(), 20)
+    assert store.path(digest).read_bytes() == data and rows == [(digest, len(data))]
+
+
+async def test_a_lease_pointing_outside_staging_is_never_opened(
+        store: BlobStore, workers: tuple[Downloads, Downloads], tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    elsewhere = tmp_path / "not-staging"
+    elsewhere.write_bytes(data)
+    leases = SqliteFetchLeases(store.root)
+    try:
+        await leases.acquire(digest, "someone", str(elsewhere), 30)
+        await leases.renew(digest, "someone", 30, size=len(data))
+    finally:
+        leases.close()
+    blob = SteppedBlob(data)
+    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
+    with pytest.raises(RegistryError):
+        await asyncio.wait_for(_read(download, bytearray()), 20)
+    assert "outside staging" in str(download.error) and blob.opens == 0
+    assert not store.has(digest)
