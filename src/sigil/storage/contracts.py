@@ -59,10 +59,15 @@ class PendingUpload:
 class ObjectReader(Protocol):
     """A byte range of one stored object, streamed in chunks."""
 
-    #: Bytes this reader yields (the range length).
-    length: int
-    #: Size of the whole object.
-    total: int
+    @property
+    def length(self) -> int:
+        """Bytes this reader yields (the range length)."""
+        ...
+
+    @property
+    def total(self) -> int:
+        """Size of the whole object."""
+        ...
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
@@ -70,12 +75,20 @@ class ObjectReader(Protocol):
 class UploadSession(Protocol):
     """One object being written; becomes visible only on a successful :meth:`commit`."""
 
-    #: The digest the object must have; fixed when the upload begins.
-    expected: Digest
-    #: Bytes written so far.
-    size: int
-    #: Where local readers may follow the growing data (a staging file), if anywhere.
-    local_path: Path | None
+    @property
+    def expected(self) -> Digest:
+        """The digest the object must have; fixed when the upload begins."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    @property
+    def local_path(self) -> Path | None:
+        """Where local readers may follow the growing data (a staging file), if anywhere."""
+        ...
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``. May wait (back-pressure) while an earlier part is uploaded."""

@@ -33,11 +33,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from sigil.errors import StorageError, Unavailable
 from sigil.oci.digest import Digest
@@ -123,7 +122,10 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError)
 
 
-_Conn = PoolConnectionProxy[asyncpg.Record]
+if TYPE_CHECKING:  # the stubs make it generic; at run time it is a plain class
+    from asyncpg.pool import PoolConnectionProxy
+
+    _Conn = PoolConnectionProxy[asyncpg.Record]
 
 
 def describe_dsn(dsn: str) -> str:
