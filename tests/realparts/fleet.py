@@ -4,13 +4,13 @@
 - ``real_postgres`` (session): one :class:`RealPostgres` for the run.
 - ``s3_config`` (function): an :class:`~sigil.config.S3Config` on ``seaweed_s3`` with a key
   prefix unique to the test (one shared bucket), so tests never see each other's objects.
-- ``pg_dsn`` (function, async): the DSN of a new, empty database unique to the test.
+- ``pg_dsn`` (function): the DSN of a new, empty database unique to the test.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -57,20 +57,11 @@ def s3_config(seaweed_s3: SeaweedS3) -> S3Config:
 
 
 @pytest.fixture
-async def pg_dsn(real_postgres: RealPostgres) -> AsyncIterator[str]:
-    """A fresh database on ``real_postgres``, dropped after the test."""
-    import asyncpg
-
+def pg_dsn(real_postgres: RealPostgres) -> Iterator[str]:
+    """A fresh database on ``real_postgres``, dropped after the test. (Synchronous, through
+    ``psql``, so that async fixtures may request it with ``getfixturevalue``.)"""
     name = f"t_{os.urandom(6).hex()}"
-    admin = await asyncpg.connect(real_postgres.dsn())
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
+    real_postgres.psql(f"CREATE DATABASE {name}")
     yield real_postgres.dsn(name)
     if real_postgres.running:
-        admin = await asyncpg.connect(real_postgres.dsn())
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+        real_postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -81,6 +81,16 @@ class RealPostgres:
         """A DSN for ``database`` (no password: trust authentication on loopback)."""
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
+    def psql(self, sql: str) -> str:
+        """Run one SQL command with ``psql`` against the ``postgres`` database."""
+        result = subprocess.run(
+            [str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
+             "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise ProcessError(f"psql {sql!r} failed: {result.stderr[-2000:]}")
+        return result.stdout
+
     def _as_service_user(self, argv: list[str]) -> list[str]:
         if os.geteuid() != 0:
             return argv

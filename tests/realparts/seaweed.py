@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -109,7 +110,11 @@ class SeaweedS3:
             if self._proc.poll() is not None:
                 break
             try:
-                asyncio.run(_probe(self.endpoint, self.access_key, self.secret_key))
+                # In a thread of its own: the caller may be inside a running event loop (a
+                # fixture requested from an async fixture).
+                with ThreadPoolExecutor(1) as pool:
+                    pool.submit(asyncio.run, _probe(self.endpoint, self.access_key,
+                                                    self.secret_key)).result()
                 return self
             except Exception as exc:  # not ready yet: connection refused, 500 while starting
                 last = exc
