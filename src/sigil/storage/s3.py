@@ -251,7 +251,8 @@ class S3ObjectStore:
             raise StorageError(f"storage.s3.part_size must be at least {MIN_PART_SIZE} bytes")
         config = AioConfig(
             signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": settings.max_attempts},
+            # total_max_attempts counts the first try; botocore's "max_attempts" would not.
+            retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
             connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout,
             max_pool_connections=settings.max_connections,
             # Self-hosted servers (MinIO, SeaweedFS, RGW) want path-style; AWS picks itself.
