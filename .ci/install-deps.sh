@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # curl and apache2-utils (ab) drive the bench smoke test and bench/.
-packages=(docker-registry skopeo containerd podman curl apache2-utils)
+# postgresql: the fleet index's real server (tests/realparts/postgres.py runs initdb and the
+# server itself, as the package's postgres user); util-linux brings setpriv for that.
+packages=(docker-registry skopeo containerd podman curl apache2-utils postgresql util-linux)
 
 missing=()
 for pkg in "${packages[@]}"; do
