@@ -49,6 +49,7 @@ def test_s3_keys() -> None:
     config = build_config({**s3(endpoint="http://127.0.0.1:8333/", region="eu-west-1",
                                 prefix="mirror", create_bucket=True, redirect=True,
                                 redirect_expiry="90s", part_size="16MiB", max_attempts=7,
+                                upload_concurrency=4,
                                 abandoned_after="2h"),
                            "server": {"peer_listen": "127.0.0.1:5001"}}, env=ENV)
     settings = config.storage.s3
@@ -58,6 +59,7 @@ def test_s3_keys() -> None:
     assert settings.create_bucket and settings.redirect
     assert settings.redirect_expiry == 90 and settings.abandoned_after == 7200
     assert settings.part_size == 16 * 1024 * 1024 and settings.max_attempts == 7
+    assert settings.upload_concurrency == 4
     assert config.server.peer_listen == ("127.0.0.1", 5001)
 
 

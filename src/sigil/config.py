@@ -123,7 +123,8 @@ class S3Config:
     create_bucket: bool = False
     redirect: bool = False             # 307 to a presigned URL for allowed blobs
     redirect_expiry: float = 300.0     # lifetime of those URLs
-    part_size: int = 8 * 1024 * 1024   # multipart part size (memory per upload: two parts)
+    part_size: int = 8 * 1024 * 1024   # multipart part size
+    upload_concurrency: int = 2        # parts in flight per upload (memory: this + 1 parts)
     max_attempts: int = 5              # tries per S3 request (500/503/SlowDown are retried)
     abandoned_after: float = 86400.0   # pending multipart uploads older than this are aborted
     connect_timeout: float = 10.0
@@ -319,7 +320,7 @@ def _parse_upstream(item: Any, index: int, *, file: str,
 
 _S3_KEYS = {"endpoint", "bucket", "region", "prefix", "access_key_env", "secret_key_env",
             "access_key_file", "secret_key_file", "create_bucket", "redirect", "redirect_expiry",
-            "part_size", "max_attempts", "abandoned_after"}
+            "part_size", "upload_concurrency", "max_attempts", "abandoned_after"}
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -396,6 +397,8 @@ def _parse_s3(value: Any, *, file: str, env: Mapping[str, str]) -> S3Config:
         part_size=_int_in(parse_size(data.get("part_size", "8MiB"), file=file,
                                      key=f"{key}.part_size"), 5 * 1024**2, 5 * 1024**3,
                           file=file, key=f"{key}.part_size"),
+        upload_concurrency=_int_in(data.get("upload_concurrency", 2), 1, 16, file=file,
+                                   key=f"{key}.upload_concurrency"),
         max_attempts=_int_in(data.get("max_attempts", 5), 1, 20, file=file,
                              key=f"{key}.max_attempts"),
         abandoned_after=parse_duration(data.get("abandoned_after", "24h"), file=file,
