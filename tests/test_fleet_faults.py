@@ -1,21 +1,27 @@
 """Faults of the fleet backends, on the real servers: S3 throttling and server errors (an
 in-process fault proxy in front of SeaweedFS, since a real server cannot be made to answer
 503 on demand), refused S3 credentials, a missing bucket, PostgreSQL down at start-up and
-stopped while in use, and clock skew between replicas on lease expiry."""
+stopped while in use, clock skew between replicas on lease expiry, and a replica process
+SIGKILLed while it holds a fetch lease and a half-sent multipart upload."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from sigil.config import build_config
+from sigil.config import S3Config, build_config
 from sigil.errors import StorageError, Unavailable
 from sigil.oci.digest import Digest
 from sigil.storage.backends import open_backends
@@ -258,3 +264,73 @@ async def test_lease_expiry_ignores_replica_clock_skew(
         monkeypatch.setattr(time, "time", real_time)
         await a.close()
         await b.close()
+
+
+# --- a replica killed mid-download -----------------------------------------------------------
+
+_REPLICA = r"""
+import asyncio, json, os
+from sigil.config import S3Config
+from sigil.oci.digest import Digest
+from sigil.storage.pgindex import PgIndex
+from sigil.storage.s3 import S3ObjectStore
+
+async def main():
+    args = json.loads(os.environ["FLEET_REPLICA"])
+    store = await S3ObjectStore.open(S3Config(**args["s3"]))
+    index = await PgIndex.open(args["dsn"])
+    digest = Digest.parse(args["digest"])
+    lease = await index.acquire(digest, "doomed-replica", "http://doomed/peer", ttl=1.0)
+    assert lease.holder == "doomed-replica"
+    upload = await store.begin_upload(digest)
+    await upload.write(b"\0" * (6 * 1024 * 1024))  # a full part: the multipart upload exists
+    await asyncio.sleep(1.0)  # let the part upload get under way
+    print("READY", flush=True)
+    await asyncio.sleep(600)  # "downloading" until SIGKILLed
+
+asyncio.run(main())
+"""
+
+
+async def test_killed_replica_loses_lease_and_its_upload_is_cleaned(
+        s3_config: S3Config, pg_dsn: str, tmp_path: Path) -> None:
+    """A real process holding a fetch lease and a half-sent multipart upload is SIGKILLed:
+    nothing is visible under the digest, the lease expires by the database clock and another
+    replica takes it over, and the abandoned upload is aborted by the cleanup."""
+    digest = Digest.of(b"the blob the dead replica was fetching")
+    env = {**os.environ, "FLEET_REPLICA": json.dumps(
+        {"s3": dict(vars(s3_config)), "dsn": pg_dsn, "digest": str(digest)})}
+    log = tmp_path / "replica.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _REPLICA], stdout=subprocess.PIPE,
+                                stderr=out, env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None
+        lines: list[bytes] = []
+        while b"READY" not in lines and len(lines) < 20:  # log lines may come first
+            lines.append((await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline),
+                                                 60)).strip())
+        assert b"READY" in lines, (lines, log.read_text())
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    store = await S3ObjectStore.open(s3_config)
+    index = await PgIndex.open(pg_dsn)
+    try:
+        assert not await store.has(digest)
+        pending = await store.pending_uploads()
+        assert [p.name.split(" ")[0] for p in pending] == [store.key(digest)]
+        for _ in range(50):  # bounded: the 1 s lease expires by the database's clock
+            if await index.current(digest) is None:
+                break
+            await asyncio.sleep(0.1)
+        taken = await index.acquire(digest, "survivor", "http://survivor/peer", ttl=30)
+        assert taken.holder == "survivor"
+        assert await store.cleanup_abandoned(older_than=0) == 1
+        assert await store.pending_uploads() == []
+        assert not await store.has(digest)
+    finally:
+        await store.close()
+        await index.close()
