@@ -52,6 +52,8 @@ GC_LEASE = "gc"
 # Bounds that keep a dead or stalled database from hanging requests.
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
+# Whole-table reads of a graph snapshot (fsck) may take longer than a request's statement.
+SNAPSHOT_TIMEOUT = 600.0
 
 _SCHEMA_V1 = """
 CREATE TABLE tags (
@@ -385,15 +387,19 @@ class PgIndex:
                 _d(r["digest"]): ManifestRow(_d(r["digest"]), str(r["media_type"]),
                                              int(r["size"]), float(r["last_access"]))
                 for r in await conn.fetch(
-                    "SELECT digest, media_type, size, last_access FROM manifests")}
+                    "SELECT digest, media_type, size, last_access FROM manifests",
+                    timeout=SNAPSHOT_TIMEOUT)}
             refs: dict[Digest, list[Digest]] = {}
-            for r in await conn.fetch("SELECT parent, child FROM refs"):
+            for r in await conn.fetch("SELECT parent, child FROM refs",
+                                      timeout=SNAPSHOT_TIMEOUT):
                 refs.setdefault(_d(r["parent"]), []).append(_d(r["child"]))
             referrers: dict[Digest, list[Digest]] = {}
-            for r in await conn.fetch("SELECT subject, referrer FROM referrers"):
+            for r in await conn.fetch("SELECT subject, referrer FROM referrers",
+                                      timeout=SNAPSHOT_TIMEOUT):
                 referrers.setdefault(_d(r["subject"]), []).append(_d(r["referrer"]))
             blobs = {_d(r["digest"]): int(r["size"])
-                     for r in await conn.fetch("SELECT digest, size FROM blobs")}
+                     for r in await conn.fetch("SELECT digest, size FROM blobs",
+                                               timeout=SNAPSHOT_TIMEOUT)}
         return Graph(manifests, refs, referrers, blobs)
 
     _REFERENCED = (
