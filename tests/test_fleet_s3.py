@@ -57,3 +57,32 @@ async def test_key_layout(s3_config: S3Config) -> None:
         assert not await store.has(digest)
     finally:
         await store.close()
+
+
+async def test_cleanup_spares_uploads_with_a_live_lease(s3_config: S3Config, pg_dsn: str) -> None:
+    """With ``keep`` = "a live fetch lease exists", cleanup aborts only the dead replica's
+    upload, even with no age bound."""
+    from sigil.storage.pgindex import PgIndex
+
+    store = await S3ObjectStore.open(s3_config)
+    index = await PgIndex.open(pg_dsn)
+    try:
+        live, dead = Digest.of(b"live"), Digest.of(b"dead")
+        sessions = [await store.begin_upload(d) for d in (live, dead)]
+        for session in sessions:
+            await session.write(bytes(s3_config.part_size))  # a part: the uploads exist
+        await index.acquire(live, "replica-a", "http://a", ttl=60)
+
+        async def leased(digest: Digest) -> bool:
+            return await index.current(digest) is not None
+
+        assert len(await store.pending_uploads()) == 2
+        assert await store.cleanup_abandoned(0, keep=leased) == 1
+        remaining = await store.pending_uploads()
+        assert [p.name.split(" ")[0] for p in remaining] == [store.key(live)]
+        for session in sessions:
+            await session.abort()
+        assert await store.pending_uploads() == []
+    finally:
+        await store.close()
+        await index.close()

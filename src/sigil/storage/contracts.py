@@ -159,10 +159,13 @@ class ObjectStore(Protocol):
         """Uploads begun and never finished (staging leftovers)."""
         ...
 
-    async def cleanup_abandoned(self, older_than: float) -> int:
+    async def cleanup_abandoned(self, older_than: float,
+                                keep: Callable[[Digest], Awaitable[bool]] | None = None) -> int:
         """Discard pending uploads started more than ``older_than`` seconds ago; return how
         many. Start-up of a single box passes 0 (nothing can resume them); a fleet passes
-        more than the longest download, since other replicas' uploads are pending too."""
+        more than the longest download, since other replicas' uploads are pending too, and
+        may pass ``keep`` (e.g. "a live fetch lease exists for this digest") to spare uploads
+        still in progress. Stores whose pending uploads carry no digest ignore ``keep``."""
         ...
 
     async def presign_url(self, digest: Digest, expires: float) -> str | None:
@@ -396,9 +399,11 @@ class FilesystemObjectStore:
                 removed += 1
         return removed
 
-    async def cleanup_abandoned(self, older_than: float) -> int:
+    async def cleanup_abandoned(self, older_than: float,
+                                keep: Callable[[Digest], Awaitable[bool]] | None = None) -> int:
         """Remove staging files older than ``older_than`` seconds (0: all of them, which is
-        what a single box does at start-up: BlobStore.cleanup_staging)."""
+        what a single box does at start-up: BlobStore.cleanup_staging). Staging file names
+        carry no digest, so ``keep`` is not consulted."""
         return await asyncio.to_thread(self._cleanup_sync, older_than)
 
     async def presign_url(self, digest: Digest, expires: float) -> str | None:

@@ -44,7 +44,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -465,13 +465,18 @@ class S3ObjectStore:
         return [PendingUpload(f"{key} {upload_id}", started)
                 for key, upload_id, started in await self._uploads()]
 
-    async def cleanup_abandoned(self, older_than: float) -> int:
-        """Abort multipart uploads initiated more than ``older_than`` seconds ago (by the
-        bucket's clock as the listing reports it); return how many were aborted."""
+    async def cleanup_abandoned(self, older_than: float,
+                                keep: Callable[[Digest], Awaitable[bool]] | None = None) -> int:
+        """Abort multipart uploads initiated more than ``older_than`` seconds ago (as the
+        listing reports it), except those ``keep`` spares (their key names the digest);
+        return how many were aborted."""
         cutoff = time.time() - older_than
         aborted = 0
         for key, upload_id, started in await self._uploads():
             if started > cutoff:
+                continue
+            name = key.rpartition("/")[2]
+            if keep is not None and _HEX64.fullmatch(name) and await keep(Digest(name)):
                 continue
             try:
                 with self.errors("upload abort"):
