@@ -1,17 +1,21 @@
 """PostgreSQL index specifics: replicas migrating the schema together, a schema newer than
-this sigil, and gc's check-and-delete serialised against another replica's put_manifest."""
+this sigil, gc's check-and-delete serialised against another replica's put_manifest; and the
+configured backend pairs opened through open_backends."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from sigil.config import S3Config, build_config
 from sigil.errors import StorageError
 from sigil.oci.digest import Digest
+from sigil.storage.backends import open_backends
 from sigil.storage.pgindex import SCHEMA_VERSION, PgIndex
 
 LAYER = Digest.of(b"layer")
@@ -85,3 +89,29 @@ def test_base_install_imports_no_fleet_client() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+async def test_open_backends_from_config(tmp_path: Path, s3_config: S3Config,
+                                         pg_dsn: str) -> None:
+    """Both configured pairs open through open_backends and work end to end."""
+    data = b"through the config"
+    digest = Digest.of(data)
+    local = build_config({"storage": {"root": str(tmp_path / "local")}}, env={})
+    fleet = build_config({"storage": {"root": str(tmp_path / "scratch"), "backend": "s3", "s3": {
+        "endpoint": s3_config.endpoint, "bucket": s3_config.bucket, "prefix": s3_config.prefix,
+        "access_key_env": "T_AK", "secret_key_env": "T_SK", "create_bucket": True}},
+        "index": {"backend": "postgres", "postgres": {"dsn_env": "T_DSN"}}},
+        env={"T_AK": s3_config.access_key or "", "T_SK": s3_config.secret_key or "",
+             "T_DSN": pg_dsn})
+    for config, kinds in ((local, ("FilesystemObjectStore", "SqliteAsyncIndex")),
+                          (fleet, ("S3ObjectStore", "PgIndex"))):
+        backends = await open_backends(config)
+        try:
+            assert (type(backends.objects).__name__, type(backends.index).__name__) == kinds
+            await backends.objects.put_bytes(digest, data)
+            await backends.index.put_blob(digest, len(data))
+            assert await backends.objects.read_bytes(digest) == data
+            assert await backends.index.blob_size(digest) == len(data)
+            assert (await backends.leases.acquire(digest, "me", "here", 30)).holder == "me"
+        finally:
+            await backends.close()
