@@ -245,10 +245,12 @@ async def test_lease_expiry_ignores_replica_clock_skew(
     digest = Digest.of(b"skew")
     try:
         monkeypatch.setattr(time, "time", lambda: real_time() + 7200)  # A's view
+        before = await a.database_now()
         lease = await a.acquire(digest, "replica-a", "http://a", ttl=1.0)
-        db_now = await a.database_now()
+        after = await a.database_now()
         assert lease.holder == "replica-a"
-        assert db_now < lease.expires_at <= db_now + 1.5
+        # The expiry is the database's now() + ttl, nowhere near A's clock (two hours off).
+        assert before + 1.0 - 1e-3 <= lease.expires_at <= after + 1.0 + 1e-3
         monkeypatch.setattr(time, "time", lambda: real_time() - 7200)  # B's view
         assert (await b.acquire(digest, "replica-b", "http://b", ttl=30)).holder == "replica-a"
         monkeypatch.setattr(time, "time", lambda: real_time() + 7200)
