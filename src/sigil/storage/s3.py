@@ -127,7 +127,8 @@ class _S3Reader:
 
 
 class S3Upload:
-    """One object being written as described in the module docstring."""
+    """One object being written as described in the module docstring. One writer at a time;
+    S3's 10,000-part limit caps an object at 10,000 x ``part_size``."""
 
     def __init__(self, store: S3ObjectStore, expected: Digest) -> None:
         self._store = store
