@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 
 # curl and apache2-utils (ab) drive the bench smoke test and bench/. prometheus (with promtool)
 # checks the metrics, the alert rules and the dashboard queries (tests/test_observability.py).
-packages=(docker-registry skopeo containerd podman curl apache2-utils prometheus)
+# postgresql: the fleet index's real server (tests/realparts/postgres.py runs initdb and the
+# server itself, as the package's postgres user); util-linux brings setpriv for that.
+packages=(docker-registry skopeo containerd podman curl apache2-utils prometheus postgresql
+          util-linux)
 
 # docker-compose (1.29, the Compose Specification) validates deploy/compose/compose.yaml
 # (`docker-compose config`, no daemon needed); its recommended docker.io is not installed.

@@ -7,3 +7,9 @@ from tests.realparts.fixtures import (  # noqa: F401 - fixtures are found by nam
     registry_pusher,
     unique_repo,
 )
+from tests.realparts.fleet import (  # noqa: F401 - fixtures are found by name
+    pg_dsn,
+    real_postgres,
+    s3_config,
+    seaweed_s3,
+)

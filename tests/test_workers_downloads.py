@@ -64,7 +64,7 @@ async def workers(store: BlobStore) -> AsyncIterator[tuple[Downloads, Downloads]
     leases = [SqliteFetchLeases(store.root), SqliteFetchLeases(store.root)]
     yield Downloads(store, leases[0]), Downloads(store, leases[1])
     for lease in leases:
-        lease.close()
+        await lease.close()
 
 
 def _committed(digest: Digest, size: int) -> None:
@@ -179,7 +179,7 @@ async def test_a_dead_holders_lease_expires_and_the_next_request_takes_over(
         await leases.acquire(digest, "dead-worker", str(dead.path), 0.5)
         await leases.renew(digest, "dead-worker", 0.5, size=len(data))
     finally:
-        leases.close()
+        await leases.close()
     _, second = workers
     blob = SteppedBlob(data)
     blob.allow(10)
@@ -252,7 +252,7 @@ async def test_a_lease_pointing_outside_staging_is_never_opened(
         await leases.acquire(digest, "someone", str(elsewhere), 30)
         await leases.renew(digest, "someone", 30, size=len(data))
     finally:
-        leases.close()
+        await leases.close()
     blob = SteppedBlob(data)
     download, _ = workers[1].get_or_start(digest, blob.open, _committed)
     with pytest.raises(RegistryError):

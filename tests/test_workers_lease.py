@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def pair(tmp_path: Path, clock: Clock) -> tuple[SqliteFetchLeases, SqliteFetchLeases]:
+async def pair(tmp_path: Path, clock: Clock
+               ) -> AsyncIterator[tuple[SqliteFetchLeases, SqliteFetchLeases]]:
     """Two connections to one lease file, as two workers have."""
     first, second = SqliteFetchLeases(tmp_path, clock), SqliteFetchLeases(tmp_path, clock)
     yield first, second
-    first.close()
-    second.close()
+    await first.close()
+    await second.close()
 
 
 async def test_acquire_then_others_see_the_holder(pair, clock) -> None:
@@ -108,13 +110,13 @@ async def test_release_frees_it_for_the_next(pair, clock) -> None:
 async def test_reset_forgets_leases_of_an_earlier_run(tmp_path: Path, clock) -> None:
     leases = SqliteFetchLeases(tmp_path, clock)
     await leases.acquire(DIGEST, "dead", "/s/1", 3600)
-    leases.close()
+    await leases.close()
     reset_leases(tmp_path)
     fresh = SqliteFetchLeases(tmp_path, clock)
     try:
         assert await fresh.current(DIGEST) is None
     finally:
-        fresh.close()
+        await fresh.close()
 
 
 def test_an_unusable_lease_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -125,6 +127,7 @@ def test_an_unusable_lease_file_is_a_clear_error(tmp_path: Path) -> None:
 
 _RACER = """
 import asyncio, json, sys, time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from sigil.oci.digest import Digest
 from sigil.storage.lease_sqlite import SqliteFetchLeases
@@ -139,7 +142,7 @@ async def main() -> None:
     for i in range(count):
         lease = await leases.acquire(Digest(f"{i:064x}"), name, f"/staging/{name}", 30)
         seen[i] = lease.holder
-    leases.close()
+    await leases.close()
     print(json.dumps(seen))
 
 asyncio.run(main())
@@ -173,7 +176,7 @@ async def test_a_release_after_close_is_dropped_and_other_calls_fail_clearly(
         tmp_path: Path, clock: Clock) -> None:
     leases = SqliteFetchLeases(tmp_path, clock)
     await leases.acquire(DIGEST, "w1", "/s/1", 10)
-    leases.close()
+    await leases.close()
     await leases.release(DIGEST, "w1")  # shutdown: a release on its way is not an error
     with pytest.raises(StorageError, match="closed"):
         await leases.current(DIGEST)

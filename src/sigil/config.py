@@ -139,12 +139,51 @@ class ServerConfig:
     tls_client_ca: str | None = None   # PEM CA bundle for client certificates (mTLS)
     tls_client_auth: str = "none"      # none | optional | required
     tls_reload_interval: float = 5.0   # how often cert/key mtimes are checked (0: never)
+    # host:port of the internal peer endpoint replicas stream in-flight blobs from (fleet).
+    peer_listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """``storage.s3``: the bucket of ``storage.backend: s3``. Secrets are resolved at load
+    time from env or files and never printed: ``repr`` names only where they came from."""
+
+    bucket: str
+    endpoint: str | None = None        # None: AWS's own endpoint for the region
+    region: str = "us-east-1"
+    prefix: str = ""                   # "" or ending in "/"
+    access_key: str | None = field(default=None, repr=False)  # None: default AWS chain
+    secret_key: str | None = field(default=None, repr=False)
+    # Where the credentials came from (config keys and env variable or file names).
+    credential_source: str = "the default AWS credential chain"
+    create_bucket: bool = False
+    redirect: bool = False             # 307 to a presigned URL for allowed blobs
+    redirect_expiry: float = 300.0     # lifetime of those URLs
+    part_size: int = 8 * 1024 * 1024   # multipart part size
+    upload_concurrency: int = 2        # parts in flight per upload (memory: this + 1 parts)
+    max_attempts: int = 5              # tries per S3 request (500/503/SlowDown are retried)
+    abandoned_after: float = 86400.0   # pending multipart uploads older than this are aborted
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_connections: int = 32
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     root: str = "/var/lib/sigil"
     max_bytes: int = 100 * 1024**3
+    backend: str = "filesystem"        # filesystem | s3
+    s3: S3Config | None = None
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """``index``: where tags, references, verdicts and leases live."""
+
+    backend: str = "sqlite"            # sqlite (index.sqlite under storage.root) | postgres
+    postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
+    dsn_source: str = "index.postgres.dsn"  # the config key (and env variable) it came from
+    max_connections: int = 10
 
 
 @dataclass(frozen=True)
@@ -163,6 +202,7 @@ class Config:
     policy: str | None
     log: LogConfig
     source: str = "<defaults>"
+    index: IndexConfig = field(default_factory=IndexConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -174,11 +214,12 @@ class Config:
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "server": {"listen", "tls", "workers", "offline", "auth"},
-    "storage": {"root", "max_bytes"},
+    "server": {"listen", "tls", "workers", "offline", "auth", "peer_listen"},
+    "storage": {"root", "max_bytes", "backend", "s3"},
     "log": {"level", "format"},
+    "index": {"backend", "postgres"},
 }
-_TOP = {"server", "storage", "upstreams", "policy", "log"}
+_TOP = {"server", "storage", "upstreams", "policy", "log", "index"}
 _UPSTREAM_KEYS = {"name", "url", "default", "aliases", "credentials", "ca_bundle", "tls_verify",
                   "connect_timeout", "read_timeout", "retries", "tag_ttl", "max_stale",
                   "signature_repository"}
@@ -231,11 +272,11 @@ def _bool(value: Any, *, file: str, key: str) -> bool:
     return value
 
 
-def _parse_listen(value: Any, *, file: str) -> tuple[str, int]:
+def _parse_listen(value: Any, *, file: str, key: str = "server.listen") -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"expected host:port, got {value!r}", file=file, key="server.listen")
+        raise ConfigError(f"expected host:port, got {value!r}", file=file, key=key)
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -319,6 +360,34 @@ _AUTH_KEYS = {"type", "htpasswd", "realm", "token", "protect_metrics", "cache_tt
 _TOKEN_KEYS = {"issuer", "audience", "jwks", "pem", "realm_url", "service", "leeway",
                "algorithms"}
 _TOKEN_ALGORITHMS = set(TokenAuthConfig.algorithms)
+_S3_KEYS = {"endpoint", "bucket", "region", "prefix", "access_key_env", "secret_key_env",
+            "access_key_file", "secret_key_file", "create_bucket", "redirect", "redirect_expiry",
+            "part_size", "upload_concurrency", "max_attempts", "abandoned_after"}
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _secret(data: dict[str, Any], name: str, default_env: str, *, file: str, key: str,
+            env: Mapping[str, str]) -> tuple[str | None, str]:
+    """A secret from ``<name>_file`` or the variable ``<name>_env`` names; return it and a
+    description of its source (never the value)."""
+    file_key, env_key = f"{name}_file", f"{name}_env"
+    path = _str(data.get(file_key), file=file, key=f"{key}.{file_key}", optional=True)
+    if path is not None:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", file=file,
+                              key=f"{key}.{file_key}") from exc
+        if not value:
+            raise ConfigError(f"{path} is empty", file=file, key=f"{key}.{file_key}")
+        return value, f"{key}.{file_key} ({path})"
+    var = _str(data.get(env_key, default_env), file=file, key=f"{key}.{env_key}", optional=True)
+    if var is None:
+        return None, ""
+    if not env.get(var):
+        raise ConfigError(f"environment variable {var} is not set", file=file,
+                          key=f"{key}.{env_key}")
+    return env[var], f"{key}.{env_key} ({var})"
 
 
 def _int_in(value: Any, low: int, high: int, *, file: str, key: str) -> int:
@@ -455,6 +524,89 @@ def _parse_tls_extras(tls: Mapping[str, Any], cert: str | None, key: str | None,
     return client_ca, str(client_auth), interval
 
 
+def _parse_s3(value: Any, *, file: str, env: Mapping[str, str]) -> S3Config:
+    key = "storage.s3"
+    data = _mapping(value, file=file, key=key)
+    _unknown(set(data), _S3_KEYS, file=file, key=key)
+    bucket = _str(data.get("bucket"), file=file, key=f"{key}.bucket")
+    assert bucket is not None
+    if not _BUCKET.match(bucket):
+        raise ConfigError(f"invalid bucket name {bucket!r} (3-63 of a-z 0-9 . -)", file=file,
+                          key=f"{key}.bucket")
+    endpoint = _str(data.get("endpoint"), file=file, key=f"{key}.endpoint", optional=True)
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"expected an http(s) URL, got {endpoint!r}", file=file,
+                              key=f"{key}.endpoint")
+    region = _str(data.get("region", "us-east-1"), file=file, key=f"{key}.region")
+    assert region is not None
+    prefix = data.get("prefix", "") or ""
+    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ConfigError("expected a relative key prefix such as sigil/", file=file,
+                          key=f"{key}.prefix")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    access, access_from = _secret(data, "access_key", "AWS_ACCESS_KEY_ID", file=file, key=key,
+                                  env=env)
+    secret, secret_from = _secret(data, "secret_key", "AWS_SECRET_ACCESS_KEY", file=file,
+                                  key=key, env=env)
+    if (access is None) != (secret is None):
+        raise ConfigError("access and secret key must both be given or both be null (null: "
+                          "the default AWS credential chain)", file=file, key=key)
+    return S3Config(
+        bucket=bucket, endpoint=endpoint.rstrip("/") if endpoint else None, region=region,
+        prefix=prefix, access_key=access, secret_key=secret,
+        credential_source=(f"{access_from} and {secret_from}" if access is not None
+                           else "the default AWS credential chain"),
+        create_bucket=_bool(data.get("create_bucket", False), file=file,
+                            key=f"{key}.create_bucket"),
+        redirect=_bool(data.get("redirect", False), file=file, key=f"{key}.redirect"),
+        redirect_expiry=parse_duration(data.get("redirect_expiry", "5m"), file=file,
+                                       key=f"{key}.redirect_expiry"),
+        part_size=_int_in(parse_size(data.get("part_size", "8MiB"), file=file,
+                                     key=f"{key}.part_size"), 5 * 1024**2, 5 * 1024**3,
+                          file=file, key=f"{key}.part_size"),
+        upload_concurrency=_int_in(data.get("upload_concurrency", 2), 1, 16, file=file,
+                                   key=f"{key}.upload_concurrency"),
+        max_attempts=_int_in(data.get("max_attempts", 5), 1, 20, file=file,
+                             key=f"{key}.max_attempts"),
+        abandoned_after=parse_duration(data.get("abandoned_after", "24h"), file=file,
+                                       key=f"{key}.abandoned_after"),
+    )
+
+
+def _parse_index(value: Any, *, file: str, env: Mapping[str, str]) -> IndexConfig:
+    data = _mapping(value, file=file, key="index")
+    _unknown(set(data), _SECTIONS["index"], file=file, key="index")
+    backend = str(data.get("backend", "sqlite"))
+    if backend not in ("sqlite", "postgres"):
+        raise ConfigError("expected sqlite or postgres", file=file, key="index.backend")
+    postgres = _mapping(data.get("postgres"), file=file, key="index.postgres")
+    _unknown(set(postgres), {"dsn", "dsn_env", "max_connections"}, file=file,
+             key="index.postgres")
+    max_connections = _int_in(postgres.get("max_connections", 10), 1, 1000, file=file,
+                              key="index.postgres.max_connections")
+    if backend == "sqlite":
+        return IndexConfig(max_connections=max_connections)
+    dsn = _str(postgres.get("dsn"), file=file, key="index.postgres.dsn", optional=True)
+    source = "index.postgres.dsn"
+    if dsn is None:
+        var = _str(postgres.get("dsn_env", "SIGIL_PG_DSN"), file=file,
+                   key="index.postgres.dsn_env")
+        assert var is not None
+        if not env.get(var):
+            raise ConfigError(f"environment variable {var} is not set", file=file,
+                              key="index.postgres.dsn_env")
+        dsn, source = env[var], f"index.postgres.dsn_env ({var})"
+    if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+        # The value is not repeated: it may hold a password.
+        raise ConfigError("expected a postgresql://user@host:port/database URL", file=file,
+                          key=source.split(" ")[0])
+    return IndexConfig(backend="postgres", postgres_dsn=dsn, dsn_source=source,
+                       max_connections=max_connections)
+
+
 def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
                  env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed config mapping (plus env overrides) into a :class:`Config`."""
@@ -484,12 +636,23 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
         raise ConfigError("expected an integer from 1 to 64", file=file, key="server.workers")
     offline = _bool(server.get("offline", False), file=file, key="server.offline")
     auth = _parse_auth(server.get("auth"), file=file)
+    peer_listen = server.get("peer_listen")
+    peer = (None if peer_listen is None
+            else _parse_listen(peer_listen, file=file, key="server.peer_listen"))
 
     storage = _mapping(root.get("storage"), file=file, key="storage")
     _unknown(set(storage), _SECTIONS["storage"], file=file, key="storage")
     storage_root = _str(storage.get("root", "/var/lib/sigil"), file=file, key="storage.root")
     assert storage_root is not None
     max_bytes = parse_size(storage.get("max_bytes", "100GiB"), file=file, key="storage.max_bytes")
+    backend = str(storage.get("backend", "filesystem"))
+    if backend not in ("filesystem", "s3"):
+        raise ConfigError("expected filesystem or s3", file=file, key="storage.backend")
+    if backend == "s3" and storage.get("s3") is None:
+        raise ConfigError("storage.backend is s3 but storage.s3 is missing", file=file,
+                          key="storage.s3")
+    s3 = _parse_s3(storage["s3"], file=file, env=env) if backend == "s3" else None
+    index_config = _parse_index(root.get("index"), file=file, env=env)
 
     items = root.get("upstreams")
     if items is None:
@@ -528,8 +691,9 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
         server=ServerConfig(listen_host=host, listen_port=port, tls_cert=cert, tls_key=tls_key,
                             workers=workers, offline=offline, auth=auth,
                             tls_client_ca=client_ca, tls_client_auth=client_auth,
-                            tls_reload_interval=reload_interval),
-        storage=StorageConfig(root=storage_root, max_bytes=max_bytes),
+                            tls_reload_interval=reload_interval, peer_listen=peer),
+        storage=StorageConfig(root=storage_root, max_bytes=max_bytes, backend=backend, s3=s3),
+        index=index_config,
         upstreams=upstreams, policy=policy, log=LogConfig(level=level, format=fmt),
         source=source, raw=root,
     )

@@ -85,7 +85,7 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
                 await client.close()
             index.close()
             if leases is not None:
-                leases.close()
+                await leases.close()
             log.info("sigil.stopped")
 
     app.cleanup_ctx.append(resources)

@@ -1,4 +1,4 @@
-"""Fetch leases for the worker processes of one host, in a small SQLite file beside the index.
+"""Fetch and gc leases for the processes of one host, in a small SQLite file beside the index.
 
 ``<root>/leases.sqlite`` holds one row per digest being fetched. It is a file of its own rather
 than a table of ``index.sqlite`` so that taking or renewing a lease never waits behind a long
@@ -25,6 +25,8 @@ from sigil.oci.digest import Digest
 from sigil.storage.lease import LeaseInfo
 
 FILE_NAME = "leases.sqlite"
+# The row of the gc lease (one gc at a time); fetch lease rows are keyed by digest.
+GC_LEASE = "gc"
 # How long a call waits for another process holding the write lock (a few ms in practice).
 BUSY_TIMEOUT = 5.0
 
@@ -65,7 +67,8 @@ def reset_leases(root: Path) -> None:
 
 
 class SqliteFetchLeases:
-    """:class:`~sigil.storage.lease.FetchLeases` for the processes of one host."""
+    """:class:`~sigil.storage.lease.FetchLeases` and :class:`~sigil.storage.contracts.GcLease`
+    for the processes of one host."""
 
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(root) / FILE_NAME
@@ -75,7 +78,7 @@ class SqliteFetchLeases:
         self._lock = threading.Lock()
         self._closed = False
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close the connection. A release still on its way (shutdown) is dropped: start-up
         empties the table anyway; other calls then raise :class:`StorageError`."""
         with self._lock:
@@ -105,7 +108,43 @@ class SqliteFetchLeases:
         """The unexpired lease of ``digest``, if any."""
         return await asyncio.to_thread(self._current, digest)
 
+    async def acquire_gc(self, holder: str, ttl: float) -> bool:
+        """Take the gc lease if free or expired (extend it if ours)."""
+        return await asyncio.to_thread(self._acquire_gc, holder, ttl)
+
+    async def renew_gc(self, holder: str, ttl: float) -> bool:
+        """Extend our gc lease; False if it was lost."""
+        return await asyncio.to_thread(self._renew_gc, holder, ttl)
+
+    async def release_gc(self, holder: str) -> None:
+        """Give the gc lease up if it is ours."""
+        await asyncio.to_thread(self._write, "DELETE FROM fetch_leases WHERE digest = ? AND "
+                                "holder = ?", (GC_LEASE, holder))
+
     # ------------------------------------------------------------------ blocking parts
+    def _acquire_gc(self, holder: str, ttl: float) -> bool:
+        with self._lock:
+            self._check_open()
+            with self._transaction():
+                now = self._clock()
+                row = self._db.execute("SELECT holder, expires_at FROM fetch_leases WHERE "
+                                       "digest = ?", (GC_LEASE,)).fetchone()
+                if row is not None and row[0] != holder and row[1] > now:
+                    return False
+                self._db.execute(
+                    "INSERT OR REPLACE INTO fetch_leases (digest, holder, location, expires_at,"
+                    " size) VALUES (?, ?, '', ?, NULL)", (GC_LEASE, holder, now + ttl))
+                return True
+
+    def _renew_gc(self, holder: str, ttl: float) -> bool:
+        with self._lock:
+            self._check_open()
+            with self._transaction():
+                now = self._clock()
+                return self._db.execute(
+                    "UPDATE fetch_leases SET expires_at = ? WHERE digest = ? AND holder = ? "
+                    "AND expires_at > ?", (now + ttl, GC_LEASE, holder, now)).rowcount == 1
+
     def _acquire(self, digest: Digest, holder: str, location: str, ttl: float) -> LeaseInfo:
         key = str(digest)
         with self._lock:
