@@ -25,6 +25,8 @@ from sigil.storage import BlobStore, Index
 from sigil.upstream import UpstreamClient
 from sigil.upstream.client import KIND_BLOB, KIND_MANIFEST, KIND_MANIFEST_HEAD
 from sigil.upstream.offline import OfflineUpstreamClient
+from sigil.verify.engine import Verifier
+from sigil.verify.policy import load_policy
 from tests.realparts.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 from tests.support.sigilproc import free_port
 from tests.test_offline_serve import ConnectionRecorder
@@ -266,3 +268,41 @@ async def test_offline_referrers_come_from_the_index_links(offline_app) -> None:
     # A subject with no links and no tag-schema index: an empty list, not an error.
     other = await client.get(f"/v2/app/web/referrers/{info['referrer']}")
     assert other.status == 200 and (await other.json())["manifests"] == []
+
+
+async def test_a_verdict_is_not_reused_for_another_repository(
+        tmp_path: Path, recorder: ConnectionRecorder) -> None:
+    """The verdict cache is per image, not per digest: the same manifest allowed in one
+    repository is decided again, and here denied, in another whose policy differs (a digest
+    is the same bytes, not the same policy subject). Not specific to offline serving; offline
+    only makes a filled store the whole set-up."""
+    root = tmp_path / "store"
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    manifest, config, layer, other_layer = _image("shared")
+    for blob in (config, layer, other_layer):
+        store.put_bytes(Digest.of(blob), blob)
+        index.put_blob(Digest.of(blob), len(blob))
+    digest = Digest.of(manifest)
+    store.put_bytes(digest, manifest)
+    index.put_manifest(digest, OCI_MANIFEST, len(manifest),
+                       [Digest.of(config), Digest.of(layer), Digest.of(other_layer)])
+    for repo in ("app/open", "app/closed"):
+        index.put_tag("registry.test", repo, "v1", digest, OCI_MANIFEST, checked_at=0.0)
+    index.close()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"policies": [
+        {"name": "open", "images": ["registry.test/app/open"], "static": "pass"},
+        {"name": "closed", "images": ["registry.test/app/closed"], "static": "deny"}]}))
+    app = build_app(_config(root, f"http://127.0.0.1:{recorder.port}", offline=True),
+                    Verifier(load_policy(policy)))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert (await client.get("/v2/app/open/manifests/v1")).status == 200
+        for reference in ("v1", str(digest)):
+            denied = await client.get(f"/v2/app/closed/manifests/{reference}")
+            assert denied.status == 403, reference
+            assert (await denied.json())["errors"][0]["code"] == "DENIED"
+        gated = await client.get(f"/v2/app/closed/blobs/{Digest.of(layer)}")
+        assert gated.status == 404
+        # Still allowed where its policy passes it.
+        assert (await client.get(f"/v2/app/open/manifests/{digest}")).status == 200
+    recorder.assert_untouched()

@@ -2,7 +2,7 @@
 
 1. resolve tag -> digest (tag cache, HEAD revalidation after ``tag_ttl``, stale on failure);
 2. manifest bytes by digest (memory, store, else upstream; sha256 checked before anything);
-3. verdict for (digest, policy fingerprint) (cache, else the policy);
+3. verdict for (digest, policy fingerprint, image) (cache, else the policy);
 4. serve the exact verified bytes; record its children and blobs as servable in that repository.
 
 Offline (``server.offline``) the order is the same, with the store as the only source: stored
@@ -433,7 +433,10 @@ class Mirror:
         return [d.digest for d in manifest.manifests] + manifest.blob_digests()
 
     async def _verdict(self, route: Route, manifest: Manifest) -> Any:
-        fingerprint = self.policy.fingerprint
+        # Cached per image as well as per policy: a policy decides by image name (its
+        # ``images`` globs), so the same digest may pass in one repository and not in another.
+        # Keyed by digest alone, an allow in one repository served the image in all of them.
+        fingerprint = f"{self.policy.fingerprint} {route.image}"
         row = self.index.get_verdict(manifest.digest, fingerprint, time.time())
         if row is not None:
             metrics.VERDICT_CACHE.labels("hit").inc()
