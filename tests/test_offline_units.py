@@ -27,7 +27,15 @@ from sigil.upstream.client import KIND_BLOB, KIND_MANIFEST, KIND_MANIFEST_HEAD
 from sigil.upstream.offline import OfflineUpstreamClient
 from sigil.verify.engine import Verifier
 from sigil.verify.policy import load_policy
-from tests.realparts.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from tests.realparts.images import (
+    EMPTY_JSON,
+    OCI_CONFIG,
+    OCI_EMPTY,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    descriptor,
+    image_manifest,
+)
 from tests.support.sigilproc import free_port
 from tests.test_offline_serve import ConnectionRecorder
 from tests.test_verify_support import SIG_ARTIFACT
@@ -133,13 +141,22 @@ def _image(tag_note: str) -> tuple[bytes, bytes, bytes, bytes]:
     """(manifest, config, first layer, second layer) of a small OCI image."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "note": tag_note}).encode()
     layers = [os.urandom(64), os.urandom(64)]
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": str(Digest.of(config)),
-                   "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": str(Digest.of(layer)),
-                    "size": len(layer)} for layer in layers]}).encode()
+    manifest = image_manifest(descriptor(OCI_CONFIG, config),
+                              [descriptor(OCI_LAYER_GZIP, layer) for layer in layers])
     return manifest, config, layers[0], layers[1]
+
+
+def _store_image(store: BlobStore, index: Index, manifest: bytes, blobs: list[bytes],
+                 refs: list[bytes]) -> Digest:
+    """Store ``manifest`` and ``blobs`` and index them as an import does; ``refs`` are what
+    the manifest references (stored or not). Returns the manifest digest."""
+    for blob in blobs:
+        store.put_bytes(Digest.of(blob), blob)
+        index.put_blob(Digest.of(blob), len(blob))
+    digest = Digest.of(manifest)
+    store.put_bytes(digest, manifest)
+    index.put_manifest(digest, OCI_MANIFEST, len(manifest), [Digest.of(r) for r in refs])
+    return digest
 
 
 @pytest.fixture
@@ -152,28 +169,17 @@ async def offline_app(tmp_path: Path, recorder: ConnectionRecorder
     # The second layer is referenced by the manifest (the blob gate allows it once the
     # manifest passed) but was never stored.
     manifest, config, layer, absent_layer = _image("v1")
-    for blob in (config, layer):
-        store.put_bytes(Digest.of(blob), blob)
-        index.put_blob(Digest.of(blob), len(blob))
-    digest = Digest.of(manifest)
-    store.put_bytes(digest, manifest)
-    index.put_manifest(digest, OCI_MANIFEST, len(manifest),
-                       [Digest.of(config), Digest.of(layer), Digest.of(absent_layer)])
+    digest = _store_image(store, index, manifest, [config, layer], [config, layer, absent_layer])
     for tag in ("v1", "v1.0", "latest"):
         index.put_tag("registry.test", "app/web", tag, digest, OCI_MANIFEST, checked_at=0.0)
     # A signature referrer of the image (stored, linked), and a link to one never stored.
-    empty = b"{}"
-    store.put_bytes(Digest.of(empty), empty)
-    index.put_blob(Digest.of(empty), len(empty))
-    referrer = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG_ARTIFACT,
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                   "digest": str(Digest.of(empty)), "size": len(empty)},
-        "layers": [],
-        "subject": {"mediaType": OCI_MANIFEST, "digest": str(digest),
-                    "size": len(manifest)}}).encode()
+    store.put_bytes(Digest.of(EMPTY_JSON), EMPTY_JSON)
+    index.put_blob(Digest.of(EMPTY_JSON), len(EMPTY_JSON))
+    referrer = image_manifest(descriptor(OCI_EMPTY, EMPTY_JSON), [],
+                              artifact_type=SIG_ARTIFACT,
+                              subject=descriptor(OCI_MANIFEST, manifest))
     store.put_bytes(Digest.of(referrer), referrer)
-    index.put_manifest(Digest.of(referrer), OCI_MANIFEST, len(referrer), [Digest.of(empty)])
+    index.put_manifest(Digest.of(referrer), OCI_MANIFEST, len(referrer), [Digest.of(EMPTY_JSON)])
     index.add_referrer(digest, Digest.of(referrer))
     index.add_referrer(digest, Digest.of(b"a referrer nobody imported"))
     # A tag whose manifest is not in the store (its row survives a miss).
@@ -278,14 +284,8 @@ async def test_a_verdict_is_not_reused_for_another_repository(
     only makes a filled store the whole set-up."""
     root = tmp_path / "store"
     store, index = BlobStore(root), Index(root / "index.sqlite")
-    manifest, config, layer, other_layer = _image("shared")
-    for blob in (config, layer, other_layer):
-        store.put_bytes(Digest.of(blob), blob)
-        index.put_blob(Digest.of(blob), len(blob))
-    digest = Digest.of(manifest)
-    store.put_bytes(digest, manifest)
-    index.put_manifest(digest, OCI_MANIFEST, len(manifest),
-                       [Digest.of(config), Digest.of(layer), Digest.of(other_layer)])
+    manifest, *blobs = _image("shared")
+    digest = _store_image(store, index, manifest, blobs, blobs)
     for repo in ("app/open", "app/closed"):
         index.put_tag("registry.test", repo, "v1", digest, OCI_MANIFEST, checked_at=0.0)
     index.close()
@@ -301,7 +301,7 @@ async def test_a_verdict_is_not_reused_for_another_repository(
             denied = await client.get(f"/v2/app/closed/manifests/{reference}")
             assert denied.status == 403, reference
             assert (await denied.json())["errors"][0]["code"] == "DENIED"
-        gated = await client.get(f"/v2/app/closed/blobs/{Digest.of(layer)}")
+        gated = await client.get(f"/v2/app/closed/blobs/{Digest.of(blobs[1])}")
         assert gated.status == 404
         # Still allowed where its policy passes it.
         assert (await client.get(f"/v2/app/open/manifests/{digest}")).status == 200
