@@ -3,6 +3,7 @@ the ``server.offline`` key and flags, and the mirror over a real store and index
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -305,4 +306,38 @@ async def test_a_verdict_is_not_reused_for_another_repository(
         assert gated.status == 404
         # Still allowed where its policy passes it.
         assert (await client.get(f"/v2/app/open/manifests/{digest}")).status == 200
+    recorder.assert_untouched()
+
+
+async def test_offline_a_tag_moved_in_the_index_is_served_after_tag_ttl(
+        tmp_path: Path, recorder: ConnectionRecorder) -> None:
+    """Offline the index is the source of tags: a tag that an import moves while the server
+    runs is seen once the tag's in-memory copy is older than tag_ttl, as an online sigil sees
+    a tag moved upstream (the memory table used to keep the first digest until a restart)."""
+    root = tmp_path / "store"
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    first, *first_blobs = _image("first")
+    second, *second_blobs = _image("second")
+    old = _store_image(store, index, first, first_blobs, first_blobs)
+    new = _store_image(store, index, second, second_blobs, second_blobs)
+    index.put_tag("registry.test", "app/web", "v1", old, OCI_MANIFEST, checked_at=0.0)
+    config = build_config({"server": {"offline": True}, "storage": {"root": str(root)},
+                           "upstreams": [{"name": "registry.test", "default": True,
+                                          "url": f"http://127.0.0.1:{recorder.port}",
+                                          "tag_ttl": "1ms"}],
+                           "log": {"level": "warning"}}, env={})
+    async with TestClient(TestServer(build_app(config), host="127.0.0.1")) as client:
+        served = await client.get("/v2/app/web/manifests/v1")
+        assert served.headers["Docker-Content-Digest"] == str(old)
+        # `sigil import` of a newer v1, written to the index by another process.
+        index.put_tag("registry.test", "app/web", "v1", new, OCI_MANIFEST, checked_at=0.0)
+        await asyncio.sleep(0.01)  # past tag_ttl (1 ms)
+        moved = await client.get("/v2/app/web/manifests/v1")
+        assert moved.status == 200
+        assert moved.headers["Docker-Content-Digest"] == str(new)
+        assert await moved.read() == second
+        # The tag's row is read, not rewritten: it keeps the age the import gave it.
+        row = index.get_tag("registry.test", "app/web", "v1")
+        assert row is not None and row.checked_at == 0.0
+    index.close()
     recorder.assert_untouched()

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -261,12 +261,17 @@ class Mirror:
         key = (route.upstream.name, route.repo, tag)
         now = time.time()
         entry = self._tags.get(key)
-        if entry is None:
+        # Offline the index is the source: a stored tag is the answer whatever its age (nothing
+        # is stale without an upstream; not counted in sigil_stale_serves_total), and its
+        # in-memory copy is read again from the index after tag_ttl, so a tag that an import
+        # moved is seen as an online tag moved upstream is. The copy's checked_at is when the
+        # index was read; the row keeps its own.
+        if entry is None or (self.offline and now - entry.checked_at >= route.upstream.tag_ttl):
             entry = self.index.get_tag(*key)
             if entry is not None:
+                if self.offline:
+                    entry = replace(entry, checked_at=now)
                 _bounded(self._tags)[key] = entry
-        # Offline a stored tag is the answer whatever its age: there is nothing to revalidate
-        # against, and serving it is not "stale" (not counted in sigil_stale_serves_total).
         if entry is not None and (now - entry.checked_at < route.upstream.tag_ttl
                                   or self.offline):
             cached = self._manifests.get(entry.digest)
