@@ -5,7 +5,8 @@ index signed with ``.sig``, a DHI-shaped index (tag-schema signature referrer, p
 attestation referrers each with its own signature), a BuildKit-shaped index (an in-index
 attestation manifest, the index signed with ``.sig``), an image with ``.sig`` and ``.att``, a
 keyless-signed image (sigstore bundle referrer, private test sigstore), an unsigned image the
-policy denies, a signed image whose blobs are never pulled and a tag nobody pulls. An online sigil pulls them with skopeo, which fills its store and index.
+policy denies, a signed image whose blobs are never pulled and a tag nobody pulls. An online
+sigil pulls them with skopeo, which fills its store and index.
 
 Disconnected phase: sigil and the registry are stopped, and a listener that records every
 connection takes the registry's port. The same sigil (same config and store, ``server.offline``
@@ -201,8 +202,8 @@ async def _populate(registry: RealRegistry, signer: Signer, sigstore: TestSigsto
         lazy = await pusher.make_image("offline/lazy", "v1")
         await pusher.push_cosign_signatures("offline/lazy", lazy.digest,
                                             [sig_layer(signer, lazy.digest)])
-    site_images.update(keyless=keyless, buildkit=buildkit, signed=signed, notpulled=notpulled, multi=multi, dhi=dhi, att=att,
-                       unsigned=unsigned, lazy=lazy)
+    site_images.update(keyless=keyless, buildkit=buildkit, signed=signed, notpulled=notpulled,
+                       multi=multi, dhi=dhi, att=att, unsigned=unsigned, lazy=lazy)
     # Through the online sigil: this is what fills the store and the index.
     for name, repo, tag in (("signed", "offline/signed", "v1"), ("multi", "offline/multi", "v1"),
                             ("dhi", "offline/dhi", "dhi"), ("att", "offline/att", "v1"),

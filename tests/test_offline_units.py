@@ -3,6 +3,7 @@ the ``server.offline`` key and flags, and the mirror over a real store and index
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -25,7 +26,17 @@ from sigil.storage import BlobStore, Index
 from sigil.upstream import UpstreamClient
 from sigil.upstream.client import KIND_BLOB, KIND_MANIFEST, KIND_MANIFEST_HEAD
 from sigil.upstream.offline import OfflineUpstreamClient
-from tests.realparts.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from sigil.verify.engine import Verifier
+from sigil.verify.policy import load_policy
+from tests.realparts.images import (
+    EMPTY_JSON,
+    OCI_CONFIG,
+    OCI_EMPTY,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    descriptor,
+    image_manifest,
+)
 from tests.support.sigilproc import free_port
 from tests.test_offline_serve import ConnectionRecorder
 from tests.test_verify_support import SIG_ARTIFACT
@@ -131,13 +142,22 @@ def _image(tag_note: str) -> tuple[bytes, bytes, bytes, bytes]:
     """(manifest, config, first layer, second layer) of a small OCI image."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "note": tag_note}).encode()
     layers = [os.urandom(64), os.urandom(64)]
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": str(Digest.of(config)),
-                   "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": str(Digest.of(layer)),
-                    "size": len(layer)} for layer in layers]}).encode()
+    manifest = image_manifest(descriptor(OCI_CONFIG, config),
+                              [descriptor(OCI_LAYER_GZIP, layer) for layer in layers])
     return manifest, config, layers[0], layers[1]
+
+
+def _store_image(store: BlobStore, index: Index, manifest: bytes, blobs: list[bytes],
+                 refs: list[bytes]) -> Digest:
+    """Store ``manifest`` and ``blobs`` and index them as an import does; ``refs`` are what
+    the manifest references (stored or not). Returns the manifest digest."""
+    for blob in blobs:
+        store.put_bytes(Digest.of(blob), blob)
+        index.put_blob(Digest.of(blob), len(blob))
+    digest = Digest.of(manifest)
+    store.put_bytes(digest, manifest)
+    index.put_manifest(digest, OCI_MANIFEST, len(manifest), [Digest.of(r) for r in refs])
+    return digest
 
 
 @pytest.fixture
@@ -150,28 +170,17 @@ async def offline_app(tmp_path: Path, recorder: ConnectionRecorder
     # The second layer is referenced by the manifest (the blob gate allows it once the
     # manifest passed) but was never stored.
     manifest, config, layer, absent_layer = _image("v1")
-    for blob in (config, layer):
-        store.put_bytes(Digest.of(blob), blob)
-        index.put_blob(Digest.of(blob), len(blob))
-    digest = Digest.of(manifest)
-    store.put_bytes(digest, manifest)
-    index.put_manifest(digest, OCI_MANIFEST, len(manifest),
-                       [Digest.of(config), Digest.of(layer), Digest.of(absent_layer)])
+    digest = _store_image(store, index, manifest, [config, layer], [config, layer, absent_layer])
     for tag in ("v1", "v1.0", "latest"):
         index.put_tag("registry.test", "app/web", tag, digest, OCI_MANIFEST, checked_at=0.0)
     # A signature referrer of the image (stored, linked), and a link to one never stored.
-    empty = b"{}"
-    store.put_bytes(Digest.of(empty), empty)
-    index.put_blob(Digest.of(empty), len(empty))
-    referrer = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG_ARTIFACT,
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                   "digest": str(Digest.of(empty)), "size": len(empty)},
-        "layers": [],
-        "subject": {"mediaType": OCI_MANIFEST, "digest": str(digest),
-                    "size": len(manifest)}}).encode()
+    store.put_bytes(Digest.of(EMPTY_JSON), EMPTY_JSON)
+    index.put_blob(Digest.of(EMPTY_JSON), len(EMPTY_JSON))
+    referrer = image_manifest(descriptor(OCI_EMPTY, EMPTY_JSON), [],
+                              artifact_type=SIG_ARTIFACT,
+                              subject=descriptor(OCI_MANIFEST, manifest))
     store.put_bytes(Digest.of(referrer), referrer)
-    index.put_manifest(Digest.of(referrer), OCI_MANIFEST, len(referrer), [Digest.of(empty)])
+    index.put_manifest(Digest.of(referrer), OCI_MANIFEST, len(referrer), [Digest.of(EMPTY_JSON)])
     index.add_referrer(digest, Digest.of(referrer))
     index.add_referrer(digest, Digest.of(b"a referrer nobody imported"))
     # A tag whose manifest is not in the store (its row survives a miss).
@@ -266,3 +275,69 @@ async def test_offline_referrers_come_from_the_index_links(offline_app) -> None:
     # A subject with no links and no tag-schema index: an empty list, not an error.
     other = await client.get(f"/v2/app/web/referrers/{info['referrer']}")
     assert other.status == 200 and (await other.json())["manifests"] == []
+
+
+async def test_a_verdict_is_not_reused_for_another_repository(
+        tmp_path: Path, recorder: ConnectionRecorder) -> None:
+    """The verdict cache is per image, not per digest: the same manifest allowed in one
+    repository is decided again, and here denied, in another whose policy differs (a digest
+    is the same bytes, not the same policy subject). Not specific to offline serving; offline
+    only makes a filled store the whole set-up."""
+    root = tmp_path / "store"
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    manifest, *blobs = _image("shared")
+    digest = _store_image(store, index, manifest, blobs, blobs)
+    for repo in ("app/open", "app/closed"):
+        index.put_tag("registry.test", repo, "v1", digest, OCI_MANIFEST, checked_at=0.0)
+    index.close()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({"policies": [
+        {"name": "open", "images": ["registry.test/app/open"], "static": "pass"},
+        {"name": "closed", "images": ["registry.test/app/closed"], "static": "deny"}]}))
+    app = build_app(_config(root, f"http://127.0.0.1:{recorder.port}", offline=True),
+                    Verifier(load_policy(policy)))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert (await client.get("/v2/app/open/manifests/v1")).status == 200
+        for reference in ("v1", str(digest)):
+            denied = await client.get(f"/v2/app/closed/manifests/{reference}")
+            assert denied.status == 403, reference
+            assert (await denied.json())["errors"][0]["code"] == "DENIED"
+        gated = await client.get(f"/v2/app/closed/blobs/{Digest.of(blobs[1])}")
+        assert gated.status == 404
+        # Still allowed where its policy passes it.
+        assert (await client.get(f"/v2/app/open/manifests/{digest}")).status == 200
+    recorder.assert_untouched()
+
+
+async def test_offline_a_tag_moved_in_the_index_is_served_after_tag_ttl(
+        tmp_path: Path, recorder: ConnectionRecorder) -> None:
+    """Offline the index is the source of tags: a tag that an import moves while the server
+    runs is seen once the tag's in-memory copy is older than tag_ttl, as an online sigil sees
+    a tag moved upstream (the memory table used to keep the first digest until a restart)."""
+    root = tmp_path / "store"
+    store, index = BlobStore(root), Index(root / "index.sqlite")
+    first, *first_blobs = _image("first")
+    second, *second_blobs = _image("second")
+    old = _store_image(store, index, first, first_blobs, first_blobs)
+    new = _store_image(store, index, second, second_blobs, second_blobs)
+    index.put_tag("registry.test", "app/web", "v1", old, OCI_MANIFEST, checked_at=0.0)
+    config = build_config({"server": {"offline": True}, "storage": {"root": str(root)},
+                           "upstreams": [{"name": "registry.test", "default": True,
+                                          "url": f"http://127.0.0.1:{recorder.port}",
+                                          "tag_ttl": "1ms"}],
+                           "log": {"level": "warning"}}, env={})
+    async with TestClient(TestServer(build_app(config), host="127.0.0.1")) as client:
+        served = await client.get("/v2/app/web/manifests/v1")
+        assert served.headers["Docker-Content-Digest"] == str(old)
+        # `sigil import` of a newer v1, written to the index by another process.
+        index.put_tag("registry.test", "app/web", "v1", new, OCI_MANIFEST, checked_at=0.0)
+        await asyncio.sleep(0.01)  # past tag_ttl (1 ms)
+        moved = await client.get("/v2/app/web/manifests/v1")
+        assert moved.status == 200
+        assert moved.headers["Docker-Content-Digest"] == str(new)
+        assert await moved.read() == second
+        # The tag's row is read, not rewritten: it keeps the age the import gave it.
+        row = index.get_tag("registry.test", "app/web", "v1")
+        assert row is not None and row.checked_at == 0.0
+    index.close()
+    recorder.assert_untouched()

@@ -2,7 +2,7 @@
 
 1. resolve tag -> digest (tag cache, HEAD revalidation after ``tag_ttl``, stale on failure);
 2. manifest bytes by digest (memory, store, else upstream; sha256 checked before anything);
-3. verdict for (digest, policy fingerprint) (cache, else the policy);
+3. verdict for (digest, policy fingerprint, image) (cache, else the policy);
 4. serve the exact verified bytes; record its children and blobs as servable in that repository.
 
 Offline (``server.offline``) the order is the same, with the store as the only source: stored
@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -263,12 +263,17 @@ class Mirror:
         key = (route.upstream.name, route.repo, tag)
         now = time.time()
         entry = self._tags.get(key)
-        if entry is None:
+        # Offline the index is the source: a stored tag is the answer whatever its age (nothing
+        # is stale without an upstream; not counted in sigil_stale_serves_total), and its
+        # in-memory copy is read again from the index after tag_ttl, so a tag that an import
+        # moved is seen as an online tag moved upstream is. The copy's checked_at is when the
+        # index was read; the row keeps its own.
+        if entry is None or (self.offline and now - entry.checked_at >= route.upstream.tag_ttl):
             entry = self.index.get_tag(*key)
             if entry is not None:
+                if self.offline:
+                    entry = replace(entry, checked_at=now)
                 _bounded(self._tags)[key] = entry
-        # Offline a stored tag is the answer whatever its age: there is nothing to revalidate
-        # against, and serving it is not "stale" (not counted in sigil_stale_serves_total).
         if entry is not None and (now - entry.checked_at < route.upstream.tag_ttl
                                   or self.offline):
             cached = self._manifests.get(entry.digest)
@@ -435,7 +440,10 @@ class Mirror:
         return [d.digest for d in manifest.manifests] + manifest.blob_digests()
 
     async def _verdict(self, route: Route, manifest: Manifest) -> Any:
-        fingerprint = self.policy.fingerprint
+        # Cached per image as well as per policy: a policy decides by image name (its
+        # ``images`` globs), so the same digest may pass in one repository and not in another.
+        # Keyed by digest alone, an allow in one repository served the image in all of them.
+        fingerprint = f"{self.policy.fingerprint} {route.image}"
         row = self.index.get_verdict(manifest.digest, fingerprint, time.time())
         if row is not None:
             metrics.VERDICT_CACHE.labels("hit").inc()

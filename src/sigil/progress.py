@@ -57,12 +57,14 @@ def format_amount(amount: int, unit: str) -> str:
     """``amount`` for a human: bytes in binary units (``1.5 MiB``), other units as a count."""
     if unit != BYTES:
         return f"{amount:,} {unit}"
-    value = float(amount)
-    for prefix in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or prefix == "TiB":
-            return f"{amount} B" if prefix == "B" else f"{value:.1f} {prefix}"
+    if amount < 1024:
+        return f"{amount} B"
+    value = amount / 1024
+    for prefix in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {prefix}"
         value /= 1024
-    raise AssertionError("unreachable: TiB ends the loop")
+    return f"{value:.1f} TiB"
 
 
 class _LinePhase(Phase):
