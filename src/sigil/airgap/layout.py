@@ -1,0 +1,361 @@
+"""OCI image layout on disk and in a tar (plain or zstd), written and read safely.
+
+Writing: a directory (files and hard links from the work store), a ``.tar`` or a ``.tar.zst``,
+always through a ``*.partial`` name renamed into place at the end, so an interrupted export
+never leaves something that looks complete. Members are in a fixed order (``oci-layout``,
+``index.json``, then sigil's metadata blobs, then the rest sorted) with fixed owner, mode and
+time, so the same content makes the same bytes and an importer can check free space before it
+writes a single blob.
+
+Reading: only the member names an OCI layout has (``oci-layout``, ``index.json``,
+``blobs/sha256/<64 hex>`` and their two directories) as regular files or directories are
+accepted; ``..``, absolute paths, symbolic and hard links, devices, FIFOs and sparse files
+make the archive refused. Members are never extracted by name: their bytes are streamed into
+files whose paths come from validated digests, so nothing can be written outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sigil.airgap import ArchiveError
+
+LAYOUT_FILE = "oci-layout"
+INDEX_FILE = "index.json"
+LAYOUT_VERSION = "1.0.0"
+LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
+REF_NAME = "org.opencontainers.image.ref.name"
+TITLE = "org.opencontainers.image.title"
+# The index.json entry of sigil's own manifest, and the base a delta builds on.
+ARCHIVE_ANNOTATION = "dev.sigil.airgap.archive"
+BASE_ANNOTATION = "dev.sigil.airgap.base"
+ARCHIVE_ARTIFACT = "application/vnd.sigil.airgap.archive.v1"
+CONTENTS_TYPE = "application/vnd.sigil.airgap.contents.v1+json"
+REPORT_TYPE = "application/vnd.sigil.airgap.report.v1+json"
+POLICY_TYPE = "application/vnd.sigil.airgap.policy.v1+yaml"
+TRUST_TYPE = "application/vnd.sigil.airgap.trust.v1"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY_BYTES = b"{}"
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
+_BLOB_NAME = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
+_DIRS = frozenset({"blobs", "blobs/sha256"})
+# Fixed metadata: the archive's bytes depend on its content only.
+_MTIME = 0
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one serialisation sigil writes (sorted keys, no spaces): checkable byte for byte."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def archive_kind(path: Path) -> str:
+    """``tar``, ``tar.zst`` or ``dir`` from the output name."""
+    name = path.name
+    if name.endswith(".tar.zst") or name.endswith(".tzst"):
+        return "tar.zst"
+    if name.endswith(".tar"):
+        return "tar"
+    return "dir"
+
+
+def blob_name(hex_digest: str) -> str:
+    """The layout path of a blob."""
+    return f"blobs/sha256/{hex_digest}"
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class Entry:
+    """One file of the layout to write: in-memory bytes or a file to copy (or link)."""
+
+    name: str
+    data: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def size(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        assert self.path is not None
+        return self.path.stat().st_size
+
+
+def write_layout(out: Path, entries: Sequence[Entry],
+                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Write ``entries`` (in order) as ``out``: a directory, ``.tar`` or ``.tar.zst``."""
+    kind = archive_kind(out)
+    partial = out.with_name(out.name + ".partial")
+    _remove(partial)
+    try:
+        if kind == "dir":
+            _write_dir(partial, entries, on_bytes)
+        else:
+            with open(partial, "wb") as raw:
+                if kind == "tar.zst":
+                    import zstandard  # optional dependency (extra "airgap")
+
+                    with zstandard.ZstdCompressor(level=3).stream_writer(
+                            raw, closefd=False) as compressed:
+                        _write_tar(compressed, entries, on_bytes)
+                else:
+                    _write_tar(raw, entries, on_bytes)
+                raw.flush()
+                os.fsync(raw.fileno())
+        _replace(partial, out)
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _write_tar(fh: BinaryIO | Any, entries: Sequence[Entry],
+               on_bytes: Callable[[int], None]) -> None:
+    with tarfile.open(fileobj=fh, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        # Blobs are copied in 1 MiB pieces (the 16 KiB default costs throughput); the
+        # attribute exists at run time (TarFile.__init__) but typeshed does not list it.
+        setattr(tar, "copybufsize", COPY_CHUNK)  # noqa: B010
+        dirs_done = False
+        for entry in entries:
+            if entry.name.startswith("blobs/") and not dirs_done:
+                for directory in ("blobs", "blobs/sha256"):
+                    tar.addfile(_info(directory, 0, tarfile.DIRTYPE))
+                dirs_done = True
+            info = _info(entry.name, entry.size, tarfile.REGTYPE)
+            if entry.data is not None:
+                tar.addfile(info, io.BytesIO(entry.data))
+            else:
+                assert entry.path is not None
+                with open(entry.path, "rb") as src:
+                    tar.addfile(info, _Counting(src, on_bytes))
+                continue
+            on_bytes(info.size)
+
+
+def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.mtime = _MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _Counting(io.RawIOBase):
+    """A read-only file that reports how many bytes were read (progress while copying)."""
+
+    def __init__(self, inner: IO[bytes], on_bytes: Callable[[int], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._on_bytes(len(data))
+        return data
+
+
+def _write_dir(partial: Path, entries: Sequence[Entry],
+               on_bytes: Callable[[int], None]) -> None:
+    (partial / "blobs" / "sha256").mkdir(parents=True)
+    for entry in entries:
+        target = partial / entry.name
+        if entry.data is not None:
+            target.write_bytes(entry.data)
+            on_bytes(len(entry.data))
+            continue
+        assert entry.path is not None
+        try:
+            # Blobs are immutable and content-addressed: a hard link is a correct copy.
+            os.link(entry.path, target)
+        except OSError:
+            shutil.copyfile(entry.path, target)
+        on_bytes(target.stat().st_size)
+
+
+def _replace(partial: Path, out: Path) -> None:
+    if partial.is_dir() and out.exists():
+        if not out.is_dir() or not (out / LAYOUT_FILE).is_file():
+            raise ArchiveError(f"{out} exists and is not an OCI layout: not overwriting it")
+        old = out.with_name(out.name + ".old")
+        _remove(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        _remove(old)
+        return
+    if out.is_dir():
+        raise ArchiveError(f"{out} is a directory: not overwriting it with a file")
+    os.replace(partial, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class Member:
+    """One regular file of the archive being read, in archive order."""
+
+    name: str
+    size: int
+    fileobj: IO[bytes]
+
+    @property
+    def blob_hex(self) -> str | None:
+        """The digest hex for ``blobs/sha256/<hex>``, else None."""
+        match = _BLOB_NAME.match(self.name)
+        return match.group(1) if match else None
+
+
+def check_member_name(raw: str, archive: str) -> str:
+    """The normalised name of a tar member, or :class:`ArchiveError` if it has no place in
+    an OCI layout (traversal, absolute path, anything but the layout's own names)."""
+    name = raw[2:] if raw.startswith("./") else raw
+    name = name.rstrip("/") if name not in ("", "/") else name
+    if raw.startswith("/") or "\\" in raw or "\x00" in raw:
+        raise ArchiveError(f"{archive}: member {raw[:200]!r} has an absolute or unsafe path")
+    if any(part == ".." for part in raw.split("/")):
+        raise ArchiveError(f"{archive}: member {raw[:200]!r} climbs out with '..'")
+    if name in (LAYOUT_FILE, INDEX_FILE) or name in _DIRS or _BLOB_NAME.match(name):
+        return name
+    raise ArchiveError(f"{archive}: unexpected member {raw[:200]!r} (not part of an OCI "
+                       "image layout)")
+
+
+@contextlib.contextmanager
+def open_archive(path: Path) -> Iterator[ArchiveReader]:
+    """A reader for a layout directory, ``.tar`` or ``.tar.zst`` archive."""
+    if path.is_dir():
+        yield DirReader(path)
+        return
+    if not path.is_file():
+        raise ArchiveError(f"{path}: no such archive")
+    with open(path, "rb") as raw:
+        head = raw.read(4)
+        raw.seek(0)
+        if head == b"\x28\xb5\x2f\xfd":  # zstd frame magic
+            try:
+                import zstandard
+            except ImportError as exc:
+                raise ArchiveError(f"{path}: a .tar.zst archive needs the Python package "
+                                   "'zstandard' (pip install 'sigil[airgap]')") from exc
+            with zstandard.ZstdDecompressor().stream_reader(raw, closefd=False) as stream:
+                yield TarReader(path, stream)
+        else:
+            yield TarReader(path, raw)
+
+
+class ArchiveReader:
+    """Yields the members of an archive; see :meth:`members`."""
+
+    source: Path
+
+    def members(self, wanted: Callable[[], Sequence[str]]) -> Iterator[Member]:
+        """Every member in order. ``wanted()`` names members the caller needs next (sigil's
+        metadata); a directory reader yields those first, a tar stream cannot reorder."""
+        raise NotImplementedError
+
+
+class TarReader(ArchiveReader):
+    """Sequential reading of a (possibly compressed) tar stream."""
+
+    def __init__(self, source: Path, stream: Any) -> None:
+        self.source = source
+        self._stream = stream
+
+    def members(self, wanted: Callable[[], Sequence[str]]) -> Iterator[Member]:
+        label = str(self.source)
+        try:
+            with tarfile.open(fileobj=self._stream, mode="r|") as tar:
+                for info in tar:
+                    name = check_member_name(info.name, label)
+                    if info.issym() or info.islnk():
+                        raise ArchiveError(f"{label}: member {info.name[:200]!r} is a "
+                                           f"{'symbolic' if info.issym() else 'hard'} link")
+                    if info.isdir():
+                        if name not in _DIRS:
+                            raise ArchiveError(f"{label}: unexpected directory {info.name!r}")
+                        continue
+                    if not info.isreg() or info.issparse():
+                        raise ArchiveError(f"{label}: member {info.name[:200]!r} is not a "
+                                           "regular file (device, FIFO or sparse file)")
+                    fileobj = tar.extractfile(info)
+                    assert fileobj is not None  # a regular file always has one
+                    yield Member(name, info.size, fileobj)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ArchiveError(f"{label}: archive is truncated or not a tar ({exc})") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("zstandard") or "Zstd" in type(exc).__name__:
+                raise ArchiveError(f"{label}: compressed stream is damaged ({exc})") from exc
+            raise
+
+
+class DirReader(ArchiveReader):
+    """A layout directory: its files are checked like tar members (no links, no extras)."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def _files(self) -> list[str]:
+        found: list[str] = []
+        label = str(self.source)
+        for top, dirs, files in os.walk(self.source, followlinks=False):
+            rel = os.path.relpath(top, self.source)
+            for name in dirs + files:
+                member = name if rel == "." else f"{rel}/{name}"
+                full = Path(top) / name
+                if full.is_symlink():
+                    raise ArchiveError(f"{label}: {member!r} is a symbolic link")
+                checked = check_member_name(member, label)
+                if name in files:
+                    if not full.is_file():
+                        raise ArchiveError(f"{label}: {member!r} is not a regular file")
+                    found.append(checked)
+        return found
+
+    def members(self, wanted: Callable[[], Sequence[str]]) -> Iterator[Member]:
+        pending = self._files()
+        order = [n for n in (LAYOUT_FILE, INDEX_FILE) if n in pending]
+        order += sorted(n for n in pending if n not in order)
+        done: set[str] = set()
+        while True:
+            first = [n for n in wanted() if n in pending and n not in done]
+            name = first[0] if first else next((n for n in order if n not in done), None)
+            if name is None:
+                return
+            done.add(name)
+            path = self.source / name
+            try:
+                with open(path, "rb") as fh:
+                    yield Member(name, os.fstat(fh.fileno()).st_size, fh)
+            except FileNotFoundError as exc:
+                raise ArchiveError(f"{self.source}: {name} vanished while reading") from exc
+
+
+def read_small(member: Member, limit: int, archive: str) -> bytes:
+    """The whole member in memory, refusing one larger than ``limit``."""
+    if member.size > limit:
+        raise ArchiveError(f"{archive}: {member.name} is {member.size} bytes, over the "
+                           f"{limit}-byte limit for metadata")
+    data = member.fileobj.read(limit + 1)
+    if len(data) != member.size:
+        raise ArchiveError(f"{archive}: {member.name} is truncated")
+    return data

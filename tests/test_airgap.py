@@ -1,0 +1,268 @@
+"""Air-gapped mirrors end to end with real parts: ``sigil export`` from a real docker-registry
+upstream (signed with keys and keyless at test time), ``skopeo`` reading the archive, and
+``sigil import`` re-verifying offline into a fresh store; then the archive is damaged in every
+way the issue lists and each import must refuse with the reason and load nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sigil.oci.digest import Digest
+from sigil.storage import BlobStore, Index, fsck
+from tests.realparts import RealRegistry, RegistryPusher, skopeo
+from tests.support.testsigstore import DEFAULT_ISSUER, TestSigstore
+from tests.test_e2e_keyless import WORKFLOW_RE, sign_keyless
+from tests.test_e2e_verify import _dhi_image, sig_layer
+from tests.test_verify_support import SLSA_V02, Signer
+
+pytestmark = pytest.mark.realparts
+UPSTREAM = "registry.test"
+DEAD_URL = "http://127.0.0.1:9"   # nothing listens: an import that tried to connect would fail
+
+
+def run_sigil(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
+    return subprocess.run([sys.executable, "-m", "sigil", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def write_config(path: Path, *, store: Path, url: str, policy: Path | None) -> Path:
+    doc: dict[str, Any] = {"storage": {"root": str(store)},
+                           "upstreams": [{"name": UPSTREAM, "url": url, "default": True}],
+                           "log": {"level": "warning", "format": "json"}}
+    if policy is not None:
+        doc["policy"] = str(policy)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def policy_doc(prefix: str, key: str, root: str) -> dict[str, Any]:
+    """Keys for the plain images, key + SLSA attestation for the DHI one, keyless for one."""
+    key_auth = {"name": "release-key", "key": {"path": key}}
+    return {"policies": [
+        {"name": "signed-images", "authorities": [key_auth],
+         "images": [f"{UPSTREAM}/{prefix}/single", f"{UPSTREAM}/{prefix}/multi",
+                    f"{UPSTREAM}/{prefix}/unsigned"]},
+        {"name": "hardened", "images": [f"{UPSTREAM}/{prefix}/dhi"], "authorities": [key_auth],
+         "attestations": [{"name": "provenance", "predicateType": SLSA_V02, "conditions": [
+             {"key": "predicate.builder.id", "operator": "Equals",
+              "value": "https://github.com/docker/buildkit@v1"}]}]},
+        {"name": "keyless-releases", "images": [f"{UPSTREAM}/{prefix}/keyless"],
+         "authorities": [{"name": "release-identities", "keyless": {
+             "trusted_root": root,
+             "identities": [{"issuer": DEFAULT_ISSUER,
+                             "subjectRegExp": WORKFLOW_RE}]}}]},
+    ]}
+
+
+@dataclass
+class Upstream:
+    """What was pushed to the real registry for the whole module."""
+
+    registry: RealRegistry
+    prefix: str
+    single: Any
+    multi: Any
+    dhi: Any
+    keyless: Any
+    unsigned: Any
+    keyless_sig: Any
+    policy_dir: Path
+
+
+async def _seed(registry: RealRegistry, prefix: str, signer: Signer,
+                sigstore: TestSigstore) -> dict[str, Any]:
+    async with RegistryPusher(registry.url) as pusher:
+        single = await pusher.make_image(f"{prefix}/single", "v1")
+        await pusher.push_cosign_signatures(f"{prefix}/single", single.digest,
+                                            [sig_layer(signer, single.digest)])
+        multi = await pusher.make_multiplatform_image(f"{prefix}/multi", "v1")
+        await pusher.push_cosign_signatures(f"{prefix}/multi", multi.index.digest,
+                                            [sig_layer(signer, multi.index.digest)])
+        dhi = await _dhi_image(pusher, f"{prefix}/dhi", signer)
+        keyless = await pusher.make_image(f"{prefix}/keyless", "v1")
+        keyless_sig = await sign_keyless(sigstore, pusher, f"{prefix}/keyless", keyless,
+                                         "bundle")
+        unsigned = await pusher.make_image(f"{prefix}/unsigned", "v1")
+    return {"single": single, "multi": multi, "dhi": dhi, "keyless": keyless,
+            "keyless_sig": keyless_sig, "unsigned": unsigned}
+
+
+@pytest.fixture(scope="module")
+def upstream(real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFactory) -> Upstream:
+    prefix = f"airgap-{os.urandom(3).hex()}"
+    signer = Signer("p256")
+    sigstore = TestSigstore()
+    policy_dir = tmp_path_factory.mktemp("policy")
+    (policy_dir / "release.pub").write_text(signer.pem())
+    sigstore.write_trusted_root(policy_dir / "trusted_root.json")
+    (policy_dir / "policy.yaml").write_text(yaml.safe_dump(
+        policy_doc(prefix, "release.pub", "trusted_root.json")))
+    pushed = asyncio.run(_seed(real_registry, prefix, signer, sigstore))
+    return Upstream(real_registry, prefix, policy_dir=policy_dir, **pushed)
+
+
+def plan_for(up: Upstream, path: Path, *, unsigned: bool = True) -> Path:
+    p = f"{UPSTREAM}/{up.prefix}"
+    images: list[dict[str, Any]] = [
+        {"ref": f"{p}/single:v1"},
+        {"ref": f"{p}/multi:v1", "platforms": ["linux/amd64"]},
+        {"repository": f"{p}/dhi", "tags": ["^dh.$"]},
+        {"ref": f"{p}/keyless:v1"},
+    ]
+    if unsigned:
+        images.append({"ref": f"{p}/unsigned:v1"})
+    path.write_text(yaml.safe_dump({"images": images}))
+    return path
+
+
+@dataclass
+class Exported:
+    archive: Path
+    config: Path
+    result: subprocess.CompletedProcess[str]
+    report: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def exported(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    work = tmp_path_factory.mktemp("export")
+    config = write_config(work / "sigil.yaml", store=work / "unused", url=upstream.registry.url,
+                          policy=upstream.policy_dir / "policy.yaml")
+    archive = work / "out.tar"
+    result = run_sigil("export", "--config", str(config), "--plan",
+                       str(plan_for(upstream, work / "plan.yaml")), "--output", str(archive),
+                       "--json")
+    return Exported(archive, config, result, json.loads(result.stdout))
+
+
+def local_side(tmp: Path, up: Upstream, *, policy_text: str | None = None) -> Path:
+    """The disconnected side: its own copy of the policy and trust files, a fresh store and
+    an upstream URL where nothing listens."""
+    local = tmp / "local"
+    local.mkdir()
+    for name in ("release.pub", "trusted_root.json", "policy.yaml"):
+        shutil.copy(up.policy_dir / name, local / name)
+    if policy_text is not None:
+        (local / "policy.yaml").write_text(policy_text)
+    return write_config(local / "sigil.yaml", store=local / "store", url=DEAD_URL,
+                        policy=local / "policy.yaml")
+
+
+def import_archives(config: Path, *archives: Path) -> tuple[int, dict[str, Any], str]:
+    report = config.parent / f"report-{os.urandom(2).hex()}.json"
+    result = run_sigil("import", "--config", str(config), "--report", str(report),
+                       *map(str, archives))
+    return result.returncode, json.loads(report.read_text()), result.stdout + result.stderr
+
+
+def store_of(config: Path) -> tuple[BlobStore, Index]:
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    return BlobStore(root), Index(root / "index.sqlite")
+
+
+# ------------------------------------------------------------------------------ round trip
+async def test_export_leaves_out_unsigned_and_carries_artifacts(upstream, exported) -> None:
+    report = exported.report
+    assert exported.result.returncode == 1, exported.result.stderr   # the unsigned one
+    names = {i["name"]: i for i in report["images"]}
+    p = f"{UPSTREAM}/{upstream.prefix}"
+    assert set(names) == {f"{p}/single:v1", f"{p}/multi:v1", f"{p}/dhi:dhi",
+                          f"{p}/keyless:v1"}
+    assert all(i["verified"] and i["decision"] == "allow" for i in names.values())
+    assert [d["name"] for d in report["denied"]] == [f"{p}/unsigned:v1"]
+    assert report["denied"][0]["reason"] == "no_signature"
+    # The keyless bundle referrer and the DHI attestations were carried with their images.
+    assert upstream.keyless_sig.digest in names[f"{p}/keyless:v1"]["artifacts"]
+    assert len(names[f"{p}/dhi:dhi"]["artifacts"]) >= 6  # sig, tag-schema, att + att sig ...
+    index = json.loads(_member(exported.archive, "index.json"))
+    refs = {m["annotations"].get("org.opencontainers.image.ref.name"): m["digest"]
+            for m in index["manifests"]}
+    assert refs[f"{p}/single:v1"] == upstream.single.digest
+    assert refs[f"{p}/multi:v1"] == upstream.multi.index.digest
+    assert refs[f"{p}/single:sha256-{upstream.single.digest[7:]}.sig"]
+    assert f"{p}/unsigned:v1" not in refs
+    # Platform filter: only the amd64 child of the multi-platform index is carried.
+    blobs = _members(exported.archive)
+    assert f"blobs/sha256/{upstream.multi.children['linux/amd64'].digest[7:]}" in blobs
+    assert f"blobs/sha256/{upstream.multi.children['linux/arm64'].digest[7:]}" not in blobs
+    assert not any(f"blobs/sha256/{b[7:]}" in blobs for b in upstream.unsigned.blobs)
+    side = json.loads(exported.archive.with_name("out.tar.manifest.json").read_text())
+    assert side["archive"] == report["archive"]
+
+
+async def test_skopeo_reads_the_archive_with_upstream_digests(upstream, exported,
+                                                             tmp_path) -> None:
+    p = f"{UPSTREAM}/{upstream.prefix}"
+    for name, expected, extra in ((f"{p}/single:v1", upstream.single.digest, []),
+                                  (f"{p}/keyless:v1", upstream.keyless.digest, []),
+                                  (f"{p}/dhi:dhi", upstream.dhi.index.digest, ["--all"])):
+        dest = tmp_path / name.rsplit("/", 1)[1].replace(":", "-")
+        digest_file = tmp_path / f"{dest.name}.digest"
+        await skopeo("copy", "--quiet", "--preserve-digests", *extra, "--digestfile",
+                     str(digest_file), f"oci-archive:{exported.archive}:{name}", f"dir:{dest}",
+                     timeout=120)
+        assert digest_file.read_text().strip() == expected
+        if not extra:
+            assert (dest / "manifest.json").read_bytes() == (
+                upstream.single if "single" in name else upstream.keyless).manifest
+
+
+async def test_import_reverifies_offline_and_loads(upstream, exported, tmp_path) -> None:
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, exported.archive)
+    assert code == 0, output
+    [archive] = report["archives"]
+    assert archive["result"] == "loaded" and not archive["policy_differs"]
+    assert {i["result"] for i in archive["images"]} == {"loaded"}
+    assert len(archive["images"]) == 4
+    store, index = store_of(config)
+    try:
+        p = f"{upstream.prefix}"
+        tag = index.get_tag(UPSTREAM, f"{p}/single", "v1")
+        assert tag is not None and str(tag.digest) == upstream.single.digest
+        assert str(index.get_tag(UPSTREAM, f"{p}/multi", "v1").digest) == \
+            upstream.multi.index.digest
+        sig = index.get_tag(UPSTREAM, f"{p}/single",
+                            f"sha256-{upstream.single.digest[7:]}.sig")
+        assert sig is not None
+        for blob in upstream.single.blobs:
+            assert store.has(Digest.parse(blob)) and index.blob_size(Digest.parse(blob))
+        # The keyless bundle is a referrer of its subject, as a pull would have recorded.
+        assert Digest.parse(upstream.keyless_sig.digest) in index.get_referrers(
+            Digest.parse(upstream.keyless.digest))
+        assert index.get_manifest(Digest.parse(upstream.dhi.index.digest)) is not None
+        assert not index.is_allowed(UPSTREAM, f"{p}/single", Digest.parse(
+            upstream.single.digest), "x")
+        assert fsck(store, index).ok
+        # Nothing is left behind in the store root but the store itself and the report.
+        assert sorted(e.name for e in store.root.iterdir()
+                      if not e.name.startswith("index.sqlite")) == [
+            "blobs", "quarantine", "staging"]
+    finally:
+        index.close()
+
+
+def _members(archive: Path) -> set[str]:
+    import tarfile
+    with tarfile.open(archive) as tar:
+        return set(tar.getnames())
+
+
+def _member(archive: Path, name: str) -> bytes:
+    import tarfile
+    with tarfile.open(archive) as tar:
+        fh = tar.extractfile(name)
+        assert fh is not None
+        return fh.read()
