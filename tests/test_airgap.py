@@ -266,3 +266,215 @@ def _member(archive: Path, name: str) -> bytes:
         fh = tar.extractfile(name)
         assert fh is not None
         return fh.read()
+
+
+# ----------------------------------------------------------------------- damaged archives
+def _offsets(archive: Path) -> dict[str, tuple[int, int]]:
+    """member name -> (offset of its data in the tar, size)."""
+    import tarfile
+    with tarfile.open(archive) as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+
+
+def _layers_by_type(archive: Path) -> dict[str, str]:
+    """sigil's metadata blobs of a tar archive: media type -> member name."""
+    index = json.loads(_member(archive, "index.json"))
+    [ours] = [m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"]]
+    manifest = json.loads(_member(archive, f"blobs/sha256/{ours['digest'][7:]}"))
+    return {layer["mediaType"]: f"blobs/sha256/{layer['digest'][7:]}"
+            for layer in manifest["layers"]}
+
+
+def _target(upstream: Upstream, exported: Exported, what: str) -> str:
+    types = _layers_by_type(exported.archive)
+    return {
+        "layer": f"blobs/sha256/{upstream.single.blobs[-1][7:]}",
+        "index": "index.json",
+        "oci-layout": "oci-layout",
+        "report": types["application/vnd.sigil.airgap.report.v1+json"],
+        "policy": types["application/vnd.sigil.airgap.policy.v1+yaml"],
+        "trust-root": next(name for t, name in types.items() if t.endswith("trust.v1")
+                           and json.loads(_member(exported.archive, name)).get("mediaType",
+                                                                                 "").startswith(
+                               "application/vnd.dev.sigstore.trustedroot")),
+        "contents": types["application/vnd.sigil.airgap.contents.v1+json"],
+        "signature": f"blobs/sha256/{upstream.keyless_sig.blobs[-1][7:]}",
+    }[what]
+
+
+def assert_nothing_loaded(config: Path) -> None:
+    root = Path(yaml.safe_load(config.read_text())["storage"]["root"])
+    if not root.exists():
+        return
+    store, index = store_of(config)
+    try:
+        assert list(store.iter_digests()) == []
+        graph = index.graph()
+        assert graph.manifests == {} and graph.blobs == {} and graph.referrers == {}
+        assert not [e for e in root.iterdir() if e.name.startswith(".airgap-import")]
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("what", ["layer", "index", "oci-layout", "report", "policy",
+                                  "trust-root", "contents", "signature"])
+def test_one_changed_byte_refuses_everything(upstream, exported, tmp_path, what) -> None:
+    name = _target(upstream, exported, what)
+    offset, size = _offsets(exported.archive)[name]
+    damaged = tmp_path / "damaged.tar"
+    shutil.copy(exported.archive, damaged)
+    with open(damaged, "r+b") as fh:
+        # A character that keeps JSON valid where it lands in a string: the check must not
+        # depend on the damage being a syntax error.
+        fh.seek(offset + size // 2)
+        byte = fh.read(1)
+        fh.seek(offset + size // 2)
+        fh.write(b"x" if byte != b"x" else b"y")
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, damaged)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert "nothing was loaded" in archive["error"]
+    expected = {"index": "index.json", "oci-layout": "oci-layout"}.get(what, "digest")
+    assert expected in archive["error"], archive["error"]
+    assert_nothing_loaded(config)
+
+
+def _rewrite(src: Path, dst: Path, *, drop: str | None = None,
+             replace: dict[str, bytes] | None = None, extra: list[Any] | None = None) -> None:
+    """Copy a tar member by member, dropping/replacing some and appending crafted ones."""
+    import io
+    import tarfile
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            if member.name == drop:
+                continue
+            data = tin.extractfile(member).read() if member.isfile() else None
+            if replace and member.name in replace:
+                data = replace[member.name]
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data) if data is not None else None)
+        for info, data in extra or []:
+            tout.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrong-layout-version", "missing-blob",
+                                  "bad-digest", "empty-file"])
+def test_broken_archives_are_refused(upstream, exported, tmp_path, case) -> None:
+    broken = tmp_path / "broken.tar"
+    layer = _target(upstream, exported, "layer")
+    if case == "truncated":
+        data = exported.archive.read_bytes()
+        broken.write_bytes(data[: len(data) * 2 // 3])
+        reason = "truncated"
+    elif case == "wrong-layout-version":
+        _rewrite(exported.archive, broken,
+                 replace={"oci-layout": b'{"imageLayoutVersion":"2.0.0"}'})
+        reason = "unsupported oci-layout version '2.0.0'"
+    elif case == "missing-blob":
+        _rewrite(exported.archive, broken, drop=layer)
+        reason = f"index names missing blob sha256:{layer.rsplit('/', 1)[1]}"
+    elif case == "bad-digest":
+        size = _offsets(exported.archive)[layer][1]
+        _rewrite(exported.archive, broken, replace={layer: os.urandom(size)})
+        reason = f"blob sha256:{layer.rsplit('/', 1)[1]} does not match its digest"
+    else:
+        broken.write_bytes(b"")
+        reason = "truncated or not a tar"
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, broken)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert reason in archive["error"], archive["error"]
+    assert_nothing_loaded(config)
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "hardlink", "device",
+                                  "fifo", "stray-file"])
+def test_unsafe_tar_members_are_refused_and_nothing_is_written(upstream, exported, tmp_path,
+                                                               case) -> None:
+    import tarfile
+    info = tarfile.TarInfo()
+    data: bytes | None = None
+    escape = tmp_path / "escaped"
+    if case == "dotdot":
+        info.name, data = f"blobs/../../../{escape.name}", b"gotcha"
+    elif case == "absolute":
+        info.name, data = str(escape), b"gotcha"
+    elif case == "symlink":
+        info.name, info.type, info.linkname = "blobs/sha256/" + "a" * 64, tarfile.SYMTYPE, \
+            str(escape)
+    elif case == "hardlink":
+        info.name, info.type, info.linkname = "blobs/sha256/" + "b" * 64, tarfile.LNKTYPE, \
+            "index.json"
+    elif case == "device":
+        info.name, info.type, info.devmajor, info.devminor = "blobs/sha256/" + "c" * 64, \
+            tarfile.CHRTYPE, 1, 3
+    elif case == "fifo":
+        info.name, info.type = "blobs/sha256/" + "d" * 64, tarfile.FIFOTYPE
+    else:
+        info.name, data = "sigil/notes.txt", b"not part of a layout"
+    if data is not None:
+        info.size = len(data)
+    evil = tmp_path / "evil.tar"
+    # Appended after every good member: the import has staged everything when it meets it,
+    # and must still load nothing.
+    _rewrite(exported.archive, evil, extra=[(info, data)])
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, evil)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused", archive
+    assert {"dotdot": "'..'", "absolute": "absolute", "symlink": "symbolic link",
+            "hardlink": "hard link", "device": "not a regular file",
+            "fifo": "not a regular file", "stray-file": "unexpected member"}[case] \
+        in archive["error"]
+    assert not escape.exists()
+    assert_nothing_loaded(config)
+
+
+def test_archive_bigger_than_free_space_is_refused_before_writing(upstream, exported,
+                                                                  tmp_path, monkeypatch) -> None:
+    from sigil.airgap import importer
+    from sigil.config import load_config
+
+    config = local_side(tmp_path, upstream)
+    real = shutil.disk_usage
+
+    def tiny(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1000, 1000)
+
+    monkeypatch.setattr(importer.shutil, "disk_usage", tiny)
+    report = asyncio.run(importer.Importer(load_config(str(config))).run([exported.archive]))
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert "only 1000 free" in archive["error"] and "needs" in archive["error"]
+    assert_nothing_loaded(config)
+
+
+def test_local_policy_wins_and_the_difference_is_reported(upstream, exported,
+                                                          tmp_path) -> None:
+    text = (upstream.policy_dir / "policy.yaml").read_text()
+    stricter = text.replace("acme", "other-org")   # keyless identities no longer match
+    assert stricter != text
+    config = local_side(tmp_path, upstream, policy_text=stricter)
+    code, report, output = import_archives(config, exported.archive)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "partial" and archive["policy_differs"]
+    assert any(line.startswith("+") and "other-org" in line for line in archive["policy_diff"])
+    assert "differs from the local one" in output
+    results = {i["name"].rsplit("/", 1)[1]: i for i in archive["images"]}
+    assert results["keyless:v1"]["result"] == "refused"
+    assert results["keyless:v1"]["reason"] == "identity"
+    assert {results[n]["result"] for n in ("single:v1", "multi:v1", "dhi:dhi")} == {"loaded"}
+    store, index = store_of(config)
+    try:
+        assert index.get_tag(UPSTREAM, f"{upstream.prefix}/keyless", "v1") is None
+        assert not store.has(Digest.parse(upstream.keyless.digest))
+        assert index.get_tag(UPSTREAM, f"{upstream.prefix}/single", "v1") is not None
+    finally:
+        index.close()
