@@ -260,6 +260,14 @@ def _members(archive: Path) -> set[str]:
         return set(tar.getnames())
 
 
+def _image_members(archive: Path) -> set[str]:
+    """Members of a tar archive without sigil's own (per-run) metadata blobs."""
+    index = json.loads(_member(archive, "index.json"))
+    [ours] = [m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"]]
+    own = f"blobs/sha256/{ours['digest'][7:]}"
+    return _members(archive) - {own} - {name for _, name in _metadata_layers(archive)}
+
+
 def _member(archive: Path, name: str) -> bytes:
     import tarfile
     with tarfile.open(archive) as tar:
@@ -276,24 +284,25 @@ def _offsets(archive: Path) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
 
 
-def _layers_by_type(archive: Path) -> dict[str, str]:
-    """sigil's metadata blobs of a tar archive: media type -> member name."""
+def _metadata_layers(archive: Path) -> list[tuple[str, str]]:
+    """sigil's metadata blobs of a tar archive: (media type, member name)."""
     index = json.loads(_member(archive, "index.json"))
     [ours] = [m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"]]
     manifest = json.loads(_member(archive, f"blobs/sha256/{ours['digest'][7:]}"))
-    return {layer["mediaType"]: f"blobs/sha256/{layer['digest'][7:]}"
-            for layer in manifest["layers"]}
+    return [(layer["mediaType"], f"blobs/sha256/{layer['digest'][7:]}")
+            for layer in manifest["layers"]]
 
 
 def _target(upstream: Upstream, exported: Exported, what: str) -> str:
-    types = _layers_by_type(exported.archive)
+    layers = _metadata_layers(exported.archive)
+    types = dict(layers)
     return {
         "layer": f"blobs/sha256/{upstream.single.blobs[-1][7:]}",
         "index": "index.json",
         "oci-layout": "oci-layout",
         "report": types["application/vnd.sigil.airgap.report.v1+json"],
         "policy": types["application/vnd.sigil.airgap.policy.v1+yaml"],
-        "trust-root": next(name for t, name in types.items() if t.endswith("trust.v1")
+        "trust-root": next(name for t, name in layers if t.endswith("trust.v1")
                            and json.loads(_member(exported.archive, name)).get("mediaType",
                                                                                  "").startswith(
                                "application/vnd.dev.sigstore.trustedroot")),
@@ -478,3 +487,143 @@ def test_local_policy_wins_and_the_difference_is_reported(upstream, exported,
         assert index.get_tag(UPSTREAM, f"{upstream.prefix}/single", "v1") is not None
     finally:
         index.close()
+
+
+# ---------------------------------------------------------------- formats, resume, delta
+def _export(up: Upstream, tmp: Path, out: Path, plan: Path, *extra: str
+            ) -> subprocess.CompletedProcess[str]:
+    config = write_config(tmp / "export.yaml", store=tmp / "unused", url=up.registry.url,
+                          policy=up.policy_dir / "policy.yaml")
+    return run_sigil("export", "--config", str(config), "--plan", str(plan), "--output",
+                     str(out), "--json", *extra)
+
+
+def test_zstd_and_directory_archives_round_trip_and_rerun_is_warm(upstream, tmp_path) -> None:
+    plan = plan_for(upstream, tmp_path / "plan.yaml", unsigned=False)
+    zst = tmp_path / "out.tar.zst"
+    first = _export(upstream, tmp_path, zst, plan, "--keep-work")
+    assert first.returncode == 0, first.stderr
+    assert zst.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    first_index = _zst_index(zst)
+    mark = upstream.registry.log_mark()
+    again = _export(upstream, tmp_path, zst, plan, "--keep-work")
+    assert again.returncode == 0, again.stderr
+    # Idempotent and warm: the same images and entries, and not one blob fetched again.
+    assert [(i["name"], i["digest"]) for i in json.loads(again.stdout)["images"]] == \
+        [(i["name"], i["digest"]) for i in json.loads(first.stdout)["images"]]
+    assert _zst_index(zst) == first_index
+    assert [r for r in upstream.registry.requests(since=mark) if "/blobs/" in r.target] == []
+    directory = tmp_path / "layout"
+    assert _export(upstream, tmp_path, directory, plan).returncode == 0
+    assert (directory / "oci-layout").is_file() and (directory / "index.json").is_file()
+    assert not (tmp_path / "layout.sigil-work").exists()   # removed after success
+    for n, archive in enumerate((zst, directory)):
+        (tmp_path / f"side{n}").mkdir()
+        config = local_side(tmp_path / f"side{n}", upstream)
+        code, report, output = import_archives(config, archive)
+        assert code == 0, output
+        assert [a["result"] for a in report["archives"]] == ["loaded"]
+        store, index = store_of(config)
+        try:
+            assert fsck(store, index).ok
+            assert index.get_tag(UPSTREAM, f"{upstream.prefix}/dhi", "dhi") is not None
+        finally:
+            index.close()
+
+
+def _zst_index(archive: Path) -> list[Any]:
+    """index.json entries of a .tar.zst archive, sigil's own entry left out."""
+    import tarfile
+
+    import zstandard
+    with open(archive, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
+            tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.name == "index.json":
+                index = json.loads(tar.extractfile(member).read())
+                return [m for m in index["manifests"]
+                        if "dev.sigil.airgap.archive" not in m["annotations"]]
+    raise AssertionError("no index.json")
+
+
+def test_delta_needs_its_base(upstream, tmp_path) -> None:
+    p = f"{UPSTREAM}/{upstream.prefix}"
+    base_plan = tmp_path / "base.yaml"
+    base_plan.write_text(yaml.safe_dump({"images": [{"ref": f"{p}/single:v1"}]}))
+    base = tmp_path / "base.tar"
+    made = _export(upstream, tmp_path, base, base_plan)
+    assert made.returncode == 0, made.stderr
+    base_digest = json.loads(made.stdout)["archive"]
+    plan = plan_for(upstream, tmp_path / "plan.yaml", unsigned=False)
+    delta = tmp_path / "delta.tar"
+    made = _export(upstream, tmp_path, delta, plan, "--since",
+                   str(tmp_path / "base.tar.manifest.json"))
+    assert made.returncode == 0, made.stderr
+    members = _members(delta)
+    assert not any(f"blobs/sha256/{b[7:]}" in members for b in upstream.single.blobs)
+    assert f"blobs/sha256/{upstream.multi.index.digest[7:]}" in members
+    index = json.loads(_member(delta, "index.json"))
+    assert index["annotations"]["dev.sigil.airgap.base"] == base_digest
+    # The same delta from the base archive itself (not its side file).
+    again = _export(upstream, tmp_path, tmp_path / "delta2.tar", plan, "--since", str(base))
+    assert again.returncode == 0, again.stderr
+    assert _image_members(tmp_path / "delta2.tar") == _image_members(delta)
+
+    (tmp_path / "alone").mkdir()
+    alone = local_side(tmp_path / "alone", upstream)
+    code, report, output = import_archives(alone, delta)
+    assert code == 1, output
+    assert f"delta of base archive {base_digest}" in report["archives"][0]["error"]
+    assert "import the base first" in output
+    assert_nothing_loaded(alone)
+
+    (tmp_path / "both").mkdir()
+    both = local_side(tmp_path / "both", upstream)
+    code, report, output = import_archives(both, base, delta)
+    assert code == 0, output
+    assert [a["result"] for a in report["archives"]] == ["loaded", "loaded"]
+    store, index = store_of(both)
+    try:
+        assert fsck(store, index).ok
+        for repo, tag in (("single", "v1"), ("multi", "v1"), ("keyless", "v1"), ("dhi", "dhi")):
+            assert index.get_tag(UPSTREAM, f"{upstream.prefix}/{repo}", tag) is not None
+    finally:
+        index.close()
+
+
+def test_allow_unverified_carries_denied_images_and_import_refuses_them(upstream,
+                                                                        tmp_path) -> None:
+    p = f"{UPSTREAM}/{upstream.prefix}"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"images": [{"ref": f"{p}/unsigned:v1"},
+                                               {"ref": f"{p}/single:v1"}]}))
+    out = tmp_path / "out.tar"
+    made = _export(upstream, tmp_path, out, plan, "--allow-unverified")
+    assert made.returncode == 0, made.stderr
+    images = {i["name"]: i for i in json.loads(made.stdout)["images"]}
+    assert images[f"{p}/unsigned:v1"]["verified"] is False
+    assert images[f"{p}/unsigned:v1"]["reason"] == "no_signature"
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, out)
+    assert code == 1, output
+    results = {i["name"]: i["result"] for i in report["archives"][0]["images"]}
+    assert results == {f"{p}/unsigned:v1": "refused", f"{p}/single:v1": "loaded"}
+
+
+def test_to_store_warms_the_configured_store(upstream, tmp_path) -> None:
+    plan = plan_for(upstream, tmp_path / "plan.yaml", unsigned=False)
+    config = write_config(tmp_path / "sigil.yaml", store=tmp_path / "store",
+                          url=upstream.registry.url, policy=upstream.policy_dir / "policy.yaml")
+    result = run_sigil("export", "--config", str(config), "--plan", str(plan), "--to-store",
+                       "--json")
+    assert result.returncode == 0, result.stderr
+    store, index = store_of(config)
+    try:
+        for blob in upstream.single.blobs + upstream.keyless.blobs:
+            assert store.has(Digest.parse(blob))
+        assert str(index.get_tag(UPSTREAM, f"{upstream.prefix}/single", "v1").digest) == \
+            upstream.single.digest
+        assert fsck(store, index).ok
+    finally:
+        index.close()
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob("*sigil-work"))
