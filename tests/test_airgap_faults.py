@@ -5,7 +5,6 @@ tests/test_airgap.py."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys

@@ -10,10 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from sigil.airgap.layout import canonical_json
 from sigil.config import Config
 from sigil.errors import ConfigError
-
-from sigil.airgap.layout import canonical_json
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
