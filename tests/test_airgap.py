@@ -164,6 +164,7 @@ def import_archives(config: Path, *archives: Path) -> tuple[int, dict[str, Any],
     report = config.parent / f"report-{os.urandom(2).hex()}.json"
     result = run_sigil("import", "--config", str(config), "--report", str(report),
                        *map(str, archives))
+    assert report.is_file(), result.stdout + result.stderr
     return result.returncode, json.loads(report.read_text()), result.stdout + result.stderr
 
 
@@ -303,9 +304,7 @@ def _target(upstream: Upstream, exported: Exported, what: str) -> str:
         "report": types["application/vnd.sigil.airgap.report.v1+json"],
         "policy": types["application/vnd.sigil.airgap.policy.v1+yaml"],
         "trust-root": next(name for t, name in layers if t.endswith("trust.v1")
-                           and json.loads(_member(exported.archive, name)).get("mediaType",
-                                                                                 "").startswith(
-                               "application/vnd.dev.sigstore.trustedroot")),
+                           and _member(exported.archive, name).startswith(b"{")),
         "contents": types["application/vnd.sigil.airgap.contents.v1+json"],
         "signature": f"blobs/sha256/{upstream.keyless_sig.blobs[-1][7:]}",
     }[what]
@@ -368,14 +367,20 @@ def _rewrite(src: Path, dst: Path, *, drop: str | None = None,
             tout.addfile(info, io.BytesIO(data) if data is not None else None)
 
 
-@pytest.mark.parametrize("case", ["truncated", "wrong-layout-version", "missing-blob",
-                                  "bad-digest", "empty-file"])
+@pytest.mark.parametrize("case", ["truncated-mid-blob", "truncated-at-member-boundary",
+                                  "wrong-layout-version", "missing-blob", "bad-digest",
+                                  "empty-file"])
 def test_broken_archives_are_refused(upstream, exported, tmp_path, case) -> None:
     broken = tmp_path / "broken.tar"
     layer = _target(upstream, exported, "layer")
-    if case == "truncated":
-        data = exported.archive.read_bytes()
-        broken.write_bytes(data[: len(data) * 2 // 3])
+    if case.startswith("truncated"):
+        offsets = _offsets(exported.archive)
+        data_at, size = offsets[layer]
+        # Mid-blob: inside the layer's data; at a boundary: right before the last member's
+        # header, where a tar reader sees a clean end of file.
+        cut = data_at + size // 2 if case == "truncated-mid-blob" else \
+            max(at for at, _ in offsets.values()) - 512
+        broken.write_bytes(exported.archive.read_bytes()[:cut])
         reason = "truncated"
     elif case == "wrong-layout-version":
         _rewrite(exported.archive, broken,
@@ -627,3 +632,54 @@ def test_to_store_warms_the_configured_store(upstream, tmp_path) -> None:
     finally:
         index.close()
     assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob("*sigil-work"))
+
+
+def test_forged_contents_cannot_load_unverified_content(upstream, exported, tmp_path) -> None:
+    """A contents document that lists, under a verified image, a manifest that does not hang
+    off it (and a tag for it) loads only the verified image; the rest is ignored."""
+    import io
+    import tarfile
+
+    from sigil.airgap.layout import canonical_json
+    with tarfile.open(exported.archive) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    index = json.loads(files["index.json"])
+    ours = next(m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"])
+    manifest = json.loads(files.pop(f"blobs/sha256/{ours['digest'][7:]}"))
+    contents_name = f"blobs/sha256/{manifest['layers'][0]['digest'][7:]}"
+    contents = json.loads(files.pop(contents_name))
+    single = next(i for i in contents["images"] if i["name"].endswith("/single:v1"))
+    stolen = upstream.keyless.digest
+    contents["images"] = [single]
+    single["manifests"].append(stolen)
+    single["blobs"].extend(upstream.keyless.blobs)
+    single["tags"].append([single["repo"], "evil", stolen,
+                           "application/vnd.oci.image.manifest.v1+json"])
+    new_contents = canonical_json(contents)
+    manifest["layers"][0].update(digest=str(Digest.of(new_contents)), size=len(new_contents))
+    new_manifest = canonical_json(manifest)
+    ours.update(digest=str(Digest.of(new_manifest)), size=len(new_manifest))
+    files["index.json"] = canonical_json(index)
+    files[f"blobs/sha256/{Digest.of(new_manifest).hex}"] = new_manifest
+    files[f"blobs/sha256/{Digest.of(new_contents).hex}"] = new_contents
+    order = ["oci-layout", "index.json", f"blobs/sha256/{Digest.of(new_manifest).hex}",
+             f"blobs/sha256/{Digest.of(new_contents).hex}"]
+    forged = tmp_path / "forged.tar"
+    with tarfile.open(forged, "w") as tar:
+        for name in order + sorted(set(files) - set(order)):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            tar.addfile(info, io.BytesIO(files[name]))
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, forged)
+    assert code == 0, output
+    [image] = report["archives"][0]["images"]
+    assert image["result"] == "loaded" and image["ignored"] >= 1
+    store, index_db = store_of(config)
+    try:
+        assert index_db.get_tag(UPSTREAM, single["repo"], "v1") is not None
+        assert index_db.get_tag(UPSTREAM, single["repo"], "evil") is None
+        assert index_db.get_manifest(Digest.parse(stolen)) is None
+        assert not store.has(Digest.parse(stolen))
+    finally:
+        index_db.close()

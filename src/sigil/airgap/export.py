@@ -442,8 +442,11 @@ class Exporter:
         entries_index: list[dict[str, Any]] = []
         names: set[str] = set()
         for record in self.records:
-            for (repo, tag), (digest, media_type) in sorted(record.tags.items()):
-                ref_name = f"{record.upstream}/{repo}:{tag}"
+            named = [((record.repo, record.reference), (record.digest, record.media_type))
+                     ] if Digest.is_digest(record.reference) else []
+            for (repo, tag), (digest, media_type) in named + sorted(record.tags.items()):
+                sep = "@" if Digest.is_digest(tag) else ":"
+                ref_name = f"{record.upstream}/{repo}{sep}{tag}"
                 if ref_name in names:
                     continue
                 names.add(ref_name)

@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -55,13 +56,16 @@ from sigil.airgap.offline import OfflineUpstream
 from sigil.airgap.progress import Progress
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
-from sigil.errors import Denied, DigestInvalid, ManifestInvalid, SigilError
+from sigil.errors import Denied, DigestInvalid, ManifestInvalid, RegistryError, SigilError
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
+from sigil.oci.reference import validate_name, validate_tag
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
 
+# Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
+_SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
 # Room kept free beyond the archive's own bytes (index growth, logs).
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 
@@ -245,7 +249,7 @@ class _Checker:
             try:
                 left = member.size
                 while left > 0:
-                    chunk = member.fileobj.read(min(COPY_CHUNK, left))
+                    chunk = member.read(min(COPY_CHUNK, left))
                     if not chunk:
                         break
                     staging.write(chunk)
@@ -305,11 +309,30 @@ class _Checker:
                                   "archive manifest")
 
 
+def _check_names(path: Path, image: dict[str, Any]) -> None:
+    """Names in the contents document are data from the other side: validate them like a
+    client request before they reach the index."""
+    try:
+        validate_name(str(image.get("repo")))
+        reference = str(image.get("reference"))
+        if Digest.is_digest(reference):
+            Digest.parse(reference)
+        else:
+            validate_tag(reference)
+        for repo, tag, digest, _ in image.get("tags", []):
+            validate_name(str(repo))
+            validate_tag(str(tag))
+            Digest.parse(str(digest))
+    except (RegistryError, ValueError, TypeError) as exc:
+        raise ArchiveError(f"{path}: image {str(image.get('name'))[:200]!r} has an invalid "
+                           f"name ({exc}); nothing was loaded") from exc
+
+
 def _hash_stream(member: Member, progress: Progress | None) -> Digest:
     h = hashlib.sha256()
     left = member.size
     while left > 0:
-        chunk = member.fileobj.read(min(COPY_CHUNK, left))
+        chunk = member.read(min(COPY_CHUNK, left))
         if not chunk:
             break
         h.update(chunk)
@@ -395,8 +418,10 @@ class Importer:
             result["images"] = images
             for image, entry in zip(meta.contents["images"], images, strict=True):
                 if entry["result"] == "verified":
-                    self._load(image, meta, work, target, index)
+                    ignored = self._load(image, meta, windex, work, target, index)
                     entry["result"] = "loaded"
+                    if ignored:
+                        entry["ignored"] = ignored
             refused = [i for i in images if i["result"] != "loaded"]
             result["result"] = "loaded" if not refused else "partial"
         except ArchiveError as exc:
@@ -444,6 +469,7 @@ class Importer:
             else:
                 windex.put_blob(digest, int(contents["sizes"][d]))
         for image in contents["images"]:
+            _check_names(path, image)
             if image.get("digest") not in manifests:
                 raise ArchiveError(f"{path}: image {image.get('name')} names a manifest the "
                                    "archive does not hold; nothing was loaded")
@@ -515,19 +541,55 @@ class Importer:
             await client.close()
         return out
 
-    def _load(self, image: dict[str, Any], meta: Metadata, work: BlobStore, target: BlobStore,
-              index: Index) -> None:
-        """Load one verified image: blobs, then manifest rows, then tags (see step 3)."""
+    def _load(self, image: dict[str, Any], meta: Metadata, windex: Index, work: BlobStore,
+              target: BlobStore, index: Index) -> int:
+        """Load one verified image: blobs, then manifest rows, then tags (see step 3).
+
+        Only what hangs off the verified digest is loaded: its children, config and layers,
+        and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
+        theirs. The contents document is data from the other side; anything else it lists
+        under the image is ignored (the count is returned) rather than loaded unverified."""
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
-        digests = [Digest.parse(d) for d in image["blobs"] + image["manifests"]]
-        for digest in digests:
+        listed_manifests = set(image["manifests"])
+        subject_tags: dict[str, list[tuple[str, str, str, str]]] = {}
+        own_tags = []
+        for repo, tag, d, media_type in image["tags"]:
+            match = _SUBJECT_TAG.match(tag)
+            if match:
+                subject_tags.setdefault(f"sha256:{match.group(1)}", []).append(
+                    (repo, tag, d, media_type))
+            elif d == image["digest"]:
+                own_tags.append((repo, tag, d, media_type))
+        reached: set[str] = set()
+        tags = list(own_tags)
+        frontier = [image["digest"]]
+        while frontier:
+            d = frontier.pop()
+            if d in reached or d not in listed_manifests:
+                continue
+            reached.add(d)
+            digest = Digest.parse(d)
+            nxt = [str(c) for c in windex.get_references(digest) if str(c) in manifests]
+            nxt += [str(r) for r in windex.get_referrers(digest)]
+            for row in subject_tags.get(d, []):
+                tags.append(row)
+                nxt.append(row[2])
+            frontier.extend(nxt)
+        blobs: set[str] = set()
+        for d in reached:
+            blobs.update(str(c) for c in windex.get_references(Digest.parse(d))
+                         if str(c) not in manifests)
+        blobs &= set(image["blobs"])
+        ignored = len(listed_manifests - reached) + len(set(image["blobs"]) - blobs
+                                                       - listed_manifests)
+        for d in sorted(blobs) + sorted(reached):
+            digest = Digest.parse(d)
             if not target.has(digest):
                 _link(work.path(digest), target.path(digest))
-        for d in image["blobs"]:
-            if d not in manifests:
-                index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
-        for d in image["manifests"] + [b for b in image["blobs"] if b in manifests]:
+        for d in sorted(blobs):
+            index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
+        for d in sorted(reached):
             digest = Digest.parse(d)
             parsed = parse_manifest(target.read_bytes(digest), manifests[d])
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
@@ -535,8 +597,10 @@ class Importer:
             if parsed.subject is not None:
                 index.add_referrer(parsed.subject.digest, digest)
         now = time.time()
-        for repo, tag, d, media_type in image["tags"]:
-            index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
+        for repo, tag, d, media_type in tags:
+            if d in reached:
+                index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
+        return ignored
 
 
 def _link(source: Path, target: Path) -> None:

@@ -218,6 +218,21 @@ class Member:
     size: int
     fileobj: IO[bytes]
 
+    archive: str = ""
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; a truncated or damaged stream is :class:`ArchiveError`."""
+        try:
+            return self.fileobj.read(size)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ArchiveError(f"{self.archive}: archive is truncated or damaged in "
+                               f"{self.name} ({exc})") from exc
+        except Exception as exc:
+            if _is_zstd_error(exc):
+                raise ArchiveError(f"{self.archive}: compressed stream is damaged in "
+                                   f"{self.name} ({exc})") from exc
+            raise
+
     @property
     def blob_hex(self) -> str | None:
         """The digest hex for ``blobs/sha256/<hex>``, else None."""
@@ -299,13 +314,18 @@ class TarReader(ArchiveReader):
                                            "regular file (device, FIFO or sparse file)")
                     fileobj = tar.extractfile(info)
                     assert fileobj is not None  # a regular file always has one
-                    yield Member(name, info.size, fileobj)
+                    yield Member(name, info.size, fileobj, label)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ArchiveError(f"{label}: archive is truncated or not a tar ({exc})") from exc
         except Exception as exc:
-            if type(exc).__module__.startswith("zstandard") or "Zstd" in type(exc).__name__:
+            if _is_zstd_error(exc):
                 raise ArchiveError(f"{label}: compressed stream is damaged ({exc})") from exc
             raise
+
+
+def _is_zstd_error(exc: BaseException) -> bool:
+    """python-zstandard raises its own ``ZstdError`` (imported lazily, so checked by name)."""
+    return type(exc).__module__.startswith("zstandard") or "Zstd" in type(exc).__name__
 
 
 class DirReader(ArchiveReader):
@@ -345,7 +365,7 @@ class DirReader(ArchiveReader):
             path = self.source / name
             try:
                 with open(path, "rb") as fh:
-                    yield Member(name, os.fstat(fh.fileno()).st_size, fh)
+                    yield Member(name, os.fstat(fh.fileno()).st_size, fh, str(self.source))
             except FileNotFoundError as exc:
                 raise ArchiveError(f"{self.source}: {name} vanished while reading") from exc
 
@@ -355,7 +375,7 @@ def read_small(member: Member, limit: int, archive: str) -> bytes:
     if member.size > limit:
         raise ArchiveError(f"{archive}: {member.name} is {member.size} bytes, over the "
                            f"{limit}-byte limit for metadata")
-    data = member.fileobj.read(limit + 1)
+    data = member.read(limit + 1)
     if len(data) != member.size:
         raise ArchiveError(f"{archive}: {member.name} is truncated")
     return data
