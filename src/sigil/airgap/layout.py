@@ -17,7 +17,6 @@ files whose paths come from validated digests, so nothing can be written outside
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 from sigil.airgap import ArchiveError
 
@@ -101,16 +100,18 @@ def write_layout(out: Path, entries: Sequence[Entry],
         if kind == "dir":
             _write_dir(partial, entries, on_bytes)
         else:
-            with open(partial, "wb") as raw:
+            # Unbuffered: plain tar members are copied file to file in the kernel
+            # (copy_file_range), which must see the real file offset.
+            with open(partial, "wb", buffering=0) as raw:
                 if kind == "tar.zst":
                     import zstandard  # optional dependency (extra "airgap")
 
                     with zstandard.ZstdCompressor(level=3).stream_writer(
                             raw, closefd=False) as compressed:
-                        _write_tar(compressed, entries, on_bytes)
+                        _write_tar(_TarOut(compressed.write, None), entries, on_bytes)
                 else:
-                    _write_tar(raw, entries, on_bytes)
-                raw.flush()
+                    _write_tar(_TarOut(lambda b: _write_fd(raw.fileno(), b), raw.fileno()),
+                               entries, on_bytes)
                 os.fsync(raw.fileno())
         _replace(partial, out)
     except BaseException:
@@ -118,27 +119,81 @@ def write_layout(out: Path, entries: Sequence[Entry],
         raise
 
 
-def _write_tar(fh: BinaryIO | Any, entries: Sequence[Entry],
-               on_bytes: Callable[[int], None]) -> None:
-    with tarfile.open(fileobj=fh, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        # Blobs are copied in 1 MiB pieces (the 16 KiB default costs throughput); the
-        # attribute exists at run time (TarFile.__init__) but typeshed does not list it.
-        setattr(tar, "copybufsize", COPY_CHUNK)  # noqa: B010
-        dirs_done = False
-        for entry in entries:
-            if entry.name.startswith("blobs/") and not dirs_done:
-                for directory in ("blobs", "blobs/sha256"):
-                    tar.addfile(_info(directory, 0, tarfile.DIRTYPE))
-                dirs_done = True
-            info = _info(entry.name, entry.size, tarfile.REGTYPE)
-            if entry.data is not None:
-                tar.addfile(info, io.BytesIO(entry.data))
-            else:
-                assert entry.path is not None
-                with open(entry.path, "rb") as src:
-                    tar.addfile(info, _Counting(src, on_bytes))
-                continue
-            on_bytes(info.size)
+def _write_fd(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _TarOut:
+    """A minimal ustar/PAX writer (headers from :class:`tarfile.TarInfo`, so the format is
+    the standard library's), able to copy member data file to file in the kernel."""
+
+    def __init__(self, write: Callable[[bytes], Any], fd: int | None) -> None:
+        self._write = write
+        self._fd = fd          # the output file, when copy_file_range can target it
+        self.offset = 0
+
+    def _put(self, data: bytes) -> None:
+        self._write(data)
+        self.offset += len(data)
+
+    def _pad(self, size: int) -> None:
+        if size % tarfile.BLOCKSIZE:
+            self._put(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def header(self, info: tarfile.TarInfo) -> None:
+        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def data(self, data: bytes) -> None:
+        self._put(data)
+        self._pad(len(data))
+
+    def copy(self, path: Path, size: int, on_bytes: Callable[[int], None]) -> None:
+        with open(path, "rb", buffering=0) as src:
+            left = size
+            while left > 0 and self._fd is not None:
+                try:
+                    n = os.copy_file_range(src.fileno(), self._fd, min(left, 64 * COPY_CHUNK))
+                except OSError:
+                    self._fd = None   # not supported here (other filesystem): copy below
+                    break
+                if n == 0:
+                    raise ArchiveError(f"{path} shrank while being archived")
+                left -= n
+                self.offset += n
+                on_bytes(n)
+            while left > 0:
+                chunk = src.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise ArchiveError(f"{path} shrank while being archived")
+                self._put(chunk)
+                left -= len(chunk)
+                on_bytes(len(chunk))
+        self._pad(size)
+
+    def close(self) -> None:
+        self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
+        if self.offset % tarfile.RECORDSIZE:
+            self._put(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
+
+
+def _write_tar(tar: _TarOut, entries: Sequence[Entry], on_bytes: Callable[[int], None]) -> None:
+    dirs_done = False
+    for entry in entries:
+        if entry.name.startswith("blobs/") and not dirs_done:
+            for directory in ("blobs", "blobs/sha256"):
+                tar.header(_info(directory, 0, tarfile.DIRTYPE))
+            dirs_done = True
+        size = entry.size
+        tar.header(_info(entry.name, size, tarfile.REGTYPE))
+        if entry.data is not None:
+            tar.data(entry.data)
+            on_bytes(size)
+        else:
+            assert entry.path is not None
+            tar.copy(entry.path, size, on_bytes)
+    tar.close()
 
 
 def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:
@@ -150,23 +205,6 @@ def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-class _Counting(io.RawIOBase):
-    """A read-only file that reports how many bytes were read (progress while copying)."""
-
-    def __init__(self, inner: IO[bytes], on_bytes: Callable[[int], None]) -> None:
-        super().__init__()
-        self._inner = inner
-        self._on_bytes = on_bytes
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self._on_bytes(len(data))
-        return data
 
 
 def _write_dir(partial: Path, entries: Sequence[Entry],
