@@ -247,6 +247,12 @@ async def test_import_reverifies_offline_and_loads(upstream, exported, tmp_path)
         assert not index.is_allowed(UPSTREAM, f"{p}/single", Digest.parse(
             upstream.single.digest), "x")
         assert fsck(store, index).ok
+        rows = len(index.graph().manifests)
+        # Importing the same archive again changes nothing and still succeeds.
+        again, second, output = import_archives(config, exported.archive)
+        assert again == 0, output
+        assert [i["result"] for i in second["archives"][0]["images"]] == ["loaded"] * 4
+        assert len(index.graph().manifests) == rows
         # Nothing is left behind in the store root but the store itself and the report.
         assert sorted(e.name for e in store.root.iterdir()
                       if not e.name.startswith("index.sqlite")) == [

@@ -41,9 +41,9 @@ from sigil.airgap.layout import (
     TITLE,
     TRUST_TYPE,
     Entry,
+    LayoutWriter,
     blob_name,
     canonical_json,
-    write_layout,
 )
 from sigil.airgap.plan import Plan, PlanEntry
 from sigil.airgap.progress import Progress
@@ -69,6 +69,15 @@ MAX_ARTIFACT_DEPTH = 2          # an attestation's own signature is one level do
 MAX_TAGS_PAGES = 100
 BLOB_CONCURRENCY = 4
 _TRANSIENT = (Unavailable, TooManyRequests)
+
+
+class _BlobError(SigilError):
+    """A blob could not be fetched in phase 2 (``cause`` says why)."""
+
+    def __init__(self, digest: Digest, cause: SigilError) -> None:
+        super().__init__(str(cause))
+        self.digest = digest
+        self.cause = cause
 
 
 @dataclass
@@ -150,6 +159,8 @@ class Exporter:
         self.interrupted: list[dict[str, Any]] = []
         self.sizes: dict[Digest, int] = {}
         self._slots = asyncio.Semaphore(BLOB_CONCURRENCY)
+        # Where each blob comes from: (route, repository, image name), learnt in phase 1.
+        self.origins: dict[Digest, tuple[Route, str, str]] = {}
         self.fetched_bytes = 0
 
     @property
@@ -179,15 +190,23 @@ class Exporter:
         clients = {u.name: UpstreamClient(u) for u in self.config.upstreams}
         try:
             mirror = Mirror(self.config, store, index, clients, policy)
+            # Phase 1: manifests, verdicts and artifacts of every image (small). Phase 2: the
+            # blobs, fetched in parallel and appended to the archive as each one completes.
             for entry in self.plan.entries:
                 await self._entry(mirror, policy, entry)
-            await mirror.downloads.drain(5.0)
             output = None
             report = self._report(policy)
-            if not self.to_store and not self.interrupted:
-                assert self.out is not None
-                self._write(store, index, report, base)
-                output = self.out
+            try:
+                if self.to_store:
+                    await self._fetch_all(mirror)
+                elif not self.interrupted:
+                    assert self.out is not None
+                    await self._write(mirror, report, base)
+                    output = self.out
+            except SigilError as exc:
+                self._blob_failed(exc)
+                report = self._report(policy)
+            await mirror.downloads.drain(5.0)
         finally:
             for client in clients.values():
                 await client.close()
@@ -278,7 +297,9 @@ class Exporter:
             await self._artifacts(mirror, route, record, subject, depth=0)
         for repo, digest in getattr(verdict, "related", []):
             await self._related(mirror, route, record, repo, digest)
-        await self._blobs(mirror, route, record)
+        for digest in record.blobs:
+            self.origins.setdefault(digest, (route, record.blob_repos.get(digest, record.repo),
+                                             record.name))
         return record
 
     async def _manifest(self, mirror: Mirror, route: Route, reference: str,
@@ -375,26 +396,16 @@ class Exporter:
             self.sizes[digest] = mirror.store.size(digest) or 0
 
     # ---------------------------------------------------------------------- blobs
-    async def _blobs(self, mirror: Mirror, route: Route, record: ImageRecord) -> None:
-        todo = sorted(record.blobs, key=str)
-        self.progress.expect(nbytes=sum(self.sizes.get(d, 0) for d in todo))
-        results = await asyncio.gather(*(self._blob(mirror, route, record, d) for d in todo),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-    async def _blob(self, mirror: Mirror, route: Route, record: ImageRecord,
-                    digest: Digest) -> None:
+    async def _blob(self, mirror: Mirror, digest: Digest) -> None:
+        """Make sure ``digest`` is in the working store (fetched through ``Downloads``)."""
         store = mirror.store
         if store.has(digest):
             if mirror.index.blob_size(digest) is None and mirror.index.get_manifest(digest) \
                     is None:
                 mirror.index.put_blob(digest, store.size(digest) or 0)
-            self.progress.advance(nbytes=self.sizes.get(digest, 0))
             return
+        route, repo, _ = self.origins[digest]
         async with self._slots:
-            repo = record.blob_repos.get(digest, record.repo)
             client = mirror.clients[route.upstream.name]
             # The same Downloads machinery as serving: staged, sha256-checked, then committed.
             download, _ = mirror.downloads.get_or_start(
@@ -403,9 +414,29 @@ class Exporter:
             await download.finished.wait()
             if download.error is not None:
                 error = download.error
-                raise error if isinstance(error, SigilError) else Unavailable(str(error))
+                raise _BlobError(digest, error if isinstance(error, SigilError)
+                                 else Unavailable(str(error)))
             self.fetched_bytes += download.written
-            self.progress.advance(nbytes=download.written)
+
+    async def _fetch_all(self, mirror: Mirror) -> None:
+        """``--to-store``: every blob of every exported image into the store."""
+        digests = sorted(self.origins, key=str)
+        self.progress.expect(nbytes=sum(self.sizes.get(d, 0) for d in digests))
+
+        async def one(digest: Digest) -> None:
+            await self._blob(mirror, digest)
+            self.progress.advance(nbytes=self.sizes.get(digest, 0))
+
+        results = await asyncio.gather(*(one(d) for d in digests), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _blob_failed(self, exc: SigilError) -> None:
+        cause = exc.cause if isinstance(exc, _BlobError) else exc
+        name = self.origins[exc.digest][2] if isinstance(exc, _BlobError) else "archive"
+        item = {"name": name, "error": str(cause)}
+        (self.interrupted if isinstance(cause, _TRANSIENT) else self.failed).append(item)
 
     # --------------------------------------------------------------------- output
     def _report(self, policy: RecordingPolicy) -> dict[str, Any]:
@@ -427,9 +458,9 @@ class Exporter:
                 "images": images, "denied": self.denied, "failed": self.failed,
                 "interrupted": self.interrupted}
 
-    def _write(self, store: BlobStore, index: Index, report: dict[str, Any],
-               base: _Base | None) -> None:
+    async def _write(self, mirror: Mirror, report: dict[str, Any], base: _Base | None) -> None:
         assert self.out is not None
+        store = mirror.store
         manifests: dict[Digest, str] = {}
         needed: set[Digest] = set()
         for record in self.records:
@@ -459,7 +490,7 @@ class Exporter:
         policy_info = None
         trust_info = []
         if self.config.policy:
-            policy_bytes = Path(self.config.policy).read_bytes()
+            policy_bytes = await asyncio.to_thread(Path(self.config.policy).read_bytes)
             policy_info = {"file": self.config.policy, "digest": str(Digest.of(policy_bytes))}
             sigil_blobs.append((POLICY_TYPE, policy_bytes, Path(self.config.policy).name, {}))
             for i, trust in enumerate(trust_files(self.config.policy)):
@@ -507,17 +538,46 @@ class Exporter:
             small[Digest.of(data)] = data
         for digest, data in small.items():
             files.append(Entry(blob_name(digest.hex), data=data))
-        for digest in held:
-            if digest in small:
-                continue
-            if not store.has(digest):
-                raise ArchiveError(f"working store lost {digest}; re-run the export")
-            files.append(Entry(blob_name(digest.hex), path=store.path(digest)))
-        total = sum(f.size for f in files)
-        writing = Progress("write", stream=self.progress.stream)
-        writing.expect(items=len(files), nbytes=total)
-        write_layout(self.out, files, lambda n: writing.advance(nbytes=n))
-        writing.done()
+        pending = [d for d in held if d not in small]
+        self.progress.expect(nbytes=sum(f.size for f in files)
+                             + sum(self.sizes[d] for d in pending))
+        loop = asyncio.get_running_loop()
+
+        def written(n: int) -> None:
+            loop.call_soon_threadsafe(lambda: self.progress.advance(nbytes=n))
+
+        writer = LayoutWriter(self.out)
+        ready: asyncio.Queue[Digest | BaseException] = asyncio.Queue()
+
+        async def fetch(digest: Digest) -> None:
+            try:
+                await self._blob(mirror, digest)
+            except SigilError as exc:
+                ready.put_nowait(exc)
+            else:
+                ready.put_nowait(digest)
+
+        tasks = [asyncio.create_task(fetch(d)) for d in pending]
+        try:
+            for entry in files:
+                await asyncio.to_thread(writer.add, entry, written)
+            for _ in pending:
+                # Blobs go into the archive in the order their downloads finish, while the
+                # others are still downloading: the copy overlaps the network.
+                item = await ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if not store.has(item):
+                    raise ArchiveError(f"working store lost {item}; re-run the export")
+                await asyncio.to_thread(writer.add, Entry(blob_name(item.hex),
+                                                          path=store.path(item)), written)
+            await asyncio.to_thread(writer.close)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.abort()
+            raise
         available = dict(base.sizes) if base else {}
         available.update({str(d): self.sizes[d] for d in needed})
         side = {"sigilAirgap": 1, "archive": str(archive_digest), "output": self.out.name,

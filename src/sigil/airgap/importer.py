@@ -626,6 +626,9 @@ def _link(source: Path, target: Path) -> None:
 def render(report: dict[str, Any]) -> str:
     """Human-readable import report."""
     lines = []
+    if not report["policy"]["file"]:
+        lines.append("WARNING: no policy configured: images were loaded without verification "
+                     "(set `policy` in the config)")
     for archive in report["archives"]:
         lines.append(f"archive {archive['archive']}: {archive['result'].upper()}"
                      + (f" ({archive['digest']})" if archive.get("digest") else ""))

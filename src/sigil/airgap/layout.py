@@ -90,33 +90,86 @@ class Entry:
         return self.path.stat().st_size
 
 
+class LayoutWriter:
+    """Writes a layout entry by entry (so blobs can be added as their downloads finish), as
+    ``OUT.partial``; :meth:`close` makes it durable and renames it to ``OUT``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.kind = archive_kind(out)
+        self.partial = out.with_name(out.name + ".partial")
+        _remove(self.partial)
+        self._raw: Any = None
+        self._zst: Any = None
+        self._tar: _TarOut | None = None
+        self._dirs_done = False
+        if self.kind == "dir":
+            (self.partial / "blobs" / "sha256").mkdir(parents=True)
+            return
+        # Unbuffered: plain tar members are copied file to file in the kernel
+        # (copy_file_range), which must see the real file offset.
+        self._raw = open(self.partial, "wb", buffering=0)  # closed in close() / abort()
+        fd = self._raw.fileno()
+        if self.kind == "tar.zst":
+            import zstandard  # optional dependency (extra "airgap")
+
+            self._zst = zstandard.ZstdCompressor(level=3).stream_writer(self._raw,
+                                                                        closefd=False)
+            self._tar = _TarOut(self._zst.write, None)
+        else:
+            self._tar = _TarOut(lambda b: _write_fd(fd, b), fd)
+
+    def add(self, entry: Entry, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+        """Append one entry (blocking: call it in a thread from async code)."""
+        if self._tar is None:
+            _add_to_dir(self.partial, entry, on_bytes)
+            return
+        tar = self._tar
+        if entry.name.startswith("blobs/") and not self._dirs_done:
+            for directory in ("blobs", "blobs/sha256"):
+                tar.header(_info(directory, 0, tarfile.DIRTYPE))
+            self._dirs_done = True
+        size = entry.size
+        tar.header(_info(entry.name, size, tarfile.REGTYPE))
+        if entry.data is not None:
+            tar.data(entry.data)
+            on_bytes(size)
+        else:
+            assert entry.path is not None
+            tar.copy(entry.path, size, on_bytes)
+
+    def close(self) -> None:
+        """Finish, fsync and rename into place."""
+        try:
+            if self._tar is not None:
+                self._tar.close()
+                if self._zst is not None:
+                    self._zst.close()     # ends the zstd frame (closefd=False: raw stays)
+                os.fsync(self._raw.fileno())
+                self._raw.close()
+            _replace(self.partial, self.out)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Remove the partial output. Idempotent."""
+        if self._raw is not None and not self._raw.closed:
+            self._raw.close()
+        _remove(self.partial)
+
+
 def write_layout(out: Path, entries: Sequence[Entry],
                  on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Write ``entries`` (in order) as ``out``: a directory, ``.tar`` or ``.tar.zst``."""
-    kind = archive_kind(out)
-    partial = out.with_name(out.name + ".partial")
-    _remove(partial)
+    writer = LayoutWriter(out)
     try:
-        if kind == "dir":
-            _write_dir(partial, entries, on_bytes)
-        else:
-            # Unbuffered: plain tar members are copied file to file in the kernel
-            # (copy_file_range), which must see the real file offset.
-            with open(partial, "wb", buffering=0) as raw:
-                if kind == "tar.zst":
-                    import zstandard  # optional dependency (extra "airgap")
-
-                    with zstandard.ZstdCompressor(level=3).stream_writer(
-                            raw, closefd=False) as compressed:
-                        _write_tar(_TarOut(compressed.write, None), entries, on_bytes)
-                else:
-                    _write_tar(_TarOut(lambda b: _write_fd(raw.fileno(), b), raw.fileno()),
-                               entries, on_bytes)
-                os.fsync(raw.fileno())
-        _replace(partial, out)
+        for entry in entries:
+            writer.add(entry, on_bytes)
     except BaseException:
-        _remove(partial)
+        writer.abort()
         raise
+    writer.close()
 
 
 def _write_fd(fd: int, data: bytes | memoryview) -> None:
@@ -178,24 +231,6 @@ class _TarOut:
             self._put(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
 
 
-def _write_tar(tar: _TarOut, entries: Sequence[Entry], on_bytes: Callable[[int], None]) -> None:
-    dirs_done = False
-    for entry in entries:
-        if entry.name.startswith("blobs/") and not dirs_done:
-            for directory in ("blobs", "blobs/sha256"):
-                tar.header(_info(directory, 0, tarfile.DIRTYPE))
-            dirs_done = True
-        size = entry.size
-        tar.header(_info(entry.name, size, tarfile.REGTYPE))
-        if entry.data is not None:
-            tar.data(entry.data)
-            on_bytes(size)
-        else:
-            assert entry.path is not None
-            tar.copy(entry.path, size, on_bytes)
-    tar.close()
-
-
 def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -207,22 +242,19 @@ def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
-def _write_dir(partial: Path, entries: Sequence[Entry],
-               on_bytes: Callable[[int], None]) -> None:
-    (partial / "blobs" / "sha256").mkdir(parents=True)
-    for entry in entries:
-        target = partial / entry.name
-        if entry.data is not None:
-            target.write_bytes(entry.data)
-            on_bytes(len(entry.data))
-            continue
-        assert entry.path is not None
-        try:
-            # Blobs are immutable and content-addressed: a hard link is a correct copy.
-            os.link(entry.path, target)
-        except OSError:
-            shutil.copyfile(entry.path, target)
-        on_bytes(target.stat().st_size)
+def _add_to_dir(partial: Path, entry: Entry, on_bytes: Callable[[int], None]) -> None:
+    target = partial / entry.name
+    if entry.data is not None:
+        target.write_bytes(entry.data)
+        on_bytes(len(entry.data))
+        return
+    assert entry.path is not None
+    try:
+        # Blobs are immutable and content-addressed: a hard link is a correct copy.
+        os.link(entry.path, target)
+    except OSError:
+        shutil.copyfile(entry.path, target)
+    on_bytes(target.stat().st_size)
 
 
 def _replace(partial: Path, out: Path) -> None:
