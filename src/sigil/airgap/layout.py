@@ -47,6 +47,7 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_BYTES = b"{}"
 MAX_METADATA_BYTES = 64 * 1024 * 1024
 COPY_CHUNK = 1024 * 1024
+SYNC_EVERY = 64 * 1024 * 1024
 _BLOB_NAME = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
 _DIRS = frozenset({"blobs", "blobs/sha256"})
 # Fixed metadata: the archive's bytes depend on its content only.
@@ -103,6 +104,7 @@ class LayoutWriter:
         self._zst: Any = None
         self._tar: _TarOut | None = None
         self._dirs_done = False
+        self._synced = 0
         if self.kind == "dir":
             (self.partial / "blobs" / "sha256").mkdir(parents=True)
             return
@@ -137,6 +139,11 @@ class LayoutWriter:
         else:
             assert entry.path is not None
             tar.copy(entry.path, size, on_bytes)
+        if tar.offset - self._synced >= SYNC_EVERY:
+            # Write back as we go (the caller runs this in a thread while downloads go on),
+            # so the final fsync finds little left to do.
+            os.fdatasync(self._raw.fileno())
+            self._synced = tar.offset
 
     def close(self) -> None:
         """Finish, fsync and rename into place."""
