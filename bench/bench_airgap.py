@@ -148,19 +148,21 @@ def main(argv: list[str] | None = None) -> int:
             for system in order:
                 # Start every measurement with no dirty pages of an earlier one: on ext4 an
                 # fsync also waits for other files' pending data (ordered journal mode).
-                os.sync()
                 if system == "sigil":
                     shutil.rmtree(work / "out.tar.sigil-work", ignore_errors=True)
                     out.unlink(missing_ok=True)
+                    os.sync()
                     wall, _, result = sigil("export", "--config", str(export_cfg), "--plan",
                                             str(plan), "--output", str(out), "--keep-work")
                     check(result, "sigil export (cold)")
                     samples["sigil export cold"].add(total / MiB / wall)
+                    os.sync()
                     wall, _, result = sigil("export", "--config", str(export_cfg), "--plan",
                                             str(plan), "--output", str(out), "--keep-work")
                     check(result, "sigil export (warm)")
                     samples["sigil export warm"].add(total / MiB / wall)
                     local = config(f"import{run}", "http://127.0.0.1:9")
+                    os.sync()
                     wall, _, result = sigil("import", "--config", str(local), str(out),
                                             "--report", str(work / "import.json"))
                     check(result, "sigil import")
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     dest = work / "sync"
                     shutil.rmtree(dest, ignore_errors=True)
                     dest.mkdir()
+                    os.sync()
                     start = time.perf_counter()
                     asyncio.run(skopeo("sync", "--all", "--retry-times", "0", "--src", "yaml",
                                        "--dest", "dir", str(sync_src), str(dest),
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.sync()
                     samples["skopeo sync+sync"].add(total / MiB / (time.perf_counter() - start))
                     with RealRegistry() as target:
+                        os.sync()
                         start = time.perf_counter()
                         for image in images:
                             src = dest / upstream.host / f"{image.repo}:{image.tag}"

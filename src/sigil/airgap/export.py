@@ -212,6 +212,7 @@ class Exporter:
                 await client.close()
             index.close()
             self.progress.done()
+        report["fetched_bytes"] = self.fetched_bytes
         if output is not None and not self.keep_work:
             shutil.rmtree(root, ignore_errors=True)
         code = 1 if (self.denied or self.failed or self.interrupted) else 0
@@ -272,7 +273,10 @@ class Exporter:
         except Denied as exc:
             manifest = await mirror.fetch_manifest(route, ref)
             verdict = policy.verdicts.get(str(manifest.digest))
-            detail = verdict_json(verdict) if verdict is not None else {"message": str(exc)}
+            if verdict is None:  # a deny cached by an earlier run: explain it again
+                verdict = await policy.inner.evaluate(route.image, route.repo, manifest,
+                                                      mirror.source(route))
+            detail = verdict_json(verdict)
             if not self.allow_unverified:
                 self.denied.append({"entry": entry.where, "name": name,
                                     "digest": str(manifest.digest),
