@@ -689,3 +689,37 @@ def test_forged_contents_cannot_load_unverified_content(upstream, exported, tmp_
         assert not store.has(Digest.parse(stolen))
     finally:
         index_db.close()
+
+
+async def test_imported_store_serves_with_no_upstream(upstream, exported, tmp_path) -> None:
+    """What import wrote is what a pull writes: a plain `sigil serve` over the imported store,
+    whose upstream is a dead port, serves the images (verdicts recomputed from the stored
+    signatures, within tag_ttl) and nothing that was not imported."""
+    from tests.realparts import skopeo_copy
+    from tests.support.e2e import http_get
+    from tests.support.sigilproc import SigilProcess
+
+    config = local_side(tmp_path, upstream)
+    code, _, output = import_archives(config, exported.archive)
+    assert code == 0, output
+    store_root = yaml.safe_load(config.read_text())["storage"]["root"]
+    sigil = SigilProcess(tmp_path / "serve", [{"name": UPSTREAM, "url": DEAD_URL,
+                                               "default": True, "retries": 0}],
+                         str(config.parent / "policy.yaml"),
+                         extra={"storage": {"root": store_root}}).start()
+    try:
+        p = upstream.prefix
+        for repo, image in (("single", upstream.single), ("keyless", upstream.keyless)):
+            copy = await skopeo_copy(f"{sigil.host}/{p}/{repo}:v1", tmp_path / repo)
+            assert copy.digest == image.digest
+            assert copy.manifest() == image.manifest
+        dhi = await skopeo_copy(f"{sigil.host}/{p}/dhi:dhi", tmp_path / "dhi")
+        assert dhi.digest == upstream.dhi.index.digest
+        sig_tag = f"sha256-{upstream.single.digest[7:]}.sig"
+        assert http_get(f"{sigil.url}/v2/{p}/single/manifests/{sig_tag}")[0] == 200
+        # Never imported: an error at once (502 here, the upstream is a dead port; the
+        # offline mode answers MANIFEST_UNKNOWN), never a hang and never content.
+        status, _ = http_get(f"{sigil.url}/v2/{p}/unsigned/manifests/v1")
+        assert status in (404, 502, 503)
+    finally:
+        sigil.stop()
