@@ -528,6 +528,16 @@ def test_zstd_and_directory_archives_round_trip_and_rerun_is_warm(upstream, tmp_
     assert _export(upstream, tmp_path, directory, plan).returncode == 0
     assert (directory / "oci-layout").is_file() and (directory / "index.json").is_file()
     assert not (tmp_path / "layout.sigil-work").exists()   # removed after success
+    cut = tmp_path / "cut.tar.zst"
+    cut.write_bytes(zst.read_bytes()[: zst.stat().st_size // 2])
+    (tmp_path / "cut").mkdir()
+    cut_config = local_side(tmp_path / "cut", upstream)
+    code, report, output = import_archives(cut_config, cut)
+    assert code == 1, output
+    assert report["archives"][0]["result"] == "refused"
+    assert "truncated" in report["archives"][0]["error"] or \
+        "damaged" in report["archives"][0]["error"]
+    assert_nothing_loaded(cut_config)
     for n, archive in enumerate((zst, directory)):
         (tmp_path / f"side{n}").mkdir()
         config = local_side(tmp_path / f"side{n}", upstream)

@@ -85,6 +85,7 @@ class Entry:
 
     @property
     def size(self) -> int:
+        """Bytes this entry will take (data length or file size)."""
         if self.data is not None:
             return len(self.data)
         assert self.path is not None
@@ -203,13 +204,16 @@ class _TarOut:
             self._put(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
     def header(self, info: tarfile.TarInfo) -> None:
+        """One member header (PAX where the name or size needs it)."""
         self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     def data(self, data: bytes) -> None:
+        """In-memory member data, padded to a block."""
         self._put(data)
         self._pad(len(data))
 
     def copy(self, path: Path, size: int, on_bytes: Callable[[int], None]) -> None:
+        """Member data from a file: in the kernel when possible, else read/write."""
         with open(path, "rb", buffering=0) as src:
             left = size
             while left > 0 and self._fd is not None:
@@ -233,6 +237,7 @@ class _TarOut:
         self._pad(size)
 
     def close(self) -> None:
+        """The end-of-archive blocks, padded to a record (as tarfile writes them)."""
         self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
         if self.offset % tarfile.RECORDSIZE:
             self._put(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))

@@ -48,6 +48,7 @@ class OfflineUpstream(UpstreamClient):
         return row.digest
 
     async def head_manifest(self, repo: str, reference: str, accept: str) -> ManifestHead:
+        """Digest, media type and size of a stored manifest (tag or digest)."""
         digest = self._digest_for(repo, reference)
         row = self._index.get_manifest(digest)
         assert row is not None
@@ -55,6 +56,7 @@ class OfflineUpstream(UpstreamClient):
 
     async def get_manifest(self, repo: str, reference: str, accept: str,
                            max_bytes: int = 4 * 1024 * 1024) -> FetchedManifest:
+        """The stored manifest bytes."""
         digest = self._digest_for(repo, reference)
         row = self._index.get_manifest(digest)
         if row is None or not self._store.has(digest):
@@ -66,10 +68,12 @@ class OfflineUpstream(UpstreamClient):
 
     @asynccontextmanager
     async def open_blob(self, repo: str, digest: Digest | str) -> AsyncIterator[UpstreamBlob]:
+        """Never: a blob that is not in the store does not exist offline."""
         raise BlobUnknown(f"{repo}@{digest} is not in the archive")
         yield  # pragma: no cover - a generator for asynccontextmanager
 
     async def get_blob_bytes(self, repo: str, digest: Digest | str, max_bytes: int) -> bytes:
+        """A small stored blob, re-hashed."""
         parsed = digest if isinstance(digest, Digest) else Digest.parse(digest)
         if not self._store.has(parsed):
             raise BlobUnknown(f"{repo}@{parsed} is not in the archive")
@@ -82,10 +86,12 @@ class OfflineUpstream(UpstreamClient):
 
     async def get_tags(self, repo: str, n: int | None = None,
                        last: str | None = None) -> tuple[bytes, str | None]:
+        """No tag list offline (export lists tags; import never needs them)."""
         raise Unavailable(f"upstream {self.name}: offline, no tag list")
 
     async def get_referrers(self, repo: str, digest: Digest | str,
                             artifact_type: str | None = None) -> bytes | None:
+        """An index of the referrers recorded for ``digest``; None when there are none."""
         parsed = digest if isinstance(digest, Digest) else Digest.parse(digest)
         descriptors = []
         for referrer in self._index.get_referrers(parsed):

@@ -28,6 +28,7 @@ class TrustFile:
 
     @property
     def sha256(self) -> str:
+        """Hex sha256 of the file's bytes."""
         return hashlib.sha256(self.data).hexdigest()
 
 
@@ -109,9 +110,11 @@ class RecordingPolicy:
 
     @property
     def fingerprint(self) -> str:
+        """The inner policy's fingerprint (allows and verdicts are keyed by it)."""
         return str(self.inner.fingerprint)
 
     async def evaluate(self, image: str, repo: str, manifest: Any, source: Any) -> Any:
+        """Decide through the inner policy and remember the verdict by digest."""
         verdict = await self.inner.evaluate(image, repo, manifest, source)
         self.verdicts[str(manifest.digest)] = verdict
         return verdict
