@@ -52,6 +52,10 @@ def run_export(config: Config, args: argparse.Namespace) -> int:
     if args.since and args.to_store:
         raise ConfigError("--since makes a delta archive; it does not go with --to-store")
     out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir() and any(out.iterdir()) \
+            and not (out / "oci-layout").is_file():
+        raise ConfigError(f"--output {out} is a non-empty directory that is not an OCI layout; "
+                          "not overwriting it")
     if out is not None and out.name.endswith(".zst"):
         try:
             import zstandard  # noqa: F401

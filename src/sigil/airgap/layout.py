@@ -271,7 +271,7 @@ def _add_to_dir(partial: Path, entry: Entry, on_bytes: Callable[[int], None]) ->
 
 def _replace(partial: Path, out: Path) -> None:
     if partial.is_dir() and out.exists():
-        if not out.is_dir() or not (out / LAYOUT_FILE).is_file():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / LAYOUT_FILE).is_file()):
             raise ArchiveError(f"{out} exists and is not an OCI layout: not overwriting it")
         old = out.with_name(out.name + ".old")
         _remove(old)
