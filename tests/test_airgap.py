@@ -79,6 +79,7 @@ class Upstream:
     unsigned: Any
     keyless_sig: Any
     policy_dir: Path
+    signer: Any
 
 
 async def _seed(registry: RealRegistry, prefix: str, signer: Signer,
@@ -110,7 +111,7 @@ def upstream(real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFacto
     (policy_dir / "policy.yaml").write_text(yaml.safe_dump(
         policy_doc(prefix, "release.pub", "trusted_root.json")))
     pushed = asyncio.run(_seed(real_registry, prefix, signer, sigstore))
-    return Upstream(real_registry, prefix, policy_dir=policy_dir, **pushed)
+    return Upstream(real_registry, prefix, policy_dir=policy_dir, signer=signer, **pushed)
 
 
 def plan_for(up: Upstream, path: Path, *, unsigned: bool = True) -> Path:
@@ -733,3 +734,46 @@ async def test_imported_store_serves_with_no_upstream(upstream, exported, tmp_pa
         assert status in (404, 502, 503)
     finally:
         sigil.stop()
+
+
+async def test_buildkit_attestation_manifests_follow_their_platform(upstream, tmp_path) -> None:
+    """An index with BuildKit in-index attestation manifests: with a platform filter, the
+    attestation of a kept child is carried, the other's is not (and the import passes)."""
+    from tests.realparts import Layer
+    from tests.realparts.images import index_manifest
+    from tests.test_verify_support import INTOTO, provenance, statement
+
+    repo = f"{upstream.prefix}/single"   # the key policy covers this repository
+    async with RegistryPusher(upstream.registry.url) as pusher:
+        amd = await pusher.make_image(repo, None, platform="linux/amd64")
+        arm = await pusher.make_image(repo, None, platform="linux/arm64")
+        entries = [amd.descriptor(platform={"os": "linux", "architecture": "amd64"}),
+                   arm.descriptor(platform={"os": "linux", "architecture": "arm64"})]
+        atts = {}
+        for child in (amd, arm):
+            body = statement(Digest.parse(child.digest), SLSA_V02, provenance("b"))
+            att = await pusher.push_artifact(repo, None, [Layer(body, INTOTO)])
+            atts[child.digest] = att
+            entries.append(att.descriptor(
+                platform={"os": "unknown", "architecture": "unknown"},
+                annotations={"vnd.docker.reference.type": "attestation-manifest",
+                             "vnd.docker.reference.digest": child.digest}))
+        raw = index_manifest(entries)
+        index_digest = await pusher.push_manifest(repo, "buildkit", raw,
+                                                  "application/vnd.oci.image.index.v1+json")
+        await pusher.push_cosign_signatures(repo, index_digest,
+                                            [sig_layer(upstream.signer, index_digest)])
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"images": [{"ref": f"{UPSTREAM}/{repo}:buildkit",
+                                                "platforms": ["linux/amd64"]}]}))
+    out = tmp_path / "out.tar"
+    made = _export(upstream, tmp_path, out, plan)
+    assert made.returncode == 0, made.stderr
+    members = _members(out)
+    assert f"blobs/sha256/{atts[amd.digest].digest[7:]}" in members
+    assert f"blobs/sha256/{atts[arm.digest].digest[7:]}" not in members
+    assert f"blobs/sha256/{arm.digest[7:]}" not in members
+    config = local_side(tmp_path, upstream)
+    code, report, output = import_archives(config, out)
+    assert code == 0, output
+    assert [i["result"] for i in report["archives"][0]["images"]] == ["loaded"]
