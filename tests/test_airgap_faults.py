@@ -174,3 +174,27 @@ def test_progress_renders_rate_and_eta_on_a_terminal() -> None:
     plain = io.StringIO()
     Progress("import", stream=plain, interval=0).done()
     assert "\r" not in plain.getvalue() and plain.getvalue().endswith("\n")
+
+
+async def test_a_killed_import_leaves_no_working_store_behind(fake, tmp_path) -> None:
+    upstream, url = fake
+    upstream.add_image("library/one", "v1", [b"layer one"])
+    config = config_for(url, tmp_path / "unused")
+    plan = load_plan(write_plan(tmp_path / "plan.yaml", [{"ref": "docker.io/library/one:v1"}]),
+                     config)
+    quiet = Progress("x", stream=io.StringIO())
+    out = tmp_path / "out"
+    assert (await Exporter(config, plan, out, progress=quiet).run()).exit_code == 0
+    store = tmp_path / "store"
+    # A working store of an import that was SIGKILLed (pid that no longer exists), and one
+    # of an import running right now (this process).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = store / f".airgap-import-{dead.pid}-0"
+    live = store / f".airgap-import-{os.getpid()}-1"
+    for d in (stale, live):
+        (d / "blobs").mkdir(parents=True)
+    report = await Importer(config_for("http://127.0.0.1:9", store), progress=quiet).run([out])
+    assert report["ok"]
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in store.glob(".airgap-import-*")) == [live.name]

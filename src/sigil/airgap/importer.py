@@ -66,6 +66,8 @@ from sigil.storage import BlobStore, Index
 
 # Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
 _SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
+# Working stores of imports in progress: <root>/.airgap-import-<pid>-<uuid>.
+WORK_PREFIX = ".airgap-import-"
 # Room kept free beyond the archive's own bytes (index growth, logs).
 FREE_SPACE_MARGIN = 64 * 1024 * 1024
 
@@ -378,6 +380,7 @@ class Importer:
         """Import every archive; the report says what was loaded and refused."""
         policy = RecordingPolicy(self._policy())
         self.root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work_dirs(self.root)
         target = BlobStore(self.root)
         index = Index(self.root / "index.sqlite")
         results = []
@@ -398,7 +401,7 @@ class Importer:
         result: dict[str, Any] = {"archive": str(path), "result": "refused", "images": []}
         # Under the store root: the same filesystem, so loading a blob is a hard link; the
         # name starts with a dot so no store walk (gc, fsck: blobs/ only) ever looks at it.
-        work_dir = self.root / f".airgap-import-{uuid.uuid4().hex}"
+        work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         work = BlobStore(work_dir)
         windex = Index(work_dir / "index.sqlite")
         progress = self.progress or Progress(f"import {path.name}")
@@ -601,6 +604,21 @@ class Importer:
             if d in reached:
                 index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
         return ignored
+
+
+def _remove_stale_work_dirs(root: Path) -> None:
+    """Remove working stores of imports that were killed (their process is gone); those of
+    an import running now next to this one are left alone."""
+    for entry in root.glob(f"{WORK_PREFIX}*"):
+        pid_text = entry.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 def _link(source: Path, target: Path) -> None:
