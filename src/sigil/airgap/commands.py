@@ -62,6 +62,9 @@ def run_export(config: Config, args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise ConfigError("a .tar.zst archive needs the Python package 'zstandard' "
                               "(pip install 'sigil[airgap]')") from exc
+    if not config.policy:
+        print("sigil: warning: no policy configured: every image is exported as allowed "
+              "without verification (set `policy` in the config)", file=sys.stderr)
     exporter = Exporter(config, plan, out, since=Path(args.since) if args.since else None,
                         allow_unverified=args.allow_unverified, keep_work=args.keep_work)
     result = asyncio.run(exporter.run())
