@@ -202,6 +202,19 @@ async def test_export_leaves_out_unsigned_and_carries_artifacts(upstream, export
     assert not any(f"blobs/sha256/{b[7:]}" in blobs for b in upstream.unsigned.blobs)
     side = json.loads(exported.archive.with_name("out.tar.manifest.json").read_text())
     assert side["archive"] == report["archive"]
+    # The report says which checks passed; the policy and the trust files it names travel.
+    single = names[f"{p}/single:v1"]
+    assert any("signature ok" in check for check in single["checks"]), single["checks"]
+    assert report["policy"]["fingerprint"]
+    layers = _metadata_layers(exported.archive)
+    carried = {_member(exported.archive, name) for t, name in layers
+               if t.endswith(("policy.v1+yaml", "trust.v1"))}
+    assert carried == {(upstream.policy_dir / f).read_bytes()
+                       for f in ("policy.yaml", "release.pub", "trusted_root.json")}
+    in_archive = json.loads(_member(exported.archive, next(
+        name for t, name in layers if t.endswith("report.v1+json"))))
+    assert [i["digest"] for i in in_archive["images"]] == [i["digest"]
+                                                           for i in report["images"]]
 
 
 async def test_skopeo_reads_the_archive_with_upstream_digests(upstream, exported,
