@@ -5,6 +5,7 @@ tests/test_airgap.py."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,30 @@ async def test_a_killed_import_leaves_no_working_store_behind(fake, tmp_path) ->
     assert report["ok"]
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in store.glob(".airgap-import-*")) == [live.name]
+
+
+async def test_digest_plan_entry_round_trip(fake, tmp_path) -> None:
+    upstream, url = fake
+    digest, _ = upstream.add_image("library/one", "v1", [b"pinned layer"])
+    config = config_for(url, tmp_path / "unused")
+    plan = load_plan(write_plan(tmp_path / "plan.yaml",
+                                [{"ref": f"docker.io/library/one@{digest}"}]), config)
+    quiet = Progress("x", stream=io.StringIO())
+    out = tmp_path / "layout"
+    result = await Exporter(config, plan, out, progress=quiet).run()
+    assert result.exit_code == 0, result.report
+    index = json.loads((out / "index.json").read_text())
+    names = [m["annotations"].get("org.opencontainers.image.ref.name")
+             for m in index["manifests"]]
+    assert f"docker.io/library/one@{digest}" in names
+    store = tmp_path / "store"
+    report = await Importer(config_for("http://127.0.0.1:9", store), progress=quiet).run([out])
+    assert report["ok"], report
+    from sigil.oci.digest import Digest
+    from sigil.storage import Index
+    index_db = Index(store / "index.sqlite")
+    try:
+        assert index_db.get_manifest(Digest.parse(digest)) is not None
+        assert index_db.get_tag("docker.io", "library/one", "v1") is None  # not asked for
+    finally:
+        index_db.close()
