@@ -162,6 +162,7 @@ class Exporter:
         # Where each blob comes from: (route, repository, image name), learnt in phase 1.
         self.origins: dict[Digest, tuple[Route, str, str]] = {}
         self.fetched_bytes = 0
+        self._early: dict[Digest, asyncio.Task[None]] = {}
 
     @property
     def work_dir(self) -> Path:
@@ -206,6 +207,9 @@ class Exporter:
             except SigilError as exc:
                 self._blob_failed(exc)
                 report = self._report(policy)
+            # Downloads started early finish (a resumed run then has them); their errors
+            # were reported above or concern images left out.
+            await asyncio.gather(*self._early.values(), return_exceptions=True)
             await mirror.downloads.drain(5.0)
         finally:
             for client in clients.values():
@@ -304,6 +308,9 @@ class Exporter:
         for digest in record.blobs:
             self.origins.setdefault(digest, (route, record.blob_repos.get(digest, record.repo),
                                              record.name))
+            if digest not in self._early:
+                # Start fetching now, while the next images are resolved and verified.
+                self._early[digest] = asyncio.create_task(self._blob(mirror, digest))
         return record
 
     async def _manifest(self, mirror: Mirror, route: Route, reference: str,
@@ -422,13 +429,18 @@ class Exporter:
                                  else Unavailable(str(error)))
             self.fetched_bytes += download.written
 
+    async def _fetched(self, mirror: Mirror, digest: Digest) -> None:
+        """Wait for the blob's early fetch (or fetch it now)."""
+        early = self._early.get(digest)
+        await (early if early is not None else self._blob(mirror, digest))
+
     async def _fetch_all(self, mirror: Mirror) -> None:
         """``--to-store``: every blob of every exported image into the store."""
         digests = sorted(self.origins, key=str)
         self.progress.expect(nbytes=sum(self.sizes.get(d, 0) for d in digests))
 
         async def one(digest: Digest) -> None:
-            await self._blob(mirror, digest)
+            await self._fetched(mirror, digest)
             self.progress.advance(nbytes=self.sizes.get(digest, 0))
 
         results = await asyncio.gather(*(one(d) for d in digests), return_exceptions=True)
@@ -555,7 +567,7 @@ class Exporter:
 
         async def fetch(digest: Digest) -> None:
             try:
-                await self._blob(mirror, digest)
+                await self._fetched(mirror, digest)
             except SigilError as exc:
                 ready.put_nowait(exc)
             else:
