@@ -1,4 +1,4 @@
-"""Command line: ``sigil serve | gc | fsck | verify``.
+"""Command line: ``sigil serve | gc | fsck | verify | export | import``.
 
 Exit codes: 0 success, 1 a negative answer (fsck found problems, verify denied), 2 an error
 (bad config, unreachable upstream). Errors print one clear line, never a traceback.
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--offline", action="store_true",
                         help="decide from the configured store alone, no upstream (default "
                              "when server.offline is set)")
+    from sigil.airgap.commands import add_parsers  # air-gapped mirrors: export / import
+
+    add_parsers(sub, DEFAULT_CONFIG)
     return parser
 
 
@@ -65,6 +68,22 @@ def _verify(args: argparse.Namespace) -> int:
     config = _offline(_load(args.config), args.offline)
     configure("warning", "console")
     return run(config, args.image, args.policy, args.json)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sigil.airgap.commands import run_export
+
+    config = _load(args.config)
+    configure("warning", "console")
+    return run_export(config, args)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from sigil.airgap.commands import run_import
+
+    config = _load(args.config)
+    configure("warning", "console")
+    return run_import(config, args)
 
 
 def _load(path: str) -> Config:
@@ -234,7 +253,8 @@ def _print(report: object, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "gc": _gc, "fsck": _fsck, "verify": _verify}
+    handlers = {"serve": _serve, "gc": _gc, "fsck": _fsck, "verify": _verify,
+                "export": _export, "import": _import}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -1,0 +1,664 @@
+"""``sigil import``: check an archive completely, re-verify it offline, load what passes.
+
+1. **Structure and digests first.** Every member is checked while it streams past: only OCI
+   layout names, regular files; ``oci-layout`` and ``index.json`` exactly as sigil writes them
+   (canonical JSON, so one changed byte shows); every blob hashed against its name and size;
+   the contents document must list exactly the blobs present (plus, for a delta, blobs its
+   base left in the store). Blobs go into a private working store under the store root (same
+   filesystem, so loading is a hard link). Any problem refuses the whole archive; nothing of it
+   reaches the store.
+2. **Offline re-verification.** A real :class:`~sigil.mirror.Mirror` over the working store,
+   whose only upstream is :class:`~sigil.airgap.offline.OfflineUpstream` (no connection), with
+   the *local* policy: the same discovery, digest checks and engine as ``sigil serve``. The
+   archive's policy and trust files are only compared with the local ones (a diff in the
+   report).
+3. **Load per image.** For each image that passed: blobs, then manifest rows and referrer
+   links, then tags last, so a tag never names an incomplete image, even after a crash.
+   Verdicts and allows are *not* copied: the serving mirror decides again from stored
+   artifacts under its own policy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sigil import __version__
+from sigil.airgap import ArchiveError
+from sigil.airgap.layout import (
+    ARCHIVE_ANNOTATION,
+    ARCHIVE_ARTIFACT,
+    CONTENTS_TYPE,
+    COPY_CHUNK,
+    INDEX_FILE,
+    LAYOUT_BYTES,
+    LAYOUT_FILE,
+    LAYOUT_VERSION,
+    MAX_METADATA_BYTES,
+    POLICY_TYPE,
+    REPORT_TYPE,
+    Member,
+    blob_name,
+    canonical_json,
+    open_archive,
+    read_small,
+)
+from sigil.airgap.offline import OfflineUpstream
+from sigil.airgap.progress import Progress
+from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
+from sigil.config import Config, UpstreamConfig
+from sigil.errors import Denied, DigestInvalid, ManifestInvalid, RegistryError, SigilError
+from sigil.mirror import AllowAll, Mirror, PolicyHook
+from sigil.oci.digest import Digest
+from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
+from sigil.oci.reference import validate_name, validate_tag
+from sigil.routing import Route
+from sigil.storage import BlobStore, Index
+
+# Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
+_SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
+# Working stores of imports in progress: <root>/.airgap-import-<pid>-<uuid>.
+WORK_PREFIX = ".airgap-import-"
+# Room kept free beyond the archive's own bytes (index growth, logs).
+FREE_SPACE_MARGIN = 64 * 1024 * 1024
+
+
+@dataclass
+class Metadata:
+    """sigil's own part of an archive, read and digest-checked."""
+
+    archive_digest: str = ""
+    index_doc: dict[str, Any] = field(default_factory=dict)
+    archive_manifest: Manifest | None = None
+    contents: dict[str, Any] = field(default_factory=dict)
+    small: dict[str, bytes] = field(default_factory=dict)   # metadata blobs by digest
+
+
+class _Checker:
+    """Checks an archive member by member (see the module docstring, step 1)."""
+
+    def __init__(self, path: Path, work: BlobStore | None = None,
+                 target: BlobStore | None = None, progress: Progress | None = None) -> None:
+        self.label = str(path)
+        self.work = work
+        self.target = target
+        self.progress = progress
+        self.meta = Metadata()
+        self.seen: set[str] = set()
+        self.layout_seen = False
+        self._metadata_digests: set[str] = set()
+        self.received: set[str] = set()
+
+    def refuse(self, problem: str) -> ArchiveError:
+        return ArchiveError(f"{self.label}: {problem}; nothing was loaded")
+
+    def wanted(self) -> list[str]:
+        """Members needed before any image blob: the archive manifest, then its layers."""
+        names = []
+        if self.meta.archive_digest:
+            names.append(blob_name(self.meta.archive_digest.removeprefix("sha256:")))
+        names += [blob_name(d.removeprefix("sha256:")) for d in sorted(self._metadata_digests)]
+        return names
+
+    @property
+    def contents_ready(self) -> bool:
+        return bool(self.meta.contents)
+
+    async def feed(self, member: Member) -> None:
+        if member.name in self.seen:
+            raise self.refuse(f"member {member.name} appears twice")
+        self.seen.add(member.name)
+        if member.name == LAYOUT_FILE:
+            self._layout(read_small(member, 4096, self.label))
+        elif member.name == INDEX_FILE:
+            if not self.layout_seen:
+                raise self.refuse("index.json comes before oci-layout (not a sigil archive)")
+            self._index(read_small(member, MAX_METADATA_BYTES, self.label))
+        else:
+            hex_digest = member.blob_hex
+            assert hex_digest is not None  # check_member_name admits nothing else
+            digest = f"sha256:{hex_digest}"
+            if not self.meta.archive_digest:
+                raise self.refuse(f"blob {digest} comes before index.json (not a sigil "
+                                  "archive, or damaged)")
+            if digest == self.meta.archive_digest:
+                self._archive_manifest(self._small_blob(member, digest))
+            elif digest in self._metadata_digests:
+                data = self._small_blob(member, digest)
+                self.meta.small[digest] = data
+                if self.meta.archive_manifest is not None and digest == str(
+                        self.meta.archive_manifest.layers[0].digest):
+                    self._contents(data)
+                self._adopt_small()
+            else:
+                await self._blob(member, digest)
+
+    def _layout(self, data: bytes) -> None:
+        try:
+            version = json.loads(data).get("imageLayoutVersion")
+        except (ValueError, AttributeError) as exc:
+            raise self.refuse("oci-layout is not JSON") from exc
+        if version != LAYOUT_VERSION:
+            raise self.refuse(f"unsupported oci-layout version {str(version)[:40]!r} "
+                              f"(expected {LAYOUT_VERSION})")
+        if data != LAYOUT_BYTES:
+            raise self.refuse("oci-layout was modified (not the bytes sigil writes)")
+        self.layout_seen = True
+
+    def _index(self, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise self.refuse(f"index.json is not JSON ({exc})") from exc
+        if not isinstance(doc, dict) or canonical_json(doc) != data:
+            raise self.refuse("index.json was modified (not the canonical JSON sigil writes)")
+        entries = doc.get("manifests")
+        if not isinstance(entries, list):
+            raise self.refuse("index.json has no manifests list")
+        ours = [e for e in entries if isinstance(e, dict)
+                and (e.get("annotations") or {}).get(ARCHIVE_ANNOTATION) == "v1"]
+        if len(ours) != 1 or not Digest.is_digest(str(ours[0].get("digest"))):
+            raise self.refuse("index.json does not name exactly one sigil archive manifest "
+                              "(not a sigil archive)")
+        self.meta.index_doc = doc
+        self.meta.archive_digest = str(ours[0]["digest"])
+
+    def _small_blob(self, member: Member, digest: str) -> bytes:
+        data = read_small(member, MAX_METADATA_BYTES, self.label)
+        if str(Digest.of(data)) != digest:
+            raise self.refuse(f"blob {digest} does not match its digest (changed bytes)")
+        return data
+
+    def _archive_manifest(self, data: bytes) -> None:
+        try:
+            manifest = parse_manifest(data, OCI_MANIFEST)
+        except ManifestInvalid as exc:
+            raise self.refuse(f"archive manifest is malformed ({exc})") from exc
+        if manifest.artifact_type != ARCHIVE_ARTIFACT or not manifest.layers \
+                or manifest.layers[0].media_type != CONTENTS_TYPE or manifest.config is None:
+            raise self.refuse("archive manifest is not a sigil archive manifest")
+        self.meta.archive_manifest = manifest
+        self._metadata_digests = {str(d) for d in manifest.blob_digests()}
+
+    def _contents(self, data: bytes) -> None:
+        try:
+            contents = json.loads(data)
+            if contents.get("sigilAirgap") != 1:
+                raise ValueError("unknown sigilAirgap version")
+            for key in ("images", "manifests", "sizes", "held", "index"):
+                if key not in contents:
+                    raise ValueError(f"missing {key!r}")
+            for d in list(contents["sizes"]) + list(contents["held"]):
+                Digest.parse(d)
+        except (ValueError, AttributeError, TypeError, SigilError) as exc:
+            raise self.refuse(f"contents document is malformed ({exc})") from exc
+        self.meta.contents = contents
+        self._check_space()
+
+    def _adopt_small(self) -> None:
+        """Metadata blobs that images use too (the empty config ``{}``) are image blobs."""
+        if not self.contents_ready or self.work is None:
+            return
+        held = set(self.meta.contents["held"])
+        for digest, data in self.meta.small.items():
+            if digest in held and digest not in self.received:
+                self.work.put_bytes(Digest.parse(digest), data)
+                self.received.add(digest)
+
+    def _check_space(self) -> None:
+        if self.work is None:
+            return
+        sizes = self.meta.contents["sizes"]
+        needed = sum(int(sizes.get(d, 0)) for d in self.meta.contents["held"]
+                     if self.target is None or not self.target.has(Digest.parse(d)))
+        free = shutil.disk_usage(self.work.root).free
+        if needed + FREE_SPACE_MARGIN > free:
+            raise self.refuse(f"needs {needed} bytes (+{FREE_SPACE_MARGIN} spare) on "
+                              f"{self.work.root.parent}, only {free} free")
+        if self.progress is not None:
+            self.progress.expect(items=len(self.meta.contents["held"]),
+                                 nbytes=sum(int(sizes.get(d, 0))
+                                            for d in self.meta.contents["held"]))
+
+    async def _blob(self, member: Member, digest: str) -> None:
+        if not self.contents_ready:
+            raise self.refuse(f"blob {digest} comes before sigil's contents document")
+        contents = self.meta.contents
+        if digest not in set(contents["held"]):
+            raise self.refuse(f"blob {digest} is not listed in the archive's contents")
+        expected_size = int(contents["sizes"][digest])
+        if member.size != expected_size:
+            raise self.refuse(f"blob {digest} is {member.size} bytes, the contents say "
+                              f"{expected_size}")
+        parsed = Digest.parse(digest)
+        if self.work is None:
+            return
+        if self.target is not None and self.target.has(parsed):
+            actual = _hash_stream(member, self.progress)  # verify, but do not write again
+            if actual != parsed:
+                raise self.refuse(f"blob {digest} does not match its digest (changed bytes)")
+        else:
+            staging = self.work.new_staging()
+            try:
+                left = member.size
+                while left > 0:
+                    chunk = member.read(min(COPY_CHUNK, left))
+                    if not chunk:
+                        break
+                    staging.write(chunk)
+                    left -= len(chunk)
+                    if self.progress is not None:
+                        self.progress.advance(nbytes=len(chunk))
+                if left:
+                    staging.abort()
+                    raise self.refuse(f"blob {digest} is truncated")
+                await staging.commit(parsed)
+            except DigestInvalid as exc:
+                raise self.refuse(f"blob {digest} does not match its digest "
+                                  "(changed bytes)") from exc
+            finally:
+                staging.abort()
+        if self.progress is not None:
+            self.progress.advance(items=1)
+        self.received.add(digest)
+
+    def finish(self) -> None:
+        """Whole-archive checks once every member has been seen."""
+        meta = self.meta
+        if not self.layout_seen:
+            raise self.refuse("no oci-layout file (not an OCI image layout, or truncated)")
+        if not meta.archive_digest:
+            raise self.refuse("no index.json (not an OCI image layout, or truncated)")
+        if meta.archive_manifest is None:
+            raise self.refuse(f"index.json names blob {meta.archive_digest}, which is "
+                              "missing (truncated?)")
+        missing_meta = sorted(self._metadata_digests - set(meta.small))
+        if missing_meta:
+            raise self.refuse(f"index names missing blob {missing_meta[0]} (truncated?)")
+        contents = meta.contents
+        missing = sorted(set(contents["held"]) - self.received)
+        if self.work is not None and missing:
+            raise self.refuse(f"index names missing blob {missing[0]} ({len(missing)} "
+                              "missing; truncated?)")
+        expected_index = contents["index"] + [e for e in meta.index_doc["manifests"]
+                                              if (e.get("annotations") or {})
+                                              .get(ARCHIVE_ANNOTATION) == "v1"]
+        if meta.index_doc["manifests"] != expected_index:
+            raise self.refuse("index.json does not match the archive's contents document "
+                              "(changed entries)")
+        for entry in contents["index"]:
+            if entry.get("digest") not in contents["manifests"]:
+                raise self.refuse(f"index.json names {entry.get('digest')}, which the "
+                                  "archive does not hold")
+        layers = {str(d.digest): d.media_type for d in meta.archive_manifest.layers}
+        if contents.get("report") not in layers or layers[contents["report"]] != REPORT_TYPE:
+            raise self.refuse("the report is not part of the archive manifest")
+        policy = contents.get("policy")
+        if policy and layers.get(policy.get("digest")) != POLICY_TYPE:
+            raise self.refuse("the policy file is not part of the archive manifest")
+        for trust in contents.get("trust") or []:
+            if trust.get("digest") not in layers:
+                raise self.refuse(f"trust file {trust.get('path')} is not part of the "
+                                  "archive manifest")
+
+
+def _check_names(path: Path, image: dict[str, Any]) -> None:
+    """Names in the contents document are data from the other side: validate them like a
+    client request before they reach the index."""
+    try:
+        validate_name(str(image.get("repo")))
+        reference = str(image.get("reference"))
+        if Digest.is_digest(reference):
+            Digest.parse(reference)
+        else:
+            validate_tag(reference)
+        for repo, tag, digest, _ in image.get("tags", []):
+            validate_name(str(repo))
+            validate_tag(str(tag))
+            Digest.parse(str(digest))
+    except (RegistryError, ValueError, TypeError) as exc:
+        raise ArchiveError(f"{path}: image {str(image.get('name'))[:200]!r} has an invalid "
+                           f"name ({exc}); nothing was loaded") from exc
+
+
+def _hash_stream(member: Member, progress: Progress | None) -> Digest:
+    h = hashlib.sha256()
+    left = member.size
+    while left > 0:
+        chunk = member.read(min(COPY_CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+        if progress is not None:
+            progress.advance(nbytes=len(chunk))
+    return Digest(h.hexdigest())
+
+
+async def read_metadata(path: Path) -> Metadata:
+    """sigil's metadata of an archive (for ``--since``), without reading its image blobs."""
+    checker = _Checker(path)
+    with open_archive(path) as reader:
+        for member in reader.members(checker.wanted):
+            if member.blob_hex and checker.contents_ready \
+                    and f"sha256:{member.blob_hex}" not in checker.wanted():
+                break
+            await checker.feed(member)
+    if not checker.contents_ready:
+        raise checker.refuse("no sigil contents document found")
+    return checker.meta
+
+
+# ------------------------------------------------------------------------------ import
+class Importer:
+    """One ``sigil import`` run over one or more archives (in order: a base before its
+    deltas)."""
+
+    def __init__(self, config: Config, *, progress: Progress | None = None) -> None:
+        self.config = config
+        self.root = Path(config.storage.root)
+        self.progress = progress
+
+    def _policy(self) -> PolicyHook:
+        if not self.config.policy:
+            return AllowAll()
+        from sigil.verify.engine import Verifier
+        from sigil.verify.policy import load_policy
+
+        return Verifier(load_policy(self.config.policy))
+
+    async def run(self, archives: list[Path]) -> dict[str, Any]:
+        """Import every archive; the report says what was loaded and refused."""
+        policy = RecordingPolicy(self._policy())
+        self.root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work_dirs(self.root)
+        target = BlobStore(self.root)
+        index = Index(self.root / "index.sqlite")
+        results = []
+        try:
+            for path in archives:
+                results.append(await self._archive(path, target, index, policy))
+        finally:
+            index.close()
+        ok = all(r["result"] == "loaded" for r in results)
+        return {"kind": "sigil-import", "sigil": __version__,
+                "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "store": str(self.root),
+                "policy": {"file": self.config.policy, "fingerprint": policy.fingerprint},
+                "ok": ok, "archives": results}
+
+    async def _archive(self, path: Path, target: BlobStore, index: Index,
+                       policy: RecordingPolicy) -> dict[str, Any]:
+        result: dict[str, Any] = {"archive": str(path), "result": "refused", "images": []}
+        # Under the store root: the same filesystem, so loading a blob is a hard link; the
+        # name starts with a dot so no store walk (gc, fsck: blobs/ only) ever looks at it.
+        work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        work = BlobStore(work_dir)
+        windex = Index(work_dir / "index.sqlite")
+        progress = self.progress or Progress(f"import {path.name}")
+        try:
+            checker = _Checker(path, work, target, progress)
+            with open_archive(path) as reader:
+                for member in reader.members(checker.wanted):
+                    await checker.feed(member)
+            checker.finish()
+            meta = checker.meta
+            result["digest"] = meta.archive_digest
+            result["base"] = meta.contents.get("base")
+            self._link_base(path, meta, target, work)
+            self._fill_index(path, meta, work, windex)
+            result.update(self._compare_policy(meta))
+            images = await self._verify(meta, work, windex, policy)
+            result["images"] = images
+            for image, entry in zip(meta.contents["images"], images, strict=True):
+                if entry["result"] == "verified":
+                    ignored = self._load(image, meta, windex, work, target, index)
+                    entry["result"] = "loaded"
+                    if ignored:
+                        entry["ignored"] = ignored
+            refused = [i for i in images if i["result"] != "loaded"]
+            result["result"] = "loaded" if not refused else "partial"
+        except ArchiveError as exc:
+            result["error"] = str(exc)
+        finally:
+            progress.done()
+            windex.close()
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return result
+
+    def _link_base(self, path: Path, meta: Metadata, target: BlobStore,
+                   work: BlobStore) -> None:
+        contents = meta.contents
+        held = set(contents["held"])
+        outside = sorted(set(contents["sizes"]) - held)
+        if outside and not contents.get("base"):
+            raise ArchiveError(f"{path}: lists {len(outside)} blob(s) it does not hold and "
+                               "names no base; nothing was loaded")
+        missing = [d for d in outside if not target.has(Digest.parse(d))]
+        if missing:
+            raise ArchiveError(f"{path}: delta of base archive {contents['base']}, which is not "
+                               f"imported in {self.root} ({len(missing)} blob(s) missing, e.g. "
+                               f"{missing[0]}); import the base first; nothing was loaded")
+        for d in outside + sorted(held):
+            digest = Digest.parse(d)
+            if not work.has(digest) and target.has(digest):
+                _link(target.path(digest), work.path(digest))
+
+    def _fill_index(self, path: Path, meta: Metadata, work: BlobStore, windex: Index) -> None:
+        contents = meta.contents
+        manifests: dict[str, str] = contents["manifests"]
+        now = time.time()
+        for d in sorted(contents["sizes"]):
+            digest = Digest.parse(d)
+            if d in manifests:
+                try:
+                    parsed = parse_manifest(work.read_bytes(digest), manifests[d])
+                except ManifestInvalid as exc:
+                    raise ArchiveError(f"{path}: manifest {d} is malformed ({exc}); nothing "
+                                       "was loaded") from exc
+                refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
+                windex.put_manifest(digest, parsed.media_type, len(parsed.raw), refs, now=now)
+                if parsed.subject is not None:
+                    windex.add_referrer(parsed.subject.digest, digest)
+            else:
+                windex.put_blob(digest, int(contents["sizes"][d]))
+        for image in contents["images"]:
+            _check_names(path, image)
+            if image.get("digest") not in manifests:
+                raise ArchiveError(f"{path}: image {image.get('name')} names a manifest the "
+                                   "archive does not hold; nothing was loaded")
+            for repo, tag, d, media_type in image.get("tags", []):
+                if d not in manifests:
+                    raise ArchiveError(f"{path}: tag {repo}:{tag} names {d}, which the "
+                                       "archive does not hold; nothing was loaded")
+                windex.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
+            for d in image.get("manifests", []) + image.get("blobs", []):
+                if d not in contents["sizes"]:
+                    raise ArchiveError(f"{path}: image {image.get('name')} needs {d}, which "
+                                       "the archive does not list; nothing was loaded")
+
+    def _compare_policy(self, meta: Metadata) -> dict[str, Any]:
+        contents = meta.contents
+        archived = contents.get("policy") or {}
+        archived_bytes = meta.small.get(str(archived.get("digest")), b"")
+        local_bytes = Path(self.config.policy).read_bytes() if self.config.policy else b""
+        diff = text_diff(archived_bytes, local_bytes,
+                         f"archive:{archived.get('file')}", f"local:{self.config.policy}")
+        local_trust = trust_files(self.config.policy) if self.config.policy else []
+        return {"policy_differs": bool(diff), "policy_diff": diff,
+                "trust_diff": trust_diff(contents.get("trust") or [], local_trust)}
+
+    def _upstream(self, name: str) -> UpstreamConfig | None:
+        return next((u for u in self.config.upstreams if u.name == name), None)
+
+    async def _verify(self, meta: Metadata, work: BlobStore, windex: Index,
+                      policy: RecordingPolicy) -> list[dict[str, Any]]:
+        clients = {u.name: OfflineUpstream(u, work, windex) for u in self.config.upstreams}
+        mirror = Mirror(self.config, work, windex, dict(clients), policy)
+        out = []
+        for image in meta.contents["images"]:
+            entry: dict[str, Any] = {"name": image["name"], "digest": image["digest"],
+                                     "exported_verified": image.get("verified")}
+            upstream = self._upstream(image["upstream"])
+            if upstream is None:
+                entry.update(result="refused", reason="upstream_unknown",
+                             message=f"upstream {image['upstream']!r} is not configured in "
+                                     f"{self.config.source}")
+                out.append(entry)
+                continue
+            route = Route(upstream, image["repo"], f"{upstream.name}/{image['repo']}")
+            try:
+                served = await mirror.manifest(route, image["reference"])
+            except Denied as exc:
+                verdict = policy.verdicts.get(image["digest"])
+                detail = verdict_json(verdict) if verdict is not None else {}
+                entry.update(result="refused", reason=detail.get("reason", "denied"),
+                             message=detail.get("message") or str(exc),
+                             checks=detail.get("checks", []))
+                out.append(entry)
+                continue
+            except SigilError as exc:
+                entry.update(result="refused", reason="error", message=str(exc))
+                out.append(entry)
+                continue
+            if str(served.digest) != image["digest"]:
+                entry.update(result="refused", reason="digest_mismatch",
+                             message=f"{image['reference']} resolved to {served.digest}")
+                out.append(entry)
+                continue
+            verdict = policy.verdicts.get(image["digest"])
+            detail = verdict_json(verdict) if verdict is not None else {}
+            entry.update(result="verified", reason=detail.get("reason", "ok"),
+                         message=detail.get("message", ""), checks=detail.get("checks", []))
+            out.append(entry)
+        for client in clients.values():
+            await client.close()
+        return out
+
+    def _load(self, image: dict[str, Any], meta: Metadata, windex: Index, work: BlobStore,
+              target: BlobStore, index: Index) -> int:
+        """Load one verified image: blobs, then manifest rows, then tags (see step 3).
+
+        Only what hangs off the verified digest is loaded: its children, config and layers,
+        and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
+        theirs. The contents document is data from the other side; anything else it lists
+        under the image is ignored (the count is returned) rather than loaded unverified."""
+        contents = meta.contents
+        manifests: dict[str, str] = contents["manifests"]
+        listed_manifests = set(image["manifests"])
+        subject_tags: dict[str, list[tuple[str, str, str, str]]] = {}
+        own_tags = []
+        for repo, tag, d, media_type in image["tags"]:
+            match = _SUBJECT_TAG.match(tag)
+            if match:
+                subject_tags.setdefault(f"sha256:{match.group(1)}", []).append(
+                    (repo, tag, d, media_type))
+            elif d == image["digest"]:
+                own_tags.append((repo, tag, d, media_type))
+        reached: set[str] = set()
+        tags = list(own_tags)
+        frontier = [image["digest"]]
+        while frontier:
+            d = frontier.pop()
+            if d in reached or d not in listed_manifests:
+                continue
+            reached.add(d)
+            digest = Digest.parse(d)
+            nxt = [str(c) for c in windex.get_references(digest) if str(c) in manifests]
+            nxt += [str(r) for r in windex.get_referrers(digest)]
+            for row in subject_tags.get(d, []):
+                tags.append(row)
+                nxt.append(row[2])
+            frontier.extend(nxt)
+        blobs: set[str] = set()
+        for d in reached:
+            blobs.update(str(c) for c in windex.get_references(Digest.parse(d))
+                         if str(c) not in manifests)
+        blobs &= set(image["blobs"])
+        ignored = len(listed_manifests - reached) + len(set(image["blobs"]) - blobs
+                                                       - listed_manifests)
+        for d in sorted(blobs) + sorted(reached):
+            digest = Digest.parse(d)
+            if not target.has(digest):
+                _link(work.path(digest), target.path(digest))
+        for d in sorted(blobs):
+            index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
+        for d in sorted(reached):
+            digest = Digest.parse(d)
+            parsed = parse_manifest(target.read_bytes(digest), manifests[d])
+            refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
+            index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
+            if parsed.subject is not None:
+                index.add_referrer(parsed.subject.digest, digest)
+        now = time.time()
+        for repo, tag, d, media_type in tags:
+            if d in reached:
+                index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
+        return ignored
+
+
+def _remove_stale_work_dirs(root: Path) -> None:
+    """Remove working stores of imports that were killed (their process is gone); those of
+    an import running now next to this one are left alone."""
+    for entry in root.glob(f"{WORK_PREFIX}*"):
+        pid_text = entry.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
+
+
+def _link(source: Path, target: Path) -> None:
+    """Put an immutable, verified object at ``target`` (hard link; copy across devices)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return
+    except OSError:
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        shutil.copyfile(source, partial)
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, target)
+    fd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def render(report: dict[str, Any]) -> str:
+    """Human-readable import report."""
+    lines = []
+    if not report["policy"]["file"]:
+        lines.append("WARNING: no policy configured: images were loaded without verification "
+                     "(set `policy` in the config)")
+    for archive in report["archives"]:
+        lines.append(f"archive {archive['archive']}: {archive['result'].upper()}"
+                     + (f" ({archive['digest']})" if archive.get("digest") else ""))
+        if archive.get("error"):
+            lines.append(f"    {archive['error']}")
+        if archive.get("policy_differs"):
+            lines.append("    the archive's policy differs from the local one (the local "
+                         "policy decided):")
+            lines.extend(f"      {line}" for line in archive["policy_diff"])
+        lines.extend(f"    trust: {line}" for line in archive.get("trust_diff", []))
+        for image in archive.get("images", []):
+            lines.append(f"    {image['result']:8} {image['name']}  {image['digest']}"
+                         + ("" if image["result"] == "loaded"
+                            else f"  ({image.get('reason')}: {image.get('message')})"))
+    return "\n".join(lines)
