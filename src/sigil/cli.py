@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +91,9 @@ def _load(path: str) -> Config:
 
 def _offline(config: Config, flag: bool) -> Config:
     """``config`` with ``server.offline`` switched on by an ``--offline`` flag."""
-    if not flag or config.server.offline:
-        return config
-    return replace(config, server=replace(config.server, offline=True))
+    from sigil.upstream.offline import offline_config
+
+    return offline_config(config) if flag else config
 
 
 def _load_policy(config: Config) -> Any:

@@ -25,7 +25,7 @@ from sigil.mirror import Mirror, PolicyHook, Upstream
 from sigil.routing import Route, Router
 from sigil.storage import BlobStore, Index
 from sigil.upstream import UpstreamClient
-from sigil.upstream.offline import OfflineUpstreamClient
+from sigil.upstream.offline import offline_clients
 
 
 def split_reference(ref: str) -> tuple[str, str]:
@@ -58,8 +58,7 @@ async def verify_image(config: Config, ref: str, policy_path: str | None) -> dic
         root = Path(config.storage.root)
         if not (root / "index.sqlite").is_file():
             raise StorageError(f"no sigil store at {root} (storage.root of {config.source})")
-        offline: dict[str, Upstream] = {u.name: OfflineUpstreamClient(u)
-                                        for u in config.upstreams}
+        offline: dict[str, Upstream] = dict(offline_clients(config))
         try:
             data = await _decide(config, verifier, route, reference, root, offline)
         except ManifestUnknown as exc:

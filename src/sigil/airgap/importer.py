@@ -7,10 +7,12 @@
    base left in the store). Blobs go into a private working store under the store root (same
    filesystem, so loading is a hard link). Any problem refuses the whole archive; nothing of it
    reaches the store.
-2. **Offline re-verification.** A real :class:`~sigil.mirror.Mirror` over the working store,
-   whose only upstream is :class:`~sigil.airgap.offline.OfflineUpstream` (no connection), with
-   the *local* policy: the same discovery, digest checks and engine as ``sigil serve``. The
-   archive's policy and trust files are only compared with the local ones (a diff in the
+2. **Offline re-verification.** A real :class:`~sigil.mirror.Mirror` over the working store
+   and its index, built exactly as ``sigil serve --offline`` builds it (``server.offline`` on,
+   :class:`~sigil.upstream.offline.OfflineUpstreamClient` for every upstream: no connection,
+   tags and referrers only from the index), with the *local* policy: the same discovery,
+   digest checks and engine as serving. What the archive does not hold does not exist there.
+   The archive's policy and trust files are only compared with the local ones (a diff in the
    report).
 3. **Load per image.** For each image that passed: blobs, then manifest rows and referrer
    links, then tags last, so a tag never names an incomplete image, even after a crash.
@@ -52,7 +54,6 @@ from sigil.airgap.layout import (
     open_archive,
     read_small,
 )
-from sigil.airgap.offline import OfflineUpstream
 from sigil.airgap.progress import Progress
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
@@ -63,6 +64,7 @@ from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
 from sigil.oci.reference import validate_name, validate_tag
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
+from sigil.upstream.offline import offline_clients, offline_config
 
 # Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
 _SUBJECT_TAG = re.compile(r"^sha256-([a-f0-9]{64})(?:\.(?:sig|att|sbom))?$")
@@ -502,8 +504,10 @@ class Importer:
 
     async def _verify(self, meta: Metadata, work: BlobStore, windex: Index,
                       policy: RecordingPolicy) -> list[dict[str, Any]]:
-        clients = {u.name: OfflineUpstream(u, work, windex) for u in self.config.upstreams}
-        mirror = Mirror(self.config, work, windex, dict(clients), policy)
+        # The serve --offline mirror over the working store: only archive content exists.
+        offline = offline_config(self.config)
+        clients = offline_clients(offline)
+        mirror = Mirror(offline, work, windex, clients, policy)
         out = []
         for image in meta.contents["images"]:
             entry: dict[str, Any] = {"name": image["name"], "digest": image["digest"],

@@ -10,17 +10,22 @@ counted in ``sigil_offline_misses_total``.
 The mirror itself treats stored tags as authoritative when offline (it never asks this client
 to revalidate one), so in practice only a store miss by digest reaches it; it is the guarantee
 that no code path can open a connection, not the place where offline behaviour is decided.
+
+:func:`offline_config` and :func:`offline_clients` are how every offline user builds that
+mirror (``sigil serve --offline``, ``sigil verify --offline`` and the re-verification of
+``sigil import``), so they all decide from the store alone in the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
 from sigil import metrics
-from sigil.config import UpstreamConfig
+from sigil.config import Config, UpstreamConfig
 from sigil.errors import BlobUnknown, ManifestUnknown, NameUnknown
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import MAX_MANIFEST_BYTES
@@ -104,3 +109,15 @@ class OfflineUpstreamClient:
         mirror lists the referrer links of the index instead."""
         self._miss(KIND_REFERRERS)
         return None
+
+
+def offline_config(config: Config) -> Config:
+    """``config`` with ``server.offline`` switched on (itself when it already is)."""
+    if config.server.offline:
+        return config
+    return replace(config, server=replace(config.server, offline=True))
+
+
+def offline_clients(config: Config) -> dict[str, OfflineUpstreamClient]:
+    """One never-connecting client per configured upstream, by name (a Mirror's ``clients``)."""
+    return {u.name: OfflineUpstreamClient(u) for u in config.upstreams}
