@@ -20,9 +20,9 @@ from aiohttp.test_utils import TestServer
 from sigil.airgap.export import Exporter
 from sigil.airgap.importer import Importer
 from sigil.airgap.plan import load_plan
-from sigil.airgap.progress import Progress
 from sigil.config import build_config
 from sigil.errors import ConfigError
+from sigil.progress import LineProgress
 from tests.support.fakeupstream import FakeUpstream, sha
 
 
@@ -59,7 +59,7 @@ async def test_upstream_failing_mid_export_then_resumed(fake, tmp_path) -> None:
                                                          {"ref": "docker.io/library/two:v1"}]),
                      config)
     out = tmp_path / "out.tar"
-    quiet = Progress("export", stream=io.StringIO())
+    quiet = LineProgress(io.StringIO(), "sigil")
 
     result = await Exporter(config, plan, out, progress=quiet).run()
     assert result.exit_code == 1 and result.output is None
@@ -90,7 +90,7 @@ async def test_upstream_down_for_a_manifest_is_an_interruption(fake, tmp_path) -
     plan = load_plan(write_plan(tmp_path / "plan.yaml", [{"ref": "docker.io/library/one:v1"}]),
                      config)
     result = await Exporter(config, plan, tmp_path / "out.tar",
-                            progress=Progress("export", stream=io.StringIO())).run()
+                            progress=LineProgress(io.StringIO(), "sigil")).run()
     assert result.exit_code == 1
     assert result.report["interrupted"][0]["name"] == "docker.io/library/one:v1"
     assert not (tmp_path / "out.tar").exists()
@@ -105,7 +105,7 @@ async def test_tag_regexes_select_over_the_upstream_tag_list(fake, tmp_path) -> 
         {"repository": "docker.io/library/python", "tags": [r"^3\.13(\.[0-9]+)?$"]},
         {"ref": "docker.io/library/missing:v1"}]), config)
     result = await Exporter(config, plan, tmp_path / "out",
-                            progress=Progress("export", stream=io.StringIO())).run()
+                            progress=LineProgress(io.StringIO(), "sigil")).run()
     assert [i["name"] for i in result.report["images"]] == [
         "docker.io/library/python:3.13", "docker.io/library/python:3.13.1"]
     # A plan entry naming something the upstream does not have fails the run (exit 1), and
@@ -159,31 +159,13 @@ def test_cli_plan_error_is_one_line_exit_2(tmp_path) -> None:
     assert "no such archive" in missing.stdout
 
 
-def test_progress_renders_rate_and_eta_on_a_terminal() -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    stream = Tty()
-    progress = Progress("export", stream=stream, interval=0)
-    progress.expect(items=2, nbytes=4 * 1024 * 1024)
-    progress.advance(items=1, nbytes=1024 * 1024)
-    progress.done()
-    text = stream.getvalue()
-    assert "\r" in text and "1/2 items" in text and "1.0 MiB/4.0 MiB" in text
-    assert "/s" in text and "ETA" in text
-    plain = io.StringIO()
-    Progress("import", stream=plain, interval=0).done()
-    assert "\r" not in plain.getvalue() and plain.getvalue().endswith("\n")
-
-
 async def test_a_killed_import_leaves_no_working_store_behind(fake, tmp_path) -> None:
     upstream, url = fake
     upstream.add_image("library/one", "v1", [b"layer one"])
     config = config_for(url, tmp_path / "unused")
     plan = load_plan(write_plan(tmp_path / "plan.yaml", [{"ref": "docker.io/library/one:v1"}]),
                      config)
-    quiet = Progress("x", stream=io.StringIO())
+    quiet = LineProgress(io.StringIO(), "sigil")
     out = tmp_path / "out"
     assert (await Exporter(config, plan, out, progress=quiet).run()).exit_code == 0
     store = tmp_path / "store"
@@ -207,7 +189,7 @@ async def test_digest_plan_entry_round_trip(fake, tmp_path) -> None:
     config = config_for(url, tmp_path / "unused")
     plan = load_plan(write_plan(tmp_path / "plan.yaml",
                                 [{"ref": f"docker.io/library/one@{digest}"}]), config)
-    quiet = Progress("x", stream=io.StringIO())
+    quiet = LineProgress(io.StringIO(), "sigil")
     out = tmp_path / "layout"
     result = await Exporter(config, plan, out, progress=quiet).run()
     assert result.exit_code == 0, result.report

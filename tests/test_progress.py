@@ -1,7 +1,8 @@
-"""Progress and summaries of long CLI work: ``sigil gc`` and ``sigil fsck`` run as real
-processes on a real store, once on a pseudo-terminal (rich bars and a drawn table) and once
-on pipes (plain bounded lines, an aligned table, no control characters); ``--json`` stays
-the JSON report alone. Plus the reporters themselves and the gc pass metrics."""
+"""Progress and summaries of long CLI work: ``sigil gc``, ``sigil fsck`` and ``sigil export``
+run as real processes on a real store (export from a real docker-registry), once on a
+pseudo-terminal (rich bars and a drawn table) and once on pipes (plain bounded lines, an
+aligned table, no control characters); ``--json`` stays the JSON report alone. Plus the
+reporters themselves and the gc pass metrics."""
 
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ from sigil.progress import (
     NO_PROGRESS,
     LineProgress,
     format_amount,
+    format_duration,
     print_summary,
     progress_for,
 )
 from sigil.storage import BlobStore, Index, collect
 from sigil.storage.gc import DEFAULT_GRACE, FsckReport, GcStats
+from tests.realparts import RealRegistry, RegistryPusher
 
 OBJECTS = 12
 ANSI = "\x1b["
@@ -147,6 +150,47 @@ def test_progress_for_a_pipe_is_plain_lines() -> None:
         step.advance(3)
 
 
+def test_line_transfer_says_items_bytes_rate_and_eta() -> None:
+    out = io.StringIO()
+    progress = LineProgress(out, "sigil", interval=0)
+    with progress.transfer("export") as job:
+        job.expect(items=2, nbytes=4 * 1024 * 1024)
+        job.advance(items=1, nbytes=1024 * 1024)
+        job.expect(nbytes=1024 * 1024)   # totals grow while the plan is walked
+        job.advance(items=1, nbytes=4 * 1024 * 1024)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "sigil: export: started"
+    assert re.fullmatch(r"sigil: export: 1/2 items, 1\.0 MiB of 4\.0 MiB, [0-9.]+ [KMG]?i?B/s, "
+                        r"ETA [0-9hms]+", lines[1]), lines[1]
+    assert lines[2].startswith("sigil: export: 2/2 items, 5.0 MiB of 5.0 MiB, ")
+    assert "ETA" not in lines[2]   # nothing left
+    assert re.fullmatch(r"sigil: export: done, 2/2 items, 5\.0 MiB of 5\.0 MiB, .*/s in "
+                        r"\d+\.\ds", lines[-1]), lines[-1]
+    assert len(lines) == 4 and ANSI not in out.getvalue() and "\r" not in out.getvalue()
+
+
+def test_line_transfer_is_bounded_by_its_interval_and_reports_failure() -> None:
+    out = io.StringIO()
+    progress = LineProgress(out, "sigil", interval=3600)
+    with pytest.raises(RuntimeError), progress.transfer("import a.tar") as job:
+        job.expect(items=1000, nbytes=1000 * 4096)
+        for _ in range(1000):
+            job.advance(items=1, nbytes=4096)
+        raise RuntimeError("archive refused")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "sigil: import a.tar: started"
+    assert lines[1].startswith("sigil: import a.tar: failed, 1000/1000 items, 3.9 MiB of ")
+    assert len(lines) == 2
+    with NO_PROGRESS.transfer("anything") as job:   # reports nothing, accepts everything
+        job.expect(items=1, nbytes=1)
+        job.advance(items=1, nbytes=1)
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (0, 42.9, 185, 7620)] == ["0s", "42s", "3m05s",
+                                                                   "2h07m"]
+
+
 def test_format_amount() -> None:
     assert format_amount(512, BYTES) == "512 B"
     assert format_amount(1536, BYTES) == "1.5 KiB"
@@ -243,6 +287,66 @@ def test_gc_on_a_terminal_draws_bars_and_a_table(tmp_path: Path) -> None:
     assert re.search(rf"deleting\s+━+\s+{OBJECTS}/{OBJECTS} objects", text), text
     assert re.search(rf"│ objects deleted\s+│\s+{OBJECTS} │", text), text
     assert not [path for path in (tmp_path / "store" / "blobs").rglob("*") if path.is_file()]
+
+
+# --- sigil export: a transfer, on a terminal and on pipes ----------------------------------
+
+# Three layers of 900 KiB (one body over 1 MiB makes aiohttp warn, and warnings are errors).
+EXPORT_LAYERS, EXPORT_LAYER = 3, 900 * 1024
+
+
+def export_setup(registry: RealRegistry, root: Path) -> list[str]:
+    """A config (no policy: the export warns and carries the image as allowed), a plan of
+    one 2.6 MiB image pushed to the real registry, and the export command line."""
+    import asyncio
+
+    repo = f"progress/{os.urandom(3).hex()}"
+
+    async def push() -> None:
+        async with RegistryPusher(registry.url) as pusher:
+            await pusher.make_image(repo, "v1", [os.urandom(EXPORT_LAYER)
+                                                   for _ in range(EXPORT_LAYERS)])
+
+    asyncio.run(push())
+    config = root / "sigil.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": {"root": str(root / "unused")},
+        "upstreams": [{"name": "registry.test", "url": registry.url, "default": True}],
+        "log": {"level": "warning", "format": "json"}}))
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"images": [{"ref": f"registry.test/{repo}:v1"}]}))
+    return ["export", "--config", str(config), "--plan", str(plan), "--output",
+            str(root / "out.tar")]
+
+
+@pytest.mark.realparts
+def test_export_on_a_pipe_prints_plain_transfer_lines(real_registry: RealRegistry,
+                                                       tmp_path: Path) -> None:
+    done = run_piped(*export_setup(real_registry, tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert ANSI not in done.stderr and "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sigil: export: ")]
+    assert lines[0] == "sigil: export: started"
+    # The image, and at least its layers in bytes (the archive also holds metadata blobs).
+    match = re.fullmatch(r"sigil: export: done, 1/1 items, ([0-9.]+) MiB of \1 MiB, .+/s in "
+                         r"\d+\.\ds", lines[-1])
+    assert match is not None, lines
+    assert float(match.group(1)) >= int(EXPORT_LAYERS * EXPORT_LAYER / 1024 / 1024 * 10) / 10
+    assert "exported" in done.stdout and (tmp_path / "out.tar").is_file()
+
+
+@pytest.mark.realparts
+def test_export_on_a_terminal_draws_a_transfer_bar(real_registry: RealRegistry,
+                                                   tmp_path: Path) -> None:
+    code, output = run_on_tty(*export_setup(real_registry, tmp_path))
+    assert code == 0, output
+    assert ANSI in output   # drawn, not plain
+    text = ESCAPES.sub("", output)
+    assert "sigil: export: started" not in text   # no plain lines on a terminal
+    # The finished bar: bytes done of total, a rate, the item count.
+    assert re.search(r"export\s+━+\s+([0-9.]+)/\1 MiB\s+[0-9.]+ [kMG]?i?B/s\s+1/1 items",
+                     text), text
+    assert (tmp_path / "out.tar").is_file()
 
 
 # --- gc pass metrics -------------------------------------------------------------------------

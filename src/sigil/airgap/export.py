@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,6 @@ from sigil.airgap.layout import (
     canonical_json,
 )
 from sigil.airgap.plan import Plan, PlanEntry
-from sigil.airgap.progress import Progress
 from sigil.airgap.report import RecordingPolicy, trust_files, verdict_json
 from sigil.config import Config
 from sigil.errors import (
@@ -58,6 +58,7 @@ from sigil.errors import (
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Manifest, parse_manifest
+from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
 from sigil.upstream import UpstreamClient
@@ -144,14 +145,17 @@ class Exporter:
 
     def __init__(self, config: Config, plan: Plan, out: Path | None, *,
                  since: Path | None = None, allow_unverified: bool = False,
-                 keep_work: bool = False, progress: Progress | None = None) -> None:
+                 keep_work: bool = False, progress: ProgressReporter | None = None) -> None:
         self.config = config
         self.plan = plan
         self.out = out
         self.since = since
         self.allow_unverified = allow_unverified
         self.keep_work = keep_work
-        self.progress = progress or Progress("export")
+        # Bars on a terminal, plain lines otherwise (sigil.progress); ``progress`` is the
+        # running transfer while run() is (a no-op one before).
+        self.reporter = progress or progress_for(sys.stderr, "sigil")
+        self.progress = Transfer()
         self.to_store = out is None
         self.records: list[ImageRecord] = []
         self.denied: list[dict[str, Any]] = []
@@ -181,6 +185,10 @@ class Exporter:
 
     async def run(self) -> ExportResult:
         """Export the plan; never raises for a single image (it is listed instead)."""
+        with self.reporter.transfer("export") as self.progress:
+            return await self._run()
+
+    async def _run(self) -> ExportResult:
         base = await load_base(self.since) if self.since is not None else None
         policy = RecordingPolicy(self._policy())
         root = self.work_dir
@@ -215,7 +223,6 @@ class Exporter:
             for client in clients.values():
                 await client.close()
             index.close()
-            self.progress.done()
         report["fetched_bytes"] = self.fetched_bytes
         if output is not None and not self.keep_work:
             shutil.rmtree(root, ignore_errors=True)

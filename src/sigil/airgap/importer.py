@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,7 +55,6 @@ from sigil.airgap.layout import (
     open_archive,
     read_small,
 )
-from sigil.airgap.progress import Progress
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
 from sigil.errors import Denied, DigestInvalid, ManifestInvalid, RegistryError, SigilError
@@ -62,6 +62,7 @@ from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
 from sigil.oci.reference import validate_name, validate_tag
+from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
 from sigil.upstream.offline import offline_clients, offline_config
@@ -89,7 +90,7 @@ class _Checker:
     """Checks an archive member by member (see the module docstring, step 1)."""
 
     def __init__(self, path: Path, work: BlobStore | None = None,
-                 target: BlobStore | None = None, progress: Progress | None = None) -> None:
+                 target: BlobStore | None = None, progress: Transfer | None = None) -> None:
         self.label = str(path)
         self.work = work
         self.target = target
@@ -332,7 +333,7 @@ def _check_names(path: Path, image: dict[str, Any]) -> None:
                            f"name ({exc}); nothing was loaded") from exc
 
 
-def _hash_stream(member: Member, progress: Progress | None) -> Digest:
+def _hash_stream(member: Member, progress: Transfer | None) -> Digest:
     h = hashlib.sha256()
     left = member.size
     while left > 0:
@@ -365,10 +366,11 @@ class Importer:
     """One ``sigil import`` run over one or more archives (in order: a base before its
     deltas)."""
 
-    def __init__(self, config: Config, *, progress: Progress | None = None) -> None:
+    def __init__(self, config: Config, *, progress: ProgressReporter | None = None) -> None:
         self.config = config
         self.root = Path(config.storage.root)
-        self.progress = progress
+        # Bars on a terminal, plain lines otherwise: one transfer per archive.
+        self.reporter = progress or progress_for(sys.stderr, "sigil")
 
     def _policy(self) -> PolicyHook:
         if not self.config.policy:
@@ -406,36 +408,42 @@ class Importer:
         work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         work = BlobStore(work_dir)
         windex = Index(work_dir / "index.sqlite")
-        progress = self.progress or Progress(f"import {path.name}")
         try:
-            checker = _Checker(path, work, target, progress)
-            with open_archive(path) as reader:
-                for member in reader.members(checker.wanted):
-                    await checker.feed(member)
-            checker.finish()
-            meta = checker.meta
-            result["digest"] = meta.archive_digest
-            result["base"] = meta.contents.get("base")
-            self._link_base(path, meta, target, work)
-            self._fill_index(path, meta, work, windex)
-            result.update(self._compare_policy(meta))
-            images = await self._verify(meta, work, windex, policy)
-            result["images"] = images
-            for image, entry in zip(meta.contents["images"], images, strict=True):
-                if entry["result"] == "verified":
-                    ignored = self._load(image, meta, windex, work, target, index)
-                    entry["result"] = "loaded"
-                    if ignored:
-                        entry["ignored"] = ignored
-            refused = [i for i in images if i["result"] != "loaded"]
-            result["result"] = "loaded" if not refused else "partial"
+            with self.reporter.transfer(f"import {path.name}") as progress:
+                await self._check_verify_load(path, result, progress, work, windex, target,
+                                              index, policy)
         except ArchiveError as exc:
             result["error"] = str(exc)
         finally:
-            progress.done()
             windex.close()
             shutil.rmtree(work_dir, ignore_errors=True)
         return result
+
+    async def _check_verify_load(self, path: Path, result: dict[str, Any], progress: Transfer,
+                                 work: BlobStore, windex: Index, target: BlobStore,
+                                 index: Index, policy: RecordingPolicy) -> None:
+        """Steps 1-3 of the module docstring for one archive, filling ``result``."""
+        checker = _Checker(path, work, target, progress)
+        with open_archive(path) as reader:
+            for member in reader.members(checker.wanted):
+                await checker.feed(member)
+        checker.finish()
+        meta = checker.meta
+        result["digest"] = meta.archive_digest
+        result["base"] = meta.contents.get("base")
+        self._link_base(path, meta, target, work)
+        self._fill_index(path, meta, work, windex)
+        result.update(self._compare_policy(meta))
+        images = await self._verify(meta, work, windex, policy)
+        result["images"] = images
+        for image, entry in zip(meta.contents["images"], images, strict=True):
+            if entry["result"] == "verified":
+                ignored = self._load(image, meta, windex, work, target, index)
+                entry["result"] = "loaded"
+                if ignored:
+                    entry["ignored"] = ignored
+        refused = [i for i in images if i["result"] != "loaded"]
+        result["result"] = "loaded" if not refused else "partial"
 
     def _link_base(self, path: Path, meta: Metadata, target: BlobStore,
                    work: BlobStore) -> None:
