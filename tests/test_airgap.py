@@ -100,18 +100,23 @@ async def _seed(registry: RealRegistry, prefix: str, signer: Signer,
             "keyless_sig": keyless_sig, "unsigned": unsigned}
 
 
-@pytest.fixture(scope="module")
-def upstream(real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFactory) -> Upstream:
+def make_upstream(registry: RealRegistry, policy_dir: Path) -> Upstream:
+    """Push the images of :func:`_seed` (a fresh prefix) to ``registry`` and write the
+    connected side's policy, key and trusted root into ``policy_dir``."""
     prefix = f"airgap-{os.urandom(3).hex()}"
     signer = Signer("p256")
     sigstore = TestSigstore()
-    policy_dir = tmp_path_factory.mktemp("policy")
     (policy_dir / "release.pub").write_text(signer.pem())
     sigstore.write_trusted_root(policy_dir / "trusted_root.json")
     (policy_dir / "policy.yaml").write_text(yaml.safe_dump(
         policy_doc(prefix, "release.pub", "trusted_root.json")))
-    pushed = asyncio.run(_seed(real_registry, prefix, signer, sigstore))
-    return Upstream(real_registry, prefix, policy_dir=policy_dir, signer=signer, **pushed)
+    pushed = asyncio.run(_seed(registry, prefix, signer, sigstore))
+    return Upstream(registry, prefix, policy_dir=policy_dir, signer=signer, **pushed)
+
+
+@pytest.fixture(scope="module")
+def upstream(real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFactory) -> Upstream:
+    return make_upstream(real_registry, tmp_path_factory.mktemp("policy"))
 
 
 def plan_for(up: Upstream, path: Path, *, unsigned: bool = True) -> Path:

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,13 @@ class SigilProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
-    def start(self, timeout: float = 30.0) -> SigilProcess:
-        """Start and wait for /readyz."""
+    def start(self, timeout: float = 30.0, *, args: Sequence[str] = ()) -> SigilProcess:
+        """Start (``args``: more ``sigil serve`` options, e.g. ``--offline``) and wait for
+        /readyz."""
         self._log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sigil", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "sigil", "serve", "--config", str(self.config_path), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
