@@ -190,7 +190,7 @@ def _gc(args: argparse.Namespace) -> int:
         stats = collect(store, index, config.storage.max_bytes, now=time.time(),
                         progress=progress_for(sys.stderr, "sigil gc"))
     if args.json:
-        _print(stats, True)
+        _print_json(stats)
         return 0
 
     def size(amount: int) -> str:
@@ -217,7 +217,7 @@ def _fsck(args: argparse.Namespace) -> int:
     with _store(args) as (_, store, index):
         report = fsck(store, index, progress_for(sys.stderr, "sigil fsck"))
     if args.json:
-        _print(report, True)
+        _print_json(report)
         return 0 if report.ok else 1
     print_summary("sigil fsck", [
         ("objects checked", f"{report.objects_checked:,}"),
@@ -236,17 +236,12 @@ def _fsck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _print(report: object, as_json: bool) -> None:
+def _print_json(report: object) -> None:
+    """A gc/fsck report (a dataclass) as the ``--json`` output."""
     from dataclasses import asdict, is_dataclass
 
     data = asdict(report) if is_dataclass(report) and not isinstance(report, type) else report
-    if as_json:
-        print(json.dumps(data, default=str, indent=2))
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            print(f"{key}: {value}")
-    else:
-        print(data)
+    print(json.dumps(data, default=str, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -167,19 +167,6 @@ class LayoutWriter:
         _remove(self.partial)
 
 
-def write_layout(out: Path, entries: Sequence[Entry],
-                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
-    """Write ``entries`` (in order) as ``out``: a directory, ``.tar`` or ``.tar.zst``."""
-    writer = LayoutWriter(out)
-    try:
-        for entry in entries:
-            writer.add(entry, on_bytes)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-
-
 def _write_fd(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
