@@ -31,7 +31,7 @@ import pytest
 from sigil.oci.digest import Digest
 from tests.realparts import RealRegistry, podman_pull, registries_conf_mirror, skopeo_copy
 from tests.realparts.images import cosign_tag
-from tests.support.e2e import http_get
+from tests.support.e2e import error_code, http_get
 from tests.support.netrecord import ConnectionRecorder
 from tests.support.sigilproc import SigilProcess
 from tests.support.testsigstore import BUNDLE_V03
@@ -105,11 +105,6 @@ def gap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gap]:
             recorder.close()
 
 
-def _error(body: bytes) -> str:
-    code: str = json.loads(body)["errors"][0]["code"]
-    return code
-
-
 def test_export_left_the_unsigned_image_out_and_import_loaded_the_rest(gap: Gap) -> None:
     p = f"{UPSTREAM}/{gap.up.prefix}"
     assert gap.export_code == 1   # the denied unsigned image
@@ -145,10 +140,10 @@ async def test_skopeo_pulls_offline_with_upstream_digests(gap: Gap, tmp_path: Pa
     assert multi.digest == amd64.digest
     assert multi.manifest() == amd64.manifest
     status, body = http_get(gap.url(f"multi/manifests/{arm64.digest}"))
-    assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     # Never exported: not found at once, never a wait for the upstream.
     status, body = http_get(gap.url("unsigned/manifests/v1"))
-    assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     gap.recorder.assert_untouched()
 
 

@@ -55,7 +55,7 @@ from tests.realparts.images import (
     parse_platform,
     tag_schema_tag,
 )
-from tests.support.e2e import http_get
+from tests.support.e2e import error_code, http_get
 from tests.support.netrecord import ConnectionRecorder
 from tests.support.sigilproc import SigilProcess, free_port
 from tests.support.testsigstore import BUNDLE_V03, TestSigstore
@@ -204,11 +204,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             recorder.close()
 
 
-def _error(body: bytes) -> str:
-    code: str = json.loads(body)["errors"][0]["code"]
-    return code
-
-
 # ------------------------------------------------------------------------------------ clients
 async def test_skopeo_pulls_offline_with_upstream_digests(site: Site, tmp_path: Path) -> None:
     images = site.images
@@ -255,9 +250,9 @@ async def test_podman_pulls_offline_through_registries_conf(site: Site) -> None:
 async def test_what_was_not_imported_is_not_found_at_once(site: Site, tmp_path: Path) -> None:
     # A tag the upstream had but nobody pulled: MANIFEST_UNKNOWN, and no connection attempt.
     status, body = http_get(site.url("offline/signed/manifests/notpulled"))
-    assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     status, body = http_get(site.url(f"offline/signed/manifests/{site.images['notpulled'].digest}"))
-    assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
     with pytest.raises(ProcessError) as info:
         await skopeo_copy(f"{site.sigil.host}/offline/signed:notpulled", tmp_path / "x")
     assert "manifest unknown" in str(info.value).lower()
@@ -266,10 +261,10 @@ async def test_what_was_not_imported_is_not_found_at_once(site: Site, tmp_path: 
     assert http_get(site.url("offline/lazy/manifests/v1")) == (200, lazy.manifest)
     for blob in lazy.blobs:
         status, body = http_get(site.url(f"offline/lazy/blobs/{blob}"))
-        assert (status, _error(body)) == (404, "BLOB_UNKNOWN")
+        assert (status, error_code(body)) == (404, "BLOB_UNKNOWN")
     # A repository never seen.
     status, body = http_get(site.url("offline/never/tags/list"))
-    assert (status, _error(body)) == (404, "NAME_UNKNOWN")
+    assert (status, error_code(body)) == (404, "NAME_UNKNOWN")
     assert site.sigil.metric("sigil_offline_misses_total",
                              {"upstream": UPSTREAM, "kind": "tag"}) >= 1
     assert site.sigil.metric("sigil_offline_misses_total",
@@ -279,7 +274,7 @@ async def test_what_was_not_imported_is_not_found_at_once(site: Site, tmp_path: 
 
 async def test_denied_image_is_denied_again_offline(site: Site) -> None:
     status, body = http_get(site.url("offline/unsigned/manifests/v1"))
-    assert (status, _error(body)) == (403, "DENIED")
+    assert (status, error_code(body)) == (403, "DENIED")
     assert "offline-signed" in json.loads(body)["errors"][0]["message"]
     for blob in site.images["unsigned"].blobs:
         assert http_get(site.url(f"offline/unsigned/blobs/{blob}"))[0] == 404
@@ -414,7 +409,7 @@ async def test_serve_offline_flag_on_the_same_store(site: Site) -> None:
             200, site.images["signed"].manifest)
         for _ in range(6):  # new connections: the kernel spreads them over both workers
             status, body = http_get(f"{base}/v2/offline/signed/manifests/notpulled")
-            assert (status, _error(body)) == (404, "MANIFEST_UNKNOWN")
+            assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN")
             with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
                 assert "sigil_offline 1.0" in response.read().decode()
     finally:
@@ -438,7 +433,7 @@ async def test_sighup_with_another_key_denies_what_was_served(site: Site) -> Non
     for path in ("offline/signed/manifests/v1", "offline/multi/manifests/v1",
                  f"offline/signed/manifests/{site.images['signed'].digest}"):
         status, body = http_get(site.url(path))
-        assert (status, _error(body)) == (403, "DENIED"), path
+        assert (status, error_code(body)) == (403, "DENIED"), path
         assert "rotated-signed" in json.loads(body)["errors"][0]["message"]
     for blob in site.images["signed"].blobs:
         assert http_get(site.url(f"offline/signed/blobs/{blob}"))[0] == 404

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -42,6 +43,12 @@ def http_get(url: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def error_code(body: bytes) -> str:
+    """The ``code`` of the first error of an OCI error body (``MANIFEST_UNKNOWN``, ...)."""
+    code: str = json.loads(body)["errors"][0]["code"]
+    return code
 
 
 def self_signed_cert(tmp_path: Path, common_name: str = "127.0.0.1") -> tuple[Path, Path]:

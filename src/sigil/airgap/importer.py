@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,16 +253,11 @@ class _Checker:
         else:
             staging = self.work.new_staging()
             try:
-                left = member.size
-                while left > 0:
-                    chunk = member.read(min(COPY_CHUNK, left))
-                    if not chunk:
-                        break
+                written = 0
+                for chunk in _chunks(member, self.progress):
                     staging.write(chunk)
-                    left -= len(chunk)
-                    if self.progress is not None:
-                        self.progress.advance(nbytes=len(chunk))
-                if left:
+                    written += len(chunk)
+                if written != member.size:
                     staging.abort()
                     raise self.refuse(f"blob {digest} is truncated")
                 await staging.commit(parsed)
@@ -333,17 +329,24 @@ def _check_names(path: Path, image: dict[str, Any]) -> None:
                            f"name ({exc}); nothing was loaded") from exc
 
 
-def _hash_stream(member: Member, progress: Transfer | None) -> Digest:
-    h = hashlib.sha256()
+def _chunks(member: Member, progress: Transfer | None) -> Iterator[bytes]:
+    """The member's data in COPY_CHUNK pieces, each counted in ``progress``; fewer bytes than
+    ``member.size`` if the archive ends early (the caller's size or digest check says so)."""
     left = member.size
     while left > 0:
         chunk = member.read(min(COPY_CHUNK, left))
         if not chunk:
-            break
-        h.update(chunk)
+            return
         left -= len(chunk)
         if progress is not None:
             progress.advance(nbytes=len(chunk))
+        yield chunk
+
+
+def _hash_stream(member: Member, progress: Transfer | None) -> Digest:
+    h = hashlib.sha256()
+    for chunk in _chunks(member, progress):
+        h.update(chunk)
     return Digest(h.hexdigest())
 
 
