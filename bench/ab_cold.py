@@ -5,7 +5,9 @@ an A/B of the cold pull, old sigil code against new, with distribution in the sa
 ``git archive <commit> src | tar -x -C DIR``); that sigil runs with ``PYTHONPATH=DIR/src``
 (an editable install is a path entry, so PYTHONPATH wins). The systems run one after the other
 in every round, the order rotated from round to round, each on a fresh store; the figures are
-medians (min..max) of curl's own transfer rate. ``--herd N`` adds a round of N concurrent
+medians (min..max) of curl's own transfer rate, with the CPU seconds the server and the
+upstream registry spent during the GET (the whole machine has 2 cores: what one system makes
+the upstream do is CPU the mirror does not get). ``--herd N`` adds a round of N concurrent
 clients per system and counts the upstream GETs of the blob (sigil must stay at 1).
 ``--workers N`` runs both sigils with ``--workers N``.
 """
@@ -62,14 +64,19 @@ def _sigil(upstream: str, pythonpath: str | None, workers: int) -> Iterator[Sigi
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _pull(base: str, image: Image, what: str, pid: int | None) -> tuple[float, float]:
-    """(MiB/s of the blob GET, CPU seconds the server process spent during it)."""
+def _pull(base: str, image: Image, what: str, pid: int | None,
+          upstream_pid: int) -> tuple[float, float, float]:
+    """(MiB/s of the blob GET, CPU seconds the server process spent during it, CPU seconds
+    the upstream registry spent during it)."""
     manifest = curl_get(base + image.manifest_path())
     if manifest.status != 200:
         raise RuntimeError(f"{what}: manifest HTTP {manifest.status}")
     before = cpu_seconds(pid) if pid else 0.0
+    upstream_before = cpu_seconds(upstream_pid)
     fetch = expect_ok(curl_get(base + image.blob_path), image.blob.size, what)
-    return image.blob.size / MiB / fetch.seconds, (cpu_seconds(pid) - before) if pid else 0.0
+    return (image.blob.size / MiB / fetch.seconds,
+            (cpu_seconds(pid) - before) if pid else 0.0,
+            cpu_seconds(upstream_pid) - upstream_before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,15 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         systems = list(sources) + ([] if args.no_dist else ["dist"])
         rates = {name: Sample() for name in systems}
         cpus = {name: Sample() for name in systems}
+        upstream_cpus = {name: Sample() for name in systems}
         herd_gets: dict[str, list[int]] = {name: [] for name in systems}
         herd_walls = {name: Sample() for name in systems}
         for i in range(args.runs):
             k = i % len(systems)
             for name in systems[k:] + systems[:k]:
                 with _system(name, upstream, sources, args.workers) as (base, proxy, pid):
-                    rate, cpu = _pull(base, image, f"cold {name}", pid)
+                    rate, cpu, upstream_cpu = _pull(base, image, f"cold {name}", pid,
+                                                    upstream.pid)
                     rates[name].add(rate)
                     cpus[name].add(cpu)
+                    upstream_cpus[name].add(upstream_cpu)
                     if proxy is not None:
                         wait_for(lambda p=proxy: proxy_has_blob(p, image.blob), 120,
                                  "distribution to store the blob")
@@ -135,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"load {Path('/proc/loadavg').read_text().split()[:3]}, {time.strftime('%H:%M')}")
         for name in systems:
             print(f"  {name:7} {rates[name].median:6.0f} MiB/s ({rates[name].spread()}); "
-                  f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()})")
+                  f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()}), "
+                  f"upstream's {upstream_cpus[name].median:.2f}s")
         if "dist" in rates:
             for name in sources:
                 print(f"  {name} / dist = {rates[name].median / rates['dist'].median:.2f}x")
