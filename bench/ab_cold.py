@@ -9,7 +9,9 @@ medians (min..max) of curl's own transfer rate, with the CPU seconds the server 
 upstream registry spent during the GET (the whole machine has 2 cores: what one system makes
 the upstream do is CPU the mirror does not get). ``--herd N`` adds a round of N concurrent
 clients per system and counts the upstream GETs of the blob (sigil must stay at 1).
-``--workers N`` runs both sigils with ``--workers N``.
+``--workers N`` runs both sigils with ``--workers N``. ``--floor`` adds ``bench/floor_proxy.py``
+(one thread doing only the receive, staging write, sha256 and send a verifying mirror cannot
+drop) to the rounds: the ceiling of a one-thread design on this machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -88,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--herd", type=int, default=0, help="clients of one herd round")
+    parser.add_argument("--herd-rounds", type=int, default=3,
+                        help="how many of the first rounds also run the herd")
     parser.add_argument("--no-dist", action="store_true", help="sigil old vs new only")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run bench/floor_proxy.py (the one-thread ceiling), and "
+                             "floor2: the same with the sha256 on a second thread")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 50 or not 1 <= args.size_mib <= 2048 or not 0 <= args.herd <= 50:
         parser.error("--runs 1..50, --size-mib 1..2048, --herd 0..50")
@@ -106,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         image = seed_upstream(upstream, workdir, {"ab": args.size_mib * MiB})["ab"]
         expect_ok(curl_get(upstream.url + image.blob_path), image.blob.size, "warm-up")
-        systems = list(sources) + ([] if args.no_dist else ["dist"])
+        systems = (list(sources) + ([] if args.no_dist else ["dist"])
+                   + (["floor", "floor2"] if args.floor else []))
         rates = {name: Sample() for name in systems}
         cpus = {name: Sample() for name in systems}
         upstream_cpus = {name: Sample() for name in systems}
@@ -124,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if proxy is not None:
                         wait_for(lambda p=proxy: proxy_has_blob(p, image.blob), 120,
                                  "distribution to store the blob")
-                if args.herd and i < 3:
+                if args.herd and i < args.herd_rounds and not name.startswith("floor"):
                     with _system(name, upstream, sources, args.workers) as (base, proxy, _):
                         manifest = curl_get(base + image.manifest_path())
                         if manifest.status != 200:
@@ -148,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()}), "
                   f"upstream's {upstream_cpus[name].median:.2f}s")
         if "dist" in rates:
-            for name in sources:
+            for name in [*sources, *(["floor", "floor2"] if args.floor else [])]:
                 print(f"  {name} / dist = {rates[name].median / rates['dist'].median:.2f}x")
         print(f"  new / old = {rates['new'].median / rates['old'].median:.2f}x")
         if args.herd:
@@ -162,6 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
+def _floor(upstream: str, hash_thread: bool) -> Iterator[tuple[str, int]]:
+    """bench/floor_proxy.py in its own process; yields (its URL, its pid)."""
+    staging = Path(tempfile.mkdtemp(prefix="sigil-ab-floor-"))
+    argv = [sys.executable, "-m", "bench.floor_proxy", upstream, str(staging)]
+    proc = subprocess.Popen(argv + (["--hash-thread"] if hash_thread else []),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
 def _system(name: str, upstream: RealRegistry, sources: dict[str, str | None], workers: int
             ) -> Iterator[tuple[str, RealRegistry | None, int | None]]:
     """(base URL, the proxy if it is distribution, the server pid whose CPU is measured:
@@ -169,6 +196,10 @@ def _system(name: str, upstream: RealRegistry, sources: dict[str, str | None], w
     if name == "dist":
         with running_proxy(upstream.url) as proxy:
             yield proxy.url, proxy, proxy.pid
+        return
+    if name.startswith("floor"):
+        with _floor(upstream.url, name == "floor2") as (url, floor_pid):
+            yield url, None, floor_pid
         return
     with _sigil(upstream.url, sources[name], workers) as proc:
         pid = proc.proc.pid if proc.proc is not None and workers == 1 else None
