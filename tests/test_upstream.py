@@ -87,7 +87,8 @@ def _image(config_blob: bytes, layer: bytes) -> bytes:
 class FakeRegistry:
     """A registry on 127.0.0.1:<port 0>. ``faults[path]`` is a queue consumed one per request
     to that path (after auth): ``("status", code, headers, body)``, ``("hang",)``,
-    ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("redirect", url)``,
+    ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("trickle", piece, pause)``
+    (the blob in ``piece``-byte writes ``pause`` seconds apart), ``("redirect", url)``,
     ``("chunked",)``."""
 
     auth: str | None = None              # None | "bearer" | "basic"
@@ -273,6 +274,16 @@ class FakeRegistry:
             await response.prepare(request)
             await response.write(data[: len(data) // 2])
             await asyncio.wait_for(self._release.wait(), 30)
+            return response
+        if what == "trickle":
+            _, piece, pause = fault
+            data = self.blobs[rest]
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            for at in range(0, len(data), piece):
+                await response.write(data[at:at + piece])
+                await asyncio.sleep(pause)
+            await response.write_eof()
             return response
         if what == "chunked":
             raw, media_type = self.manifests[(repo, rest)]
@@ -815,18 +826,37 @@ async def test_blob_slow_consumer_is_not_a_silent_upstream(make_fake: Any,
     assert _errors("slow.test", "timeout") == 0
 
 
+async def test_blob_trickling_upstream_is_not_silent(make_fake: Any, clients: Any) -> None:
+    # The socket's low-water mark (256 KiB) would hold a trickle of 8 KiB every 20 ms back
+    # for longer than the read timeout; the watchdog lowers it on a quiet check, so an
+    # upstream that keeps sending is not taken for a silent one.
+    fake = await make_fake()
+    data = os.urandom(300 * 1024)
+    digest = fake.add_blob(data)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("trickle", 8 * 1024, 0.02))
+    client = clients(fake.url, name="trickle.test", read_timeout=0.3)
+    async with asyncio.timeout(20):
+        async with client.open_blob(REPO, digest) as blob:
+            received = b"".join([c async for c in blob.iter_chunks()])
+    assert received == data
+    assert _errors("trickle.test", "timeout") == 0
+
+
 async def test_read_timeout_is_reset_for_the_next_request(make_fake: Any,
                                                           clients: Any) -> None:
-    # The watchdog switches off the connection's own read timer for one blob body only: a
-    # request that reuses the connection afterwards has its read timeout again.
+    # The watchdog switches off the connection's own read timer, and the socket gets a
+    # low-water mark, for one blob body only: a small response on the reused connection
+    # arrives at once (no retries to hide a stall), and a hanging one times out again.
     fake = await make_fake()
-    data = b"b" * 4096
+    data = os.urandom(1024 * 1024)
     digest = fake.add_blob(data)
-    fake.add_manifest(REPO, "latest", _image(b"{}", b"l"))
-    fake.faults[f"/v2/{REPO}/manifests/latest"].append(("hang",))
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
     client = clients(fake.url, name="reuse.test", retries=0, read_timeout=0.3)
     async with client.open_blob(REPO, digest) as blob:
         assert b"".join([c async for c in blob.iter_chunks()]) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+    fake.faults[f"/v2/{REPO}/manifests/latest"].append(("hang",))
     with pytest.raises(UpstreamError, match="timeout"):
         async with asyncio.timeout(20):
             await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)
