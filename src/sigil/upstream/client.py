@@ -121,10 +121,10 @@ class UpstreamBlob:
         """Yield the body in pieces of at most ``chunk`` bytes, as they arrive.
 
         Each piece is what the connection has buffered when the consumer asks (one socket
-        read, or several joined when the consumer fell behind), so a consumer that keeps up
-        is woken once per socket read and one that does not gets larger pieces; nothing waits
-        for a piece to fill up (a join per ``chunk`` cost ~0.07 s CPU per 256 MiB on the
-        bench VM, bench/README.md). A transport failure raises :class:`UpstreamError`; it is
+        read of ~256 KiB, see :class:`_ReadLowWater`, or several joined when the consumer fell
+        behind); nothing waits for a piece to fill up (in isolation, ``readexactly`` of
+        512 KiB pieces took 0.164 s CPU per 256 MiB on the bench VM, this 0.096 s;
+        bench/README.md). A transport failure raises :class:`UpstreamError`; it is
         not retried, because the caller may already have used the bytes it got. A body
         shorter than ``size`` raises too, and so does an upstream that sends nothing for the
         read timeout (one watchdog for the whole body, see :class:`_IdleWatchdog`).
