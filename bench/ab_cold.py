@@ -5,9 +5,13 @@ an A/B of the cold pull, old sigil code against new, with distribution in the sa
 ``git archive <commit> src | tar -x -C DIR``); that sigil runs with ``PYTHONPATH=DIR/src``
 (an editable install is a path entry, so PYTHONPATH wins). The systems run one after the other
 in every round, the order rotated from round to round, each on a fresh store; the figures are
-medians (min..max) of curl's own transfer rate. ``--herd N`` adds a round of N concurrent
+medians (min..max) of curl's own transfer rate, with the CPU seconds the server and the
+upstream registry spent during the GET (the whole machine has 2 cores: what one system makes
+the upstream do is CPU the mirror does not get). ``--herd N`` adds a round of N concurrent
 clients per system and counts the upstream GETs of the blob (sigil must stay at 1).
-``--workers N`` runs both sigils with ``--workers N``.
+``--workers N`` runs both sigils with ``--workers N``. ``--floor`` adds ``bench/floor_proxy.py``
+(one thread doing only the receive, staging write, sha256 and send a verifying mirror cannot
+drop) to the rounds: the ceiling of a one-thread design on this machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -62,14 +68,19 @@ def _sigil(upstream: str, pythonpath: str | None, workers: int) -> Iterator[Sigi
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _pull(base: str, image: Image, what: str, pid: int | None) -> tuple[float, float]:
-    """(MiB/s of the blob GET, CPU seconds the server process spent during it)."""
+def _pull(base: str, image: Image, what: str, pid: int | None,
+          upstream_pid: int) -> tuple[float, float, float]:
+    """(MiB/s of the blob GET, CPU seconds the server process spent during it, CPU seconds
+    the upstream registry spent during it)."""
     manifest = curl_get(base + image.manifest_path())
     if manifest.status != 200:
         raise RuntimeError(f"{what}: manifest HTTP {manifest.status}")
     before = cpu_seconds(pid) if pid else 0.0
+    upstream_before = cpu_seconds(upstream_pid)
     fetch = expect_ok(curl_get(base + image.blob_path), image.blob.size, what)
-    return image.blob.size / MiB / fetch.seconds, (cpu_seconds(pid) - before) if pid else 0.0
+    return (image.blob.size / MiB / fetch.seconds,
+            (cpu_seconds(pid) - before) if pid else 0.0,
+            cpu_seconds(upstream_pid) - upstream_before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--herd", type=int, default=0, help="clients of one herd round")
+    parser.add_argument("--herd-rounds", type=int, default=3,
+                        help="how many of the first rounds also run the herd")
     parser.add_argument("--no-dist", action="store_true", help="sigil old vs new only")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run bench/floor_proxy.py (the one-thread ceiling), and "
+                             "floor2: the same with the sha256 on a second thread")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 50 or not 1 <= args.size_mib <= 2048 or not 0 <= args.herd <= 50:
         parser.error("--runs 1..50, --size-mib 1..2048, --herd 0..50")
@@ -99,22 +115,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         image = seed_upstream(upstream, workdir, {"ab": args.size_mib * MiB})["ab"]
         expect_ok(curl_get(upstream.url + image.blob_path), image.blob.size, "warm-up")
-        systems = list(sources) + ([] if args.no_dist else ["dist"])
+        systems = (list(sources) + ([] if args.no_dist else ["dist"])
+                   + (["floor", "floor2"] if args.floor else []))
         rates = {name: Sample() for name in systems}
         cpus = {name: Sample() for name in systems}
+        upstream_cpus = {name: Sample() for name in systems}
         herd_gets: dict[str, list[int]] = {name: [] for name in systems}
         herd_walls = {name: Sample() for name in systems}
         for i in range(args.runs):
             k = i % len(systems)
             for name in systems[k:] + systems[:k]:
                 with _system(name, upstream, sources, args.workers) as (base, proxy, pid):
-                    rate, cpu = _pull(base, image, f"cold {name}", pid)
+                    rate, cpu, upstream_cpu = _pull(base, image, f"cold {name}", pid,
+                                                    upstream.pid)
                     rates[name].add(rate)
                     cpus[name].add(cpu)
+                    upstream_cpus[name].add(upstream_cpu)
                     if proxy is not None:
                         wait_for(lambda p=proxy: proxy_has_blob(p, image.blob), 120,
                                  "distribution to store the blob")
-                if args.herd and i < 3:
+                if args.herd and i < args.herd_rounds and not name.startswith("floor"):
                     with _system(name, upstream, sources, args.workers) as (base, proxy, _):
                         manifest = curl_get(base + image.manifest_path())
                         if manifest.status != 200:
@@ -135,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"load {Path('/proc/loadavg').read_text().split()[:3]}, {time.strftime('%H:%M')}")
         for name in systems:
             print(f"  {name:7} {rates[name].median:6.0f} MiB/s ({rates[name].spread()}); "
-                  f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()})")
+                  f"server CPU during the GET {cpus[name].median:.2f}s ({cpus[name].spread()}), "
+                  f"upstream's {upstream_cpus[name].median:.2f}s")
         if "dist" in rates:
-            for name in sources:
+            for name in [*sources, *(["floor", "floor2"] if args.floor else [])]:
                 print(f"  {name} / dist = {rates[name].median / rates['dist'].median:.2f}x")
         print(f"  new / old = {rates['new'].median / rates['old'].median:.2f}x")
         if args.herd:
@@ -151,6 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
+def _floor(upstream: str, hash_thread: bool) -> Iterator[tuple[str, int]]:
+    """bench/floor_proxy.py in its own process; yields (its URL, its pid)."""
+    staging = Path(tempfile.mkdtemp(prefix="sigil-ab-floor-"))
+    argv = [sys.executable, "-m", "bench.floor_proxy", upstream, str(staging)]
+    proc = subprocess.Popen(argv + (["--hash-thread"] if hash_thread else []),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
 def _system(name: str, upstream: RealRegistry, sources: dict[str, str | None], workers: int
             ) -> Iterator[tuple[str, RealRegistry | None, int | None]]:
     """(base URL, the proxy if it is distribution, the server pid whose CPU is measured:
@@ -158,6 +196,10 @@ def _system(name: str, upstream: RealRegistry, sources: dict[str, str | None], w
     if name == "dist":
         with running_proxy(upstream.url) as proxy:
             yield proxy.url, proxy, proxy.pid
+        return
+    if name.startswith("floor"):
+        with _floor(upstream.url, name == "floor2") as (url, floor_pid):
+            yield url, None, floor_pid
         return
     with _sigil(upstream.url, sources[name], workers) as proc:
         pid = proc.proc.pid if proc.proc is not None and workers == 1 else None

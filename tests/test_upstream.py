@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import socket
 import ssl
 from collections import defaultdict
@@ -86,7 +87,9 @@ def _image(config_blob: bytes, layer: bytes) -> bytes:
 class FakeRegistry:
     """A registry on 127.0.0.1:<port 0>. ``faults[path]`` is a queue consumed one per request
     to that path (after auth): ``("status", code, headers, body)``, ``("hang",)``,
-    ``("cut",)``, ``("redirect", url)``, ``("chunked",)``."""
+    ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("trickle", piece, pause)``
+    (the blob in ``piece``-byte writes ``pause`` seconds apart), ``("redirect", url)``,
+    ``("chunked",)``."""
 
     auth: str | None = None              # None | "bearer" | "basic"
     expires_in: int | None = 300
@@ -262,6 +265,25 @@ class FakeRegistry:
             await response.drain()
             assert request.transport is not None
             request.transport.close()
+            return response
+        if what == "stall":
+            # Half the body, then the connection stays open and silent until the client
+            # gives up (handler cancelled) or the fake stops.
+            data = self.blobs[rest]
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await asyncio.wait_for(self._release.wait(), 30)
+            return response
+        if what == "trickle":
+            _, piece, pause = fault
+            data = self.blobs[rest]
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            for at in range(0, len(data), piece):
+                await response.write(data[at:at + piece])
+                await asyncio.sleep(pause)
+            await response.write_eof()
             return response
         if what == "chunked":
             raw, media_type = self.manifests[(repo, rest)]
@@ -764,6 +786,81 @@ async def test_blob_cut_mid_stream_raises_without_retry(make_fake: Any, clients:
     assert "stream failed" in str(info.value)
     assert len(fake.seen) == 1
     assert _errors("cut.test", "connect") == 1
+
+
+async def test_blob_body_silent_for_read_timeout_fails(make_fake: Any, clients: Any) -> None:
+    # The per-read timer is replaced by one watchdog for the whole body: an upstream that
+    # goes silent mid-body still fails the stream after the read timeout, as a timeout.
+    fake = await make_fake()
+    data = os.urandom(1024 * 1024)
+    digest = fake.add_blob(data)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("stall",))
+    client = clients(fake.url, name="stall.test", read_timeout=0.3)
+    received = bytearray()
+    with pytest.raises(UpstreamError) as info:
+        async with asyncio.timeout(20):  # a broken watchdog fails here instead of hanging
+            async with client.open_blob(REPO, digest) as blob:
+                async for chunk in blob.iter_chunks(64 * 1024):
+                    received += chunk
+    assert len(received) == len(data) // 2
+    assert "stream failed" in str(info.value) and "timeout" in str(info.value)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert _errors("stall.test", "timeout") == 1
+
+
+async def test_blob_slow_consumer_is_not_a_silent_upstream(make_fake: Any,
+                                                           clients: Any) -> None:
+    # Bytes the upstream sent that wait for the consumer are progress: a consumer that
+    # pauses longer than the read timeout between pieces still gets the whole body.
+    fake = await make_fake()
+    data = os.urandom(4 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    client = clients(fake.url, name="slow.test", read_timeout=0.2)
+    received = bytearray()
+    async with client.open_blob(REPO, digest) as blob:
+        async for chunk in blob.iter_chunks(256 * 1024):
+            received += chunk
+            if len(received) <= 512 * 1024:
+                await asyncio.sleep(0.5)
+    assert bytes(received) == data
+    assert _errors("slow.test", "timeout") == 0
+
+
+async def test_blob_trickling_upstream_is_not_silent(make_fake: Any, clients: Any) -> None:
+    # The socket's low-water mark (256 KiB) would hold a trickle of 8 KiB every 20 ms back
+    # for longer than the read timeout; the watchdog lowers it on a quiet check, so an
+    # upstream that keeps sending is not taken for a silent one.
+    fake = await make_fake()
+    data = os.urandom(300 * 1024)
+    digest = fake.add_blob(data)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("trickle", 8 * 1024, 0.02))
+    client = clients(fake.url, name="trickle.test", read_timeout=0.3)
+    async with asyncio.timeout(20):
+        async with client.open_blob(REPO, digest) as blob:
+            received = b"".join([c async for c in blob.iter_chunks()])
+    assert received == data
+    assert _errors("trickle.test", "timeout") == 0
+
+
+async def test_read_timeout_is_reset_for_the_next_request(make_fake: Any,
+                                                          clients: Any) -> None:
+    # The watchdog switches off the connection's own read timer, and the socket gets a
+    # low-water mark, for one blob body only: a small response on the reused connection
+    # arrives at once (no retries to hide a stall), and a hanging one times out again.
+    fake = await make_fake()
+    data = os.urandom(1024 * 1024)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    client = clients(fake.url, name="reuse.test", retries=0, read_timeout=0.3)
+    async with client.open_blob(REPO, digest) as blob:
+        assert b"".join([c async for c in blob.iter_chunks()]) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+    fake.faults[f"/v2/{REPO}/manifests/latest"].append(("hang",))
+    with pytest.raises(UpstreamError, match="timeout"):
+        async with asyncio.timeout(20):
+            await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)
+    assert _errors("reuse.test", "timeout") == 1
 
 
 async def test_blob_redirect_drops_authorization(make_fake: Any, clients: Any) -> None:

@@ -138,10 +138,11 @@ async def _blob(request: web.Request, mirror: Mirror, route: Route,
     if download.size is not None:
         response.content_length = download.size
     await response.prepare(request)
+    served = metrics.BYTES_SERVED.labels("upstream")  # once, not a label lookup per piece
     try:
         async for chunk in download.stream():
             await response.write(chunk)
-            metrics.BYTES_SERVED.labels("upstream").inc(len(chunk))
+            served.inc(len(chunk))
     except RegistryError:
         # The digest did not match or the upstream broke mid-body: the client must not get
         # a complete body, and the status line is already sent, so cut the connection.
