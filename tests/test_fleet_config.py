@@ -13,7 +13,8 @@ from sigil.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-that-must-never-leak"
-ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET}
+ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET,
+       "SIGIL_PEER_SECRET": "peer-secret-value"}
 
 
 def s3(**keys: Any) -> dict[str, Any]:
