@@ -307,13 +307,14 @@ class Download:
                     await self._relay(lease, leases, relay)
                     return
                 except Unavailable:
-                    # The peer is unreachable or has nothing (it just finished): look again,
-                    # unless a client already has bytes from it.
+                    # The peer is unreachable or has nothing (it just finished, or died and
+                    # its lease has not expired yet): look again once the lease changed
+                    # hands, unless a client already has bytes from it.
                     if self.received:
                         raise
                     if await self._already_committed():
                         return
-                    await asyncio.sleep(LEASE_CHECK)
+                    await self._lease_change(lease, leases)
                     continue
             if await self._follow(lease, leases):
                 return
@@ -364,6 +365,19 @@ class Download:
         self.verified = True
         self._start(size)
         return True
+
+    async def _lease_change(self, lease: LeaseInfo, leases: FetchLeases) -> None:
+        """Wait (at most a lease lifetime and a bit) until ``lease`` ended or changed hands,
+        or the object appeared."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEASE_TTL + 1.0
+        while loop.time() < deadline:
+            current = await leases.current(self.digest)
+            if current is None or current.holder != lease.holder:
+                return
+            if self.objects is not None and await self.objects.has(self.digest):
+                return
+            await asyncio.sleep(LEASE_CHECK)
 
     async def _relay(self, lease: LeaseInfo, leases: FetchLeases, relay: RelayPeers) -> None:
         """Stream another replica's download of this blob through its peer endpoint into

@@ -344,7 +344,12 @@ class Mirror:
         """The stored blob's size, or None: a stat locally, the index row remotely."""
         if self._local_store:
             return await self.store.size(digest)
-        return await self.index.blob_size(digest)
+        try:
+            return await self.index.blob_size(digest)
+        except Unavailable:
+            # The index database is down: committed blobs are still served where the store
+            # answers (the gate already passed, from memory).
+            return await self.store.size(digest)
 
     async def _load(self, route: Route, digest: Digest) -> ServedManifest:
         """Manifest bytes by digest: memory, store, else upstream (digest-checked)."""
@@ -396,7 +401,12 @@ class Mirror:
         now = time.time()
         if now - self._touched.get(digest, 0.0) > 60:
             _bounded(self._touched)[digest] = now
-            await self.index.touch(digest, now)
+            try:
+                await self.index.touch(digest, now)
+            except Unavailable as exc:
+                # An access time is advice for gc: a manifest served from memory while the
+                # index database is down must not fail for it.
+                log.warning("index.touch_failed", digest=str(digest), error=str(exc))
 
     # ------------------------------------------------------------- the verdict
     async def _gate_manifest(self, route: Route, served: ServedManifest, reference: str) -> None:
