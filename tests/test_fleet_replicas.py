@@ -147,7 +147,7 @@ async def test_real_clients_pull_through_three_replicas(
         tmp_path, real_registry, registry_pusher: RegistryPusher, unique_repo, seaweed_s3,
         pg_dsn, standin_path, containerd_daemon: Containerd) -> None:
     async with running_fleet(tmp_path, real_registry.url, seaweed_s3, pg_dsn) as (
-            fleet, balancer):
+            _, balancer):
         pushed = await registry_pusher.make_image(unique_repo, "v1", media="docker")
         copy = await skopeo_copy(f"{balancer.host}/{unique_repo}:v1", tmp_path / "out")
         assert copy.digest == pushed.digest

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from sigil.config import Config
 from sigil.errors import StorageError
+from sigil.oci.digest import Digest
 from sigil.storage.blobs import BlobStore
 from sigil.storage.contracts import (
     AsyncIndex,
@@ -25,7 +26,6 @@ from sigil.storage.contracts import (
     SqliteAsyncIndex,
 )
 from sigil.storage.index import Index
-from sigil.oci.digest import Digest
 from sigil.storage.lease import FetchLeases, LeaseInfo
 from sigil.storage.lease_sqlite import SqliteFetchLeases
 

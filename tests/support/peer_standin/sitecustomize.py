@@ -12,9 +12,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 _HERE = Path(__file__).resolve().parent
 _STANDINS = {"sigil.server.peer": _HERE / "standin_peer_server.py",
