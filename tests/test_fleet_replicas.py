@@ -398,3 +398,22 @@ async def test_fleet_gc_and_fsck_cli(tmp_path, real_registry, registry_pusher: R
         gc = await asyncio.to_thread(fleet.sigil_cli, "gc")
         assert gc.returncode == 0, gc.stdout + gc.stderr
         assert '"ran": true' in gc.stdout
+
+
+def test_serve_with_postgres_down_exits_2_with_one_line(tmp_path: Path) -> None:
+    from tests.realparts._process import DEAD_PORT
+
+    config = tmp_path / "sigil.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"listen": f"127.0.0.1:{free_port()}"},
+        "storage": {"root": str(tmp_path / "store")},
+        "index": {"backend": "postgres",
+                  "postgres": {"dsn": f"postgresql://sigil:pw-never-shown@127.0.0.1:{DEAD_PORT}/x"}},
+        "upstreams": [{"name": "docker.io", "url": "http://127.0.0.1:9", "default": True}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGIL_")}
+    result = subprocess.run([sys.executable, "-m", "sigil", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PostgreSQL" in lines[0], result.stderr
+    assert "pw-never-shown" not in result.stderr + result.stdout

@@ -151,13 +151,13 @@ async def _single_flight(config: Config, backends: Backends
       staging path means nothing on another host)."""
     remote = not isinstance(backends.objects, FilesystemObjectStore)
     if not (remote and config.server.peer_listen is not None):
-        if config.index.backend == "postgres" or remote:
-            if config.server.workers > 1 and not remote:
-                return backends.leases, None, None
+        if config.index.backend == "postgres":
+            # A shared lease table, but nothing another host could follow.
             log.warning("fleet.no_peer_endpoint",
                         hint="without server.peer_listen each replica fetches cold blobs "
                              "on its own")
             return None, None, None
+        # One host (the SQLite lease file): workers follow each other's staging files.
         return (backends.leases if config.server.workers > 1 else None), None, None
     if not config.server.peer_secret:
         raise SigilError("server.peer_listen is set but no peer secret is configured "
