@@ -95,6 +95,8 @@ class BlobSource(Protocol):
 OpenBlob = Callable[[], AbstractAsyncContextManager[BlobSource]]
 #: Called once a blob is committed (digest, size); may be a coroutine function.
 OnCommit = Callable[[Digest, int], "Awaitable[None] | None"]
+# Read size of the task that feeds a remote store's upload from the scratch file.
+UPLOAD_READ = 1024 * 1024
 # How often a relaying replica looks for the holder's committed object in the shared store.
 RELAY_COMMIT_POLL = 0.05
 
@@ -240,10 +242,14 @@ class Download:
         flushing: asyncio.Future[None] | None = None
         ok = False
         # A remote store: the bytes also stream into its upload session (the staging file is
-        # then the local scratch copy for late joiners and the peer endpoint).
+        # then the local scratch copy for late joiners and the peer endpoint), fed from that
+        # file by a task of its own, so a slower bucket does not slow the clients down.
         upload: UploadSession | None = None
+        uploading: asyncio.Task[None] | None = None
         if self.objects is not None:
             upload = await self.objects.begin_upload(self.digest)
+            uploading = asyncio.get_running_loop().create_task(
+                self._upload_scratch(upload, staging.path))
         try:
             async with open_blob() as blob:
                 if on_started is not None:
@@ -258,10 +264,8 @@ class Download:
                     _write(staging, chunk)
                     self.written = self.received
                     self._notify()
-                    if upload is not None:
-                        await upload.write(chunk)
-                    elif self.written - synced >= SYNC_EVERY and (flushing is None
-                                                                  or flushing.done()):
+                    if upload is None and self.written - synced >= SYNC_EVERY and (
+                            flushing is None or flushing.done()):
                         synced = self.written
                         flushing = asyncio.ensure_future(asyncio.to_thread(_flush, self.path))
             if self.size is not None and self.received != self.size:
@@ -275,6 +279,8 @@ class Download:
             if upload is None:
                 self.committed = await staging.commit(self.digest)
             else:
+                assert uploading is not None
+                await uploading  # the rest of the scratch file into the upload
                 await upload.commit()  # re-checks the digest itself, then publishes
                 self.stored_remotely = True
                 staging.abort()  # the scratch copy: open readers keep their descriptor
@@ -282,12 +288,36 @@ class Download:
             await _committed(on_commit, self.digest, self.received)
             log.info("blob.committed", digest=str(self.digest), size=self.received)
         finally:
+            if uploading is not None and not uploading.done():
+                uploading.cancel()
+                await asyncio.gather(uploading, return_exceptions=True)
             if not ok:
                 staging.abort()
                 if upload is not None:
                     await asyncio.shield(upload.abort())
             if flushing is not None and not flushing.done():
                 flushing.add_done_callback(_observe)
+
+    async def _upload_scratch(self, upload: UploadSession, path: Path) -> None:
+        """Feed ``upload`` from the scratch file as it grows, at the object store's pace
+        (its back-pressure); return once everything verified is in it. Cancelled when the
+        download fails."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sent = 0
+            while True:
+                if sent < self.written:
+                    data = os.pread(fd, min(UPLOAD_READ, self.written - sent), sent)
+                    if not data:
+                        raise StorageError("the scratch file shrank during the upload")
+                    await upload.write(data)
+                    sent += len(data)
+                elif self.verified:
+                    return
+                else:
+                    await self._progress()
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ across workers
     async def _run_leased(self, open_blob: OpenBlob, on_commit: OnCommit,
