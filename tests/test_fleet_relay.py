@@ -136,3 +136,54 @@ async def test_a_holder_that_stops_before_its_commit_cuts_the_relay(relay_setup)
     assert error is not None
     assert len(body) == len(data) - 1  # all but the held-back last byte
     assert not await store.has(digest)
+
+
+class SlowUpstream:
+    """An upstream body that trickles out (a few ms per 256 KiB), counted per open."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size: int | None = len(data)
+        self.opens = 0
+
+    def open(self) -> AsyncIterator[SlowUpstream]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[SlowUpstream]:
+            self.opens += 1
+            yield self
+
+        return opened()
+
+    async def iter_chunks(self, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.data), 256 * 1024):
+            await asyncio.sleep(0.005)
+            yield self.data[at:at + 256 * 1024]
+
+
+async def test_workers_on_one_host_over_s3_follow_the_scratch_file(relay_setup) -> None:
+    """``--workers N`` with a remote store and the host's lease file: the follower reads the
+    holder's scratch file and gets the tail once the holder's upload is in the bucket."""
+    store, leases, root = relay_setup
+    sibling_leases = SqliteFetchLeases(root)
+    try:
+        data = os.urandom(6 * MiB + 5)
+        digest = Digest.of(data)
+        upstream = SlowUpstream(data)
+        first = Downloads(store, leases, scratch=root)
+        second = Downloads(store, sibling_leases, scratch=root)
+        holder, _ = first.get_or_start(digest, upstream.open, lambda d, n: None)
+        await holder.wait_started()
+        follower, _ = second.get_or_start(digest, upstream.open, lambda d, n: None)
+        await follower.wait_started()
+        mine, theirs = await asyncio.wait_for(asyncio.gather(
+            _collect(holder.stream()), _collect(follower.stream())), 60)
+        assert mine == (data, None) and theirs == (data, None)
+        assert upstream.opens == 1
+        assert follower.path == holder.path  # it read the holder's scratch file
+        assert holder.stored_remotely and follower.stored_remotely
+        async with store.open_range(digest) as reader:
+            stored = b"".join([chunk async for chunk in reader])
+        assert stored == data
+        assert not list((root / "staging").iterdir())  # the scratch copies are gone
+    finally:
+        await sibling_leases.close()
