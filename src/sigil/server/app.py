@@ -187,10 +187,12 @@ async def _single_flight(config: Config, backends: Backends
     return backends.leases, relay, start_peer
 
 
-async def _maintain(mirror: Mirror, config: Config, backends: Backends | None = None) -> None:
-    """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
-    GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges).
-    Each pass is timed and counted (``sigil_gc_*``); a failed one is logged and counted."""
+async def _maintain(mirror: Mirror, config: Config, backends: Backends) -> None:
+    """Keep the store under ``storage.max_bytes`` every GC_INTERVAL seconds: on one box a
+    mark-and-sweep pass in a thread (it does nothing while under budget except refresh the
+    store gauges; each pass is timed and counted, ``sigil_gc_*``); over shared backends an
+    incremental pass under the gc lease, then the abandoned-upload cleanup. A failed pass is
+    logged."""
     # The budget as a gauge, so "store near full" is one division in PromQL.
     metrics.STORE_MAX_BYTES.set(config.storage.max_bytes)
     delay = FIRST_GC_DELAY  # the first pass soon after start: it also sets the store gauges
@@ -202,7 +204,7 @@ async def _maintain(mirror: Mirror, config: Config, backends: Backends | None = 
         await asyncio.sleep(delay)
         delay = GC_INTERVAL
         try:
-            if backends is not None and _fleet(config):
+            if _fleet(config):
                 # A shared store: one replica at a time (the gc lease), index-driven, plus
                 # the uploads replicas abandoned (killed mid-download).
                 await collect_incremental(backends.objects, backends.index, backends.leases,
