@@ -13,7 +13,8 @@ from sigil.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-that-must-never-leak"
-ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET}
+ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET,
+       "SIGIL_PEER_SECRET": "peer-secret-value"}
 
 
 def s3(**keys: Any) -> dict[str, Any]:
@@ -126,3 +127,20 @@ def test_env_overrides_select_backends() -> None:
     assert config.storage.backend == "s3"
     assert config.storage.s3 is not None and config.storage.s3.bucket == "from-file"
     assert config.server.peer_listen == ("0.0.0.0", 5001)
+
+
+def test_peer_endpoint_needs_a_secret_never_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"server": {"peer_listen": "127.0.0.1:5001"}}, env={})
+    assert "server.peer_secret_env" in str(info.value)
+    assert "SIGIL_PEER_SECRET" in str(info.value)
+    secret_file = tmp_path / "peer"
+    secret_file.write_text("from-a-file-and-secret\n")
+    config = build_config({"server": {"peer_listen": "127.0.0.1:5001",
+                                      "peer_advertise": "10.0.0.7:5001",
+                                      "peer_secret_file": str(secret_file)}}, env={})
+    assert config.server.peer_secret == "from-a-file-and-secret"
+    assert config.server.peer_advertise == ("10.0.0.7", 5001)
+    assert "from-a-file-and-secret" not in repr(config)
+    # No peer endpoint: the secret is not required (nor read).
+    assert build_config({}, env={}).server.peer_secret is None

@@ -172,10 +172,10 @@ async def test_download_survives_client_disconnect(make_mirror, upstream) -> Non
     response.close()  # the client goes away mid-body
     mirror = client.server.app[MIRROR]
     for _ in range(200):
-        if mirror.store.has(_digest(sha(layer))):
+        if mirror.store.blobs.has(_digest(sha(layer))):
             break
         await asyncio.sleep(0.05)
-    assert mirror.store.path(_digest(sha(layer))).read_bytes() == layer
+    assert mirror.store.blobs.path(_digest(sha(layer))).read_bytes() == layer
     assert fake.hits[f"GET blob {sha(layer)}"] == 1
 
 
@@ -205,8 +205,8 @@ async def test_bad_blob_is_never_served_complete_nor_cached(make_mirror, upstrea
     assert failed or len(received) < len(layer)
     assert received != layer
     mirror = client.server.app[MIRROR]
-    assert not mirror.store.has(_digest(sha(layer)))
-    report = fsck(mirror.store, mirror.index)
+    assert not mirror.store.blobs.has(_digest(sha(layer)))
+    report = fsck(mirror.store.blobs, mirror.index.sync)
     assert report.ok
     # The server keeps serving.
     assert (await client.get("/v2/")).status == 200
@@ -273,8 +273,8 @@ async def test_malformed_and_oversized_manifests_are_refused(make_mirror, upstre
         assert response.status >= 400
         assert (await response.json())["errors"][0]["code"] == "MANIFEST_INVALID"
     mirror = client.server.app[MIRROR]
-    assert mirror.index.get_tag("docker.io", "library/app", "bad") is None
-    assert not mirror.store.has(_digest(sha(b"{not json")))
+    assert mirror.index.sync.get_tag("docker.io", "library/app", "bad") is None
+    assert not mirror.store.blobs.has(_digest(sha(b"{not json")))
 
 
 @pytest.mark.parametrize(("path", "code"), [

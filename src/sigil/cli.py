@@ -113,8 +113,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure(config.log.level, config.log.format)
     policy = _load_policy(config)
     Path(config.storage.root).mkdir(parents=True, exist_ok=True)
-    # Create or migrate the index once, before workers open it side by side.
-    Index(Path(config.storage.root) / "index.sqlite").close()
+    # Create or migrate the index once, before workers open it side by side (a fleet: open
+    # and close the backends, so an unreachable database or bucket fails the start here).
+    if _fleet(config):
+        asyncio.run(_check_backends(config))
+    else:
+        Index(Path(config.storage.root) / "index.sqlite").close()
     sock = listen_socket(config)  # bound before forking: a port in use fails the start
     workers = args.workers or config.server.workers
     if workers > 1:
@@ -161,6 +165,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
+def _fleet(config: Config) -> bool:
+    """Is the store or the index a shared (fleet) backend?"""
+    return config.storage.backend == "s3" or config.index.backend == "postgres"
+
+
+async def _check_backends(config: Config) -> None:
+    """Open (creating or migrating the schema) and close the configured backends."""
+    from sigil.storage.backends import open_backends
+
+    await (await open_backends(config)).close()
+
+
 def _prepare_shared_store(root: Path) -> None:
     """Before ``--workers`` fork: remove the staging files of an earlier run and its leases
     once, here, so that no worker's start-up removes a file a sibling is already writing."""
@@ -183,9 +199,54 @@ def _store(args: argparse.Namespace) -> Iterator[tuple[Config, BlobStore, Index]
         index.close()
 
 
+async def _fleet_gc(config: Config) -> Any:
+    """One incremental gc pass over the shared backends (under the gc lease)."""
+    from sigil.downloads import process_holder_id
+    from sigil.storage.backends import open_backends
+    from sigil.storage.maintenance import collect_incremental
+
+    backends = await open_backends(config)
+    try:
+        return await collect_incremental(backends.objects, backends.index, backends.leases,
+                                         process_holder_id(), config.storage.max_bytes,
+                                         now=time.time(), grace=0.0)
+    finally:
+        await backends.close()
+
+
+async def _fleet_fsck(config: Config) -> Any:
+    """The storage-level fsck over the shared backends."""
+    from sigil.storage.backends import open_backends
+    from sigil.storage.maintenance import check_objects
+
+    backends = await open_backends(config)
+    try:
+        return await check_objects(backends.objects, backends.index)
+    finally:
+        await backends.close()
+
+
+def _fleet_report(name: str, report: Any, as_json: bool, ok: bool) -> int:
+    """Print a fleet gc/fsck report (JSON, or one ``key: value`` a line)."""
+    if as_json:
+        _print_json(report)
+    else:
+        from dataclasses import asdict
+
+        for key, value in asdict(report).items():
+            print(f"{key}: {value}")
+        print(f"result: {'ok' if ok else 'PROBLEMS FOUND'}" if name == "fsck" else
+              f"ran: {'yes' if report.ran else 'no (another replica holds the gc lease)'}")
+    return 0 if ok else 1
+
+
 def _gc(args: argparse.Namespace) -> int:
     from sigil.progress import BYTES, format_amount, print_summary, progress_for
 
+    fleet_config = _load(args.config)
+    if _fleet(fleet_config):
+        configure(fleet_config.log.level, fleet_config.log.format)
+        return _fleet_report("gc", asyncio.run(_fleet_gc(fleet_config)), args.json, True)
     with _store(args) as (config, store, index):
         stats = collect(store, index, config.storage.max_bytes, now=time.time(),
                         progress=progress_for(sys.stderr, "sigil gc"))
@@ -214,6 +275,11 @@ def _gc(args: argparse.Namespace) -> int:
 def _fsck(args: argparse.Namespace) -> int:
     from sigil.progress import BYTES, format_amount, print_summary, progress_for
 
+    fleet_config = _load(args.config)
+    if _fleet(fleet_config):
+        configure(fleet_config.log.level, fleet_config.log.format)
+        report = asyncio.run(_fleet_fsck(fleet_config))
+        return _fleet_report("fsck", report, args.json, report.ok)
     with _store(args) as (_, store, index):
         report = fsck(store, index, progress_for(sys.stderr, "sigil fsck"))
     if args.json:

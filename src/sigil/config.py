@@ -141,6 +141,10 @@ class ServerConfig:
     tls_reload_interval: float = 5.0   # how often cert/key mtimes are checked (0: never)
     # host:port of the internal peer endpoint replicas stream in-flight blobs from (fleet).
     peer_listen: tuple[str, int] | None = None
+    # The address other replicas use to reach peer_listen (default: peer_listen itself), and
+    # the shared secret peer requests are signed with (never logged, not in repr).
+    peer_advertise: tuple[str, int] | None = None
+    peer_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,8 @@ class Config:
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "server": {"listen", "tls", "workers", "offline", "auth", "peer_listen"},
+    "server": {"listen", "tls", "workers", "offline", "auth", "peer_listen",
+               "peer_advertise", "peer_secret_env", "peer_secret_file"},
     "storage": {"root", "max_bytes", "backend", "s3"},
     "log": {"level", "format"},
     "index": {"backend", "postgres"},
@@ -639,6 +644,13 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
     peer_listen = server.get("peer_listen")
     peer = (None if peer_listen is None
             else _parse_listen(peer_listen, file=file, key="server.peer_listen"))
+    peer_advertise = server.get("peer_advertise")
+    advertise = (None if peer_advertise is None
+                 else _parse_listen(peer_advertise, file=file, key="server.peer_advertise"))
+    # The peer secret only matters (and is only read) when the peer endpoint is on.
+    peer_secret = (None if peer is None else
+                   _secret(server, "peer_secret", "SIGIL_PEER_SECRET", file=file,
+                           key="server", env=env)[0])
 
     storage = _mapping(root.get("storage"), file=file, key="storage")
     _unknown(set(storage), _SECTIONS["storage"], file=file, key="storage")
@@ -691,7 +703,8 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
         server=ServerConfig(listen_host=host, listen_port=port, tls_cert=cert, tls_key=tls_key,
                             workers=workers, offline=offline, auth=auth,
                             tls_client_ca=client_ca, tls_client_auth=client_auth,
-                            tls_reload_interval=reload_interval, peer_listen=peer),
+                            tls_reload_interval=reload_interval, peer_listen=peer,
+                            peer_advertise=advertise, peer_secret=peer_secret),
         storage=StorageConfig(root=storage_root, max_bytes=max_bytes, backend=backend, s3=s3),
         index=index_config,
         upstreams=upstreams, policy=policy, log=LogConfig(level=level, format=fmt),

@@ -22,25 +22,36 @@ fetch single-flight per host: the process that takes a digest's lease fetches it
 committed under its digest as that very file (same inode: in one host this proves the holder
 verified the bytes they read). If the holder fails, or its lease expires (it died) without a
 commit, the followers abort their clients, and the next request takes the lease over.
+Over a remote object store (S3) the bytes go to an :class:`~sigil.storage.contracts.UploadSession`
+(multipart, streamed) and, beside it, to a local *scratch* file under ``storage.root/staging``
+that late joiners of this process and the peer endpoint read; it is deleted after the commit
+(open descriptors keep reading it). Across replicas (``relay``: a fleet with a peer endpoint),
+the lease holder fetches and uploads; a replica that finds a live lease *relays*: it streams
+from the holder's peer endpoint into its own scratch file, hashing, uploads nothing, and
+releases its last byte only when its own hash matched and the object is visible in the shared
+store under the digest. If the peer fails, or the lease ends without a commit, its clients are
+cut and the next request takes the lease over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from sigil import metrics
-from sigil.errors import RegistryError, SigilError, StorageError, UpstreamError
+from sigil.errors import RegistryError, SigilError, StorageError, Unavailable, UpstreamError
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
-from sigil.storage import BlobStore
-from sigil.storage.blobs import StagingFile
+from sigil.storage.blobs import BlobStore, StagingFile
+from sigil.storage.contracts import FilesystemObjectStore, ObjectStore, UploadSession
 from sigil.storage.lease import FetchLeases, LeaseInfo
 
 log = get_logger("sigil.downloads")
@@ -82,6 +93,28 @@ class BlobSource(Protocol):
 
 
 OpenBlob = Callable[[], AbstractAsyncContextManager[BlobSource]]
+#: Called once a blob is committed (digest, size); may be a coroutine function.
+OnCommit = Callable[[Digest, int], "Awaitable[None] | None"]
+# Read size of the task that feeds a remote store's upload from the scratch file.
+UPLOAD_READ = 1024 * 1024
+# How often a relaying replica looks for the holder's committed object in the shared store.
+RELAY_COMMIT_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class RelayPeers:
+    """Cross-replica single-flight: where other replicas reach this one's peer endpoint
+    (the lease ``location``), and how to open another replica's in-flight download
+    (:meth:`sigil.upstream.peer.PeerClient.open_blob`)."""
+
+    location: str
+    open_peer: Callable[[str, Digest], AbstractAsyncContextManager[BlobSource]]
+
+
+async def _committed(on_commit: OnCommit, digest: Digest, size: int) -> None:
+    result = on_commit(digest, size)
+    if inspect.isawaitable(result):
+        await result
 
 
 def process_holder_id() -> str:
@@ -121,11 +154,16 @@ class Download:
     """One in-flight fetch of one blob into the store (or, with leases, the following of
     another worker's fetch)."""
 
-    def __init__(self, digest: Digest, store: BlobStore) -> None:
+    def __init__(self, digest: Digest, store: BlobStore,
+                 objects: ObjectStore | None = None) -> None:
         self.digest = digest
+        # ``store``: the local store (filesystem backend), or only the scratch area of a
+        # remote ``objects`` store, whose committed objects have no local path.
         self.store = store
+        self.objects = objects
         self.staging: StagingFile | None = store.new_staging()
         self._path = self.staging.path
+        self.stored_remotely = False       # committed to the remote store (no local path)
         self.size: int | None = None       # expected size (upstream Content-Length), once known
         self.received = 0                  # bytes that exist: on disk or in the last chunk
         self.written = 0                   # bytes in the file at ``path`` (pread may read them)
@@ -163,8 +201,9 @@ class Download:
         self.started.set()
         self._notify()
 
-    async def run(self, open_blob: OpenBlob, on_commit: Callable[[Digest, int], None],
-                  leases: FetchLeases | None = None, holder: str = "") -> None:
+    async def run(self, open_blob: OpenBlob, on_commit: OnCommit,
+                  leases: FetchLeases | None = None, holder: str = "",
+                  relay: RelayPeers | None = None) -> None:
         """Fetch, hash, commit (or follow the lease holder's fetch). ``open_blob()`` opens
         the upstream body. Errors are stored on the download, never raised to the loop."""
         metrics.INFLIGHT_DOWNLOADS.inc()
@@ -172,7 +211,7 @@ class Download:
             if leases is None:
                 await self._fetch(open_blob, on_commit)
             else:
-                await self._run_leased(open_blob, on_commit, leases, holder)
+                await self._run_leased(open_blob, on_commit, leases, holder, relay)
         except asyncio.CancelledError:
             self.error = UpstreamError("download cancelled at shutdown")
             raise
@@ -194,7 +233,7 @@ class Download:
             self._notify()
 
     # ------------------------------------------------------------------- fetching
-    async def _fetch(self, open_blob: OpenBlob, on_commit: Callable[[Digest, int], None],
+    async def _fetch(self, open_blob: OpenBlob, on_commit: OnCommit,
                      on_started: Callable[[int | None], Awaitable[None]] | None = None
                      ) -> None:
         """Fetch from the upstream into the staging file; verify; release; commit."""
@@ -202,6 +241,15 @@ class Download:
         assert staging is not None
         flushing: asyncio.Future[None] | None = None
         ok = False
+        # A remote store: the bytes also stream into its upload session (the staging file is
+        # then the local scratch copy for late joiners and the peer endpoint), fed from that
+        # file by a task of its own, so a slower bucket does not slow the clients down.
+        upload: UploadSession | None = None
+        uploading: asyncio.Task[None] | None = None
+        if self.objects is not None:
+            upload = await self.objects.begin_upload(self.digest)
+            uploading = asyncio.get_running_loop().create_task(
+                self._upload_scratch(upload, staging.path))
         try:
             async with open_blob() as blob:
                 if on_started is not None:
@@ -216,8 +264,8 @@ class Download:
                     _write(staging, chunk)
                     self.written = self.received
                     self._notify()
-                    if self.written - synced >= SYNC_EVERY and (flushing is None
-                                                                or flushing.done()):
+                    if upload is None and self.written - synced >= SYNC_EVERY and (
+                            flushing is None or flushing.done()):
                         synced = self.written
                         flushing = asyncio.ensure_future(asyncio.to_thread(_flush, self.path))
             if self.size is not None and self.received != self.size:
@@ -228,26 +276,76 @@ class Download:
             # makes it durable and visible under the digest.
             self.verified = True
             self._notify()
-            self.committed = await staging.commit(self.digest)
+            if upload is None:
+                self.committed = await staging.commit(self.digest)
+            else:
+                assert uploading is not None
+                await uploading  # the rest of the scratch file into the upload
+                await upload.commit()  # re-checks the digest itself, then publishes
+                self.stored_remotely = True
+                staging.abort()  # the scratch copy: open readers keep their descriptor
             ok = True
-            on_commit(self.digest, self.received)
+            await _committed(on_commit, self.digest, self.received)
             log.info("blob.committed", digest=str(self.digest), size=self.received)
         finally:
+            if uploading is not None and not uploading.done():
+                uploading.cancel()
+                await asyncio.gather(uploading, return_exceptions=True)
             if not ok:
                 staging.abort()
+                if upload is not None:
+                    await asyncio.shield(upload.abort())
             if flushing is not None and not flushing.done():
                 flushing.add_done_callback(_observe)
 
+    async def _upload_scratch(self, upload: UploadSession, path: Path) -> None:
+        """Feed ``upload`` from the scratch file as it grows, at the object store's pace
+        (its back-pressure); return once everything verified is in it. Cancelled when the
+        download fails."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sent = 0
+            while True:
+                if sent < self.written:
+                    data = os.pread(fd, min(UPLOAD_READ, self.written - sent), sent)
+                    if not data:
+                        raise StorageError("the scratch file shrank during the upload")
+                    await upload.write(data)
+                    sent += len(data)
+                elif self.verified:
+                    return
+                else:
+                    await self._progress()
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------ across workers
-    async def _run_leased(self, open_blob: OpenBlob, on_commit: Callable[[Digest, int], None],
-                          leases: FetchLeases, holder: str) -> None:
-        """Take the digest's lease and fetch, or follow the worker that holds it."""
+    async def _run_leased(self, open_blob: OpenBlob, on_commit: OnCommit,
+                          leases: FetchLeases, holder: str,
+                          relay: RelayPeers | None = None) -> None:
+        """Take the digest's lease and fetch, or follow the worker that holds it (on one
+        host: its staging file; across replicas: its peer endpoint)."""
         staging = self.staging
         assert staging is not None
+        location = relay.location if relay is not None else str(staging.path)
         for _ in range(ACQUIRE_TRIES):
-            lease = await leases.acquire(self.digest, holder, str(staging.path), LEASE_TTL)
+            lease = await leases.acquire(self.digest, holder, location, LEASE_TTL)
             if lease.holder == holder:
                 break
+            if relay is not None:
+                try:
+                    await self._relay(lease, leases, relay)
+                    return
+                except Unavailable:
+                    # The peer is unreachable or has nothing (it just finished, or died and
+                    # its lease has not expired yet): look again once the lease changed
+                    # hands, unless a client already has bytes from it.
+                    if self.received:
+                        raise
+                    if await self._already_committed():
+                        return
+                    await self._lease_change(lease, leases)
+                    continue
             if await self._follow(lease, leases):
                 return
             await asyncio.sleep(LEASE_CHECK)
@@ -255,7 +353,7 @@ class Download:
             staging.abort()
             raise UpstreamError("another worker keeps failing to fetch this blob")
         try:
-            if self._already_committed():
+            if await self._already_committed():
                 return  # committed by another worker between our miss and the lease
             renewing: asyncio.Task[None] | None = None
 
@@ -280,17 +378,71 @@ class Download:
             # looks for the object finds it if it was committed.
             await asyncio.shield(leases.release(self.digest, holder))
 
-    def _already_committed(self) -> bool:
-        size = self.store.size(self.digest)
+    async def _already_committed(self) -> bool:
+        if self.objects is not None:
+            size = await self.objects.size(self.digest)
+        else:
+            size = self.store.size(self.digest)
         if size is None:
             return False
         if self.staging is not None:
             self.staging.abort()
-        self.committed = self._path = self.store.path(self.digest)
+        if self.objects is not None:
+            self.stored_remotely = True
+        else:
+            self.committed = self._path = self.store.path(self.digest)
         self.received = self.written = size
         self.verified = True
         self._start(size)
         return True
+
+    async def _lease_change(self, lease: LeaseInfo, leases: FetchLeases) -> None:
+        """Wait (at most a lease lifetime and a bit) until ``lease`` ended or changed hands,
+        or the object appeared."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEASE_TTL + 1.0
+        while loop.time() < deadline:
+            current = await leases.current(self.digest)
+            if current is None or current.holder != lease.holder:
+                return
+            if self.objects is not None and await self.objects.has(self.digest):
+                return
+            await asyncio.sleep(LEASE_CHECK)
+
+    async def _relay(self, lease: LeaseInfo, leases: FetchLeases, relay: RelayPeers) -> None:
+        """Stream another replica's download of this blob through its peer endpoint into
+        the scratch file, hashing; upload nothing. The last byte is released only when our
+        own hash matched and the holder's object is visible in the shared store."""
+        staging, objects = self.staging, self.objects
+        assert staging is not None and objects is not None
+        metrics.COALESCED_WAITERS.inc()
+        async with relay.open_peer(lease.location, self.digest) as source:
+            self._start(source.size if source.size is not None else lease.size)
+            async for chunk in source.iter_chunks(READ_CHUNK):
+                self._chunk_at, self._chunk = self.received, chunk
+                self.received += len(chunk)
+                if self.size is not None and self.received > self.size:
+                    raise UpstreamError("the peer replica sent more bytes than announced")
+                _write(staging, chunk)
+                self.written = self.received
+                self._notify()
+        if self.size is not None and self.received != self.size:
+            raise UpstreamError(f"the peer replica's stream ended after {self.received} of "
+                                f"{self.size} bytes")
+        staging.check(self.digest)  # our own hash: DigestInvalid cuts every client
+        while not await objects.has(self.digest):
+            current = await leases.current(self.digest)
+            if current is None or current.holder != lease.holder:
+                if await objects.has(self.digest):
+                    break  # committed, then released, between the two reads
+                raise UpstreamError("the replica fetching this blob stopped before it "
+                                    "committed it")
+            await asyncio.sleep(RELAY_COMMIT_POLL)
+        self.stored_remotely = True
+        self.verified = True
+        self._notify()
+        staging.abort()  # the scratch copy: open readers keep their descriptor
+        self.staging = None
 
     async def _renew(self, leases: FetchLeases, holder: str, size: int | None) -> None:
         """Keep the lease while the download runs; record the size for the followers."""
@@ -318,7 +470,7 @@ class Download:
             fd = os.open(location, os.O_RDONLY)
         except FileNotFoundError:
             # Committed (renamed) or aborted just now.
-            return self._already_committed()
+            return await self._already_committed()
         metrics.COALESCED_WAITERS.inc()
         if self.staging is not None:
             self.staging.abort()
@@ -358,6 +510,14 @@ class Download:
                     self.received = self.written = os.fstat(fd).st_size
                     self.committed = target
                     self.verified = True
+                    self._start(self.written)
+                    return True
+                if holder_gone and self.objects is not None \
+                        and await self.objects.has(self.digest):
+                    # A remote store: the sibling verified this very file before its upload
+                    # became visible, and released the lease after that.
+                    self.received = self.written = os.fstat(fd).st_size
+                    self.stored_remotely = self.verified = True
                     self._start(self.written)
                     return True
                 if holder_gone:
@@ -400,6 +560,12 @@ class Download:
             fd = os.open(self.committed or self.path, os.O_RDONLY)
         except FileNotFoundError:
             await self.finished.wait()
+            if self.stored_remotely and self.objects is not None:
+                # The scratch file of a remote store is gone after the commit: the object.
+                async with self.objects.open_range(self.digest) as reader:
+                    async for piece in reader:
+                        yield piece
+                return
             if self.committed is None:
                 raise self._client_error() from None
             fd = os.open(self.committed, os.O_RDONLY)
@@ -448,28 +614,45 @@ class Downloads:
     """The table of in-flight downloads: at most one per digest in this process, and with
     ``leases`` (``--workers N``) at most one upstream fetch per digest on the host."""
 
-    def __init__(self, store: BlobStore, leases: FetchLeases | None = None) -> None:
+    def __init__(self, store: ObjectStore | BlobStore, leases: FetchLeases | None = None, *,
+                 scratch: Path | None = None, relay: RelayPeers | None = None) -> None:
+        # The filesystem store downloads into its own staging/; a remote one streams into an
+        # upload session, with a local scratch copy under ``scratch``/staging.
+        self._objects: ObjectStore | None = None
+        if isinstance(store, FilesystemObjectStore):
+            store = store.blobs
+        elif not isinstance(store, BlobStore):
+            if scratch is None:
+                raise StorageError("a remote object store needs a local scratch directory")
+            self._objects = store
+            store = BlobStore(scratch)
         self._store = store
         self._active: dict[Digest, Download] = {}
         self._leases = leases
+        self._relay = relay if self._objects is not None else None
         self._holder = process_holder_id() if leases is not None else ""
 
     def __len__(self) -> int:
         return len(self._active)
 
+    def active(self, digest: Digest) -> Download | None:
+        """The in-flight download of ``digest`` in this process, if any (the peer endpoint)."""
+        return self._active.get(digest)
+
     def get_or_start(self, digest: Digest, open_blob: OpenBlob,
-                     on_commit: Callable[[Digest, int], None]) -> tuple[Download, bool]:
+                     on_commit: OnCommit) -> tuple[Download, bool]:
         """Join the download of ``digest`` or start it. Returns (download, started_here)."""
         existing = self._active.get(digest)
         if existing is not None:
             metrics.COALESCED_WAITERS.inc()
             return existing, False
-        download = Download(digest, self._store)
+        download = Download(digest, self._store, self._objects)
         self._active[digest] = download
 
         async def runner() -> None:
             try:
-                await download.run(open_blob, on_commit, self._leases, self._holder)
+                await download.run(open_blob, on_commit, self._leases, self._holder,
+                                   self._relay)
             finally:
                 self._active.pop(digest, None)
 

@@ -17,7 +17,6 @@ Blobs are served only when a verified manifest of that repository made them serv
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -30,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from sigil import metrics
 from sigil.config import Config
-from sigil.downloads import Download, Downloads
+from sigil.downloads import Download, Downloads, RelayPeers
 from sigil.errors import (
     BlobUnknown,
     Denied,
@@ -52,7 +51,8 @@ from sigil.oci.manifest import (
 from sigil.oci.reference import validate_tag
 from sigil.routing import Route
 from sigil.singleflight import SingleFlight
-from sigil.storage import BlobStore, Index, TagRow
+from sigil.storage import TagRow
+from sigil.storage.contracts import AsyncIndex, FilesystemObjectStore, ObjectStore
 from sigil.storage.lease import FetchLeases
 from sigil.upstream import FetchedManifest, ManifestHead, UpstreamBlob
 
@@ -143,10 +143,12 @@ class ServedManifest:
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    """A blob present in the store."""
+    """A blob present in the store: a local file (``path``, sent by the server itself) or a
+    remote object (``path`` None: streamed from the store or redirected to it)."""
 
-    path: Path
+    path: Path | None
     digest: Digest
+    size: int | None = None
 
 
 class _ManifestCache:
@@ -192,17 +194,23 @@ def _bounded(table: _Table) -> _Table:
 class Mirror:
     """Pull-through logic for every upstream, over one store and index."""
 
-    def __init__(self, config: Config, store: BlobStore, index: Index,
+    def __init__(self, config: Config, store: ObjectStore, index: AsyncIndex,
                  clients: Mapping[str, Upstream], policy: PolicyHook | None = None,
-                 leases: FetchLeases | None = None) -> None:
+                 leases: FetchLeases | None = None, *,
+                 relay: RelayPeers | None = None) -> None:
         self.config = config
         self.store = store
         self.index = index
+        # A remote store (S3) answers has/size with a request each: what is stored is then
+        # asked of the index instead (its rows are written after each commit).
+        self._local_store = isinstance(store, FilesystemObjectStore)
         self.clients = clients
         # Offline: the store is the only source (module docstring); ``clients`` never connect.
         self.offline = config.server.offline
         self.policy: PolicyHook = policy or AllowAll()
-        self.downloads = Downloads(store, leases)  # leases: single-flight across workers
+        # leases: single-flight across workers (one host) or replicas (relay: the peers).
+        self.downloads = Downloads(store, leases, scratch=Path(config.storage.root),
+                                   relay=relay)
         self._manifests = _ManifestCache(MEMORY_MANIFEST_BYTES)
         self._tags: dict[tuple[str, str, str], TagRow] = {}
         self._allowed: set[tuple[str, str, Digest, str]] = set()
@@ -218,19 +226,19 @@ class Mirror:
         self._allowed.clear()
         self._expanded.clear()
 
-    def _is_allowed(self, route: Route, digest: Digest) -> bool:
+    async def _is_allowed(self, route: Route, digest: Digest) -> bool:
         key = (route.upstream.name, route.repo, digest, self.policy.fingerprint)
         if key in self._allowed:
             return True
-        if self.index.is_allowed(route.upstream.name, route.repo, digest,
+        if await self.index.is_allowed(route.upstream.name, route.repo, digest,
                                  self.policy.fingerprint):
             _bounded(self._allowed).add(key)
             return True
         return False
 
-    def _allow(self, route: Route, repo: str, digests: list[Digest]) -> None:
+    async def _allow(self, route: Route, repo: str, digests: list[Digest]) -> None:
         fingerprint = self.policy.fingerprint
-        self.index.allow(route.upstream.name, repo, digests, fingerprint)
+        await self.index.allow(route.upstream.name, repo, digests, fingerprint)
         allowed = _bounded(self._allowed)
         for digest in digests:
             allowed.add((route.upstream.name, repo, digest, fingerprint))
@@ -240,14 +248,14 @@ class Mirror:
         """The verified manifest for a tag or digest reference (GET and HEAD alike)."""
         if Digest.is_digest(reference):
             digest = Digest.parse(reference)
-            hit = self._manifests.get(digest) is not None or self.store.has(digest)
+            hit = self._manifests.get(digest) is not None or await self._has_manifest(digest)
             metrics.CACHE.labels("manifest", "hit" if hit else "miss").inc()
             served = await self._load(route, digest)
         else:
             validate_tag(reference)
             served = await self._resolve_tag(route, reference)
         await self._gate_manifest(route, served, reference)
-        self._touch(served.digest)
+        await self._touch(served.digest)
         return served
 
     async def fetch_manifest(self, route: Route, reference: str) -> Manifest:
@@ -269,7 +277,7 @@ class Mirror:
         # moved is seen as an online tag moved upstream is. The copy's checked_at is when the
         # index was read; the row keeps its own.
         if entry is None or (self.offline and now - entry.checked_at >= route.upstream.tag_ttl):
-            entry = self.index.get_tag(*key)
+            entry = await self.index.get_tag(*key)
             if entry is not None:
                 if self.offline:
                     entry = replace(entry, checked_at=now)
@@ -277,7 +285,7 @@ class Mirror:
         if entry is not None and (now - entry.checked_at < route.upstream.tag_ttl
                                   or self.offline):
             cached = self._manifests.get(entry.digest)
-            if cached is not None or self.store.has(entry.digest):
+            if cached is not None or await self._has_manifest(entry.digest):
                 metrics.CACHE.labels("tag", "hit").inc()
                 return cached or await self._load(route, entry.digest)
         metrics.CACHE.labels("tag", "miss").inc()
@@ -293,7 +301,7 @@ class Mirror:
         except (Unavailable, TooManyRequests) as exc:
             # Upstream down or rate-limited: a cached tag younger than max_stale still serves.
             if entry is not None and now - entry.checked_at < route.upstream.max_stale \
-                    and self.store.has(entry.digest):
+                    and await self._has_manifest(entry.digest):
                 metrics.STALE_SERVES.labels(route.upstream.name).inc()
                 log.warning("tag.stale", upstream=route.upstream.name, repo=route.repo,
                             tag=tag, age=round(now - entry.checked_at), error=exc.code)
@@ -306,7 +314,7 @@ class Mirror:
         try:
             head = await client.head_manifest(route.repo, tag, DEFAULT_ACCEPT)
         except ManifestUnknown:
-            self._forget_tag(key)
+            await self._forget_tag(key)
             raise
         served: ServedManifest | None = None
         if head.digest:
@@ -323,21 +331,39 @@ class Mirror:
                                                 fetched.media_type)
         entry = TagRow(served.digest, served.media_type, time.time())
         _bounded(self._tags)[key] = entry
-        self.index.put_tag(*key, served.digest, served.media_type, entry.checked_at)
+        await self.index.put_tag(*key, served.digest, served.media_type, entry.checked_at)
         return served
 
-    def _forget_tag(self, key: tuple[str, str, str]) -> None:
+    async def _forget_tag(self, key: tuple[str, str, str]) -> None:
         self._tags.pop(key, None)
-        self.index.delete_tag(*key)
+        await self.index.delete_tag(*key)
+
+    async def _has_manifest(self, digest: Digest) -> bool:
+        """Is the manifest stored? A stat locally; the index row with a remote store (the
+        row is written after the object, and _load still reads and checks the bytes)."""
+        if self._local_store:
+            return await self.store.has(digest)
+        return await self.index.get_manifest(digest) is not None
+
+    async def _has_blob(self, digest: Digest) -> int | None:
+        """The stored blob's size, or None: a stat locally, the index row remotely."""
+        if self._local_store:
+            return await self.store.size(digest)
+        try:
+            return await self.index.blob_size(digest)
+        except Unavailable:
+            # The index database is down: committed blobs are still served where the store
+            # answers (the gate already passed, from memory).
+            return await self.store.size(digest)
 
     async def _load(self, route: Route, digest: Digest) -> ServedManifest:
         """Manifest bytes by digest: memory, store, else upstream (digest-checked)."""
         cached = self._manifests.get(digest)
         if cached is not None:
             return cached
-        row = self.index.get_manifest(digest)
-        if row is not None and self.store.has(digest):
-            raw = await asyncio.to_thread(self.store.read_bytes, digest)
+        row = await self.index.get_manifest(digest)
+        raw = await self._read_stored(digest) if row is not None else None
+        if row is not None and raw is not None:
             if Digest.of(raw) == digest:
                 served = ServedManifest(raw, row.media_type, digest)
                 self._manifests.put(served)
@@ -358,33 +384,45 @@ class Mirror:
     async def _store_manifest(self, digest: Digest, raw: bytes, media_type: str | None
                               ) -> ServedManifest:
         manifest = parse_manifest(raw, media_type)  # malformed JSON is never cached
-        if not self.store.has(digest):
-            await asyncio.to_thread(self.store.put_bytes, digest, raw)
+        if not await self.store.has(digest):
+            await self.store.put_bytes(digest, raw)
             _count_stored(len(raw))
         refs = [d.digest for d in manifest.manifests] + manifest.blob_digests()
-        self.index.put_manifest(digest, manifest.media_type, len(raw), refs)
+        await self.index.put_manifest(digest, manifest.media_type, len(raw), refs)
         if manifest.subject is not None:
-            self.index.add_referrer(manifest.subject.digest, digest)
+            await self.index.add_referrer(manifest.subject.digest, digest)
         served = ServedManifest(raw, manifest.media_type, digest)
         self._manifests.put(served)
         return served
 
-    def _touch(self, digest: Digest) -> None:
+    async def _read_stored(self, digest: Digest) -> bytes | None:
+        """A stored object's bytes (small: manifests, signatures), or None if absent."""
+        try:
+            return await self.store.read_bytes(digest)
+        except BlobUnknown:
+            return None
+
+    async def _touch(self, digest: Digest) -> None:
         now = time.time()
         if now - self._touched.get(digest, 0.0) > 60:
             _bounded(self._touched)[digest] = now
-            self.index.touch(digest, now)
+            try:
+                await self.index.touch(digest, now)
+            except Unavailable as exc:
+                # An access time is advice for gc: a manifest served from memory while the
+                # index database is down must not fail for it.
+                log.warning("index.touch_failed", digest=str(digest), error=str(exc))
 
     # ------------------------------------------------------------- the verdict
     async def _gate_manifest(self, route: Route, served: ServedManifest, reference: str) -> None:
         """Raise Denied unless this manifest may leave the mirror under the current policy."""
         expanded_key = (route.upstream.name, route.repo, served.digest, self.policy.fingerprint)
-        if self._is_allowed(route, served.digest):
+        if await self._is_allowed(route, served.digest):
             # Verified before, or a child / signature of a verified manifest: its own
             # references become servable too (once per process; the index keeps them).
             if expanded_key not in self._expanded:
                 manifest = parse_manifest(served.raw, served.media_type)
-                self._allow(route, route.repo, self._servable_refs(manifest))
+                await self._allow(route, route.repo, self._servable_refs(manifest))
                 _bounded(self._expanded).add(expanded_key)
             return
         manifest = parse_manifest(served.raw, served.media_type)
@@ -394,30 +432,31 @@ class Mirror:
             # verify again through the mirror. It is not itself a subject of the policy, so it
             # must be inert: the tag name is only a hint, and a runnable image stored under
             # it must not leave the mirror unverified.
-            if not self._is_allowed(route, Digest(subject_tag.group(1))):
+            if not await self._is_allowed(route, Digest(subject_tag.group(1))):
                 raise Denied(f"{reference} belongs to a subject that has not been verified")
-            if not self._allow_artifact(route, route.repo, manifest):
+            if not await self._allow_artifact(route, route.repo, manifest):
                 raise Denied(f"{reference} is not a signature or attestation artifact")
             return
-        if (manifest.subject is not None and self._is_allowed(route, manifest.subject.digest)
-                and self._allow_artifact(route, route.repo, manifest, index_ok=False)):
+        if (manifest.subject is not None
+                and await self._is_allowed(route, manifest.subject.digest)
+                and await self._allow_artifact(route, route.repo, manifest, index_ok=False)):
             return  # a referrer (signature, attestation, SBOM) of a verified subject
         verdict = await self._verdict(route, manifest)
         if not verdict.allowed:
             raise Denied(verdict.message or "denied by policy",
                          detail={"policy": verdict.to_json()})
         allows = [served.digest, *self._servable_refs(manifest)]
-        self._allow(route, route.repo, allows)
+        await self._allow(route, route.repo, allows)
         _bounded(self._expanded).add(expanded_key)
         # The signatures and attestations the decision used become servable (inert ones).
         for repo, digest in verdict.related:
-            row = self.index.get_manifest(digest)
-            if row is None or not self.store.has(digest):
+            row = await self.index.get_manifest(digest)
+            raw = await self._read_stored(digest) if row is not None else None
+            if row is None or raw is None:
                 continue  # a blob: servable through its (inert) manifest
-            raw = await asyncio.to_thread(self.store.read_bytes, digest)
-            self._allow_artifact(route, repo, parse_manifest(raw, row.media_type))
+            await self._allow_artifact(route, repo, parse_manifest(raw, row.media_type))
 
-    def _allow_artifact(self, route: Route, repo: str, manifest: Manifest, *,
+    async def _allow_artifact(self, route: Route, repo: str, manifest: Manifest, *,
                         index_ok: bool = True) -> bool:
         """Make a signature/attestation artifact servable in ``repo`` if it is inert.
 
@@ -426,12 +465,12 @@ class Mirror:
         manifest qualifies when none of its layers is a runnable image layer."""
         if manifest.is_index:
             if index_ok:
-                self._allow(route, repo, [manifest.digest])
+                await self._allow(route, repo, [manifest.digest])
             return index_ok
         if any(_RUNNABLE_LAYER.search(layer.media_type) for layer in manifest.layers):
             log.warning("artifact.not_inert", repo=repo, digest=str(manifest.digest))
             return False
-        self._allow(route, repo, [manifest.digest, *manifest.blob_digests()])
+        await self._allow(route, repo, [manifest.digest, *manifest.blob_digests()])
         return True
 
 
@@ -444,7 +483,7 @@ class Mirror:
         # ``images`` globs), so the same digest may pass in one repository and not in another.
         # Keyed by digest alone, an allow in one repository served the image in all of them.
         fingerprint = f"{self.policy.fingerprint} {route.image}"
-        row = self.index.get_verdict(manifest.digest, fingerprint, time.time())
+        row = await self.index.get_verdict(manifest.digest, fingerprint, time.time())
         if row is not None:
             metrics.VERDICT_CACHE.labels("hit").inc()
             detail = json.loads(row.detail) if row.detail else {}
@@ -462,7 +501,7 @@ class Mirror:
                 detail = json.dumps({"message": verdict.message, "reason": verdict.reason,
                                      "related": related})
                 ttl = ALLOW_TTL if verdict.allowed else DENY_TTL
-                self.index.put_verdict(manifest.digest, fingerprint, bool(verdict.allowed),
+                await self.index.put_verdict(manifest.digest, fingerprint, bool(verdict.allowed),
                                        detail, time.time() + ttl)
             return verdict
 
@@ -475,14 +514,15 @@ class Mirror:
         return MirrorSource(self, route)
 
     # ------------------------------------------------------------------- blobs
-    def blob(self, route: Route, digest: Digest) -> CachedBlob | Download:
+    async def blob(self, route: Route, digest: Digest) -> CachedBlob | Download:
         """A cached blob, or the (possibly shared) download of it. Enforces the blob gate."""
-        if not self._is_allowed(route, digest):
+        if not await self._is_allowed(route, digest):
             raise BlobUnknown(f"blob {digest} is not referenced by a verified manifest of "
                               f"{route.client_name}")
-        if self.store.has(digest):
+        size = await self._has_blob(digest)
+        if size is not None:
             metrics.CACHE.labels("blob", "hit").inc()
-            return CachedBlob(self.store.path(digest), digest)
+            return CachedBlob(self.store.local_path(digest), digest, size)
         metrics.CACHE.labels("blob", "miss").inc()
         if self.offline:
             # Allowed (a verified manifest names it) but never imported: not found at once,
@@ -496,8 +536,8 @@ class Mirror:
             self._blob_committed)
         return download
 
-    def _blob_committed(self, digest: Digest, size: int) -> None:
-        self.index.put_blob(digest, size)
+    async def _blob_committed(self, digest: Digest, size: int) -> None:
+        await self.index.put_blob(digest, size)
         _count_stored(size)
 
     # ------------------------------------------------------- tags and referrers
@@ -506,7 +546,7 @@ class Mirror:
         """The upstream tag list (tags are hints, not verified content); offline, the tags
         the index holds for the repository."""
         if self.offline:
-            return self._stored_tags(route, n, last)
+            return await self._stored_tags(route, n, last)
         client = self.clients[route.upstream.name]
         body, next_link = await client.get_tags(route.repo, n, last)
         try:
@@ -523,11 +563,11 @@ class Mirror:
             next_last = match.group(1) if match else None
         return {"name": route.client_name, "tags": tags}, next_last
 
-    def _stored_tags(self, route: Route, n: int | None, last: str | None
+    async def _stored_tags(self, route: Route, n: int | None, last: str | None
                      ) -> tuple[dict[str, Any], str | None]:
         """The offline tag list: stored tags in lexical order, paginated like distribution
         (``last`` excludes up to that tag, ``n`` bounds the page; a next page is signalled)."""
-        tags = self.index.list_tags(route.upstream.name, route.repo)
+        tags = await self.index.list_tags(route.upstream.name, route.repo)
         if not tags:
             raise NameUnknown(f"repository {route.client_name} is not in the store (sigil "
                               "serves offline)")
@@ -539,16 +579,16 @@ class Mirror:
             next_last = tags[-1]
         return {"name": route.client_name, "tags": tags}, next_last
 
-    def stored_referrers(self, digest: Digest) -> Manifest | None:
+    async def stored_referrers(self, digest: Digest) -> Manifest | None:
         """The referrers index of ``digest`` built from the index's referrer links (offline,
         in place of the upstream API): every stored manifest whose ``subject`` names it. None
         when there is none, like an upstream without the API, so callers fall back to the
         ``sha256-<hex>`` tag schema (which may be stored too). Each entry is still checked
         against its own bytes by whoever reads it: this list is a hint like any other."""
         entries = []
-        for referrer in self.index.get_referrers(digest)[:MAX_REFERRERS]:
-            row = self.index.get_manifest(referrer)
-            if row is not None and self.store.has(referrer):
+        for referrer in (await self.index.get_referrers(digest))[:MAX_REFERRERS]:
+            row = await self.index.get_manifest(referrer)
+            if row is not None and await self._has_manifest(referrer):
                 entries.append({"mediaType": row.media_type, "digest": str(referrer),
                                 "size": row.size})
         if not entries:
@@ -562,7 +602,7 @@ class Mirror:
 
         Each listed referrer is checked to really name this subject before it is listed and
         made servable: the upstream's list is only a hint."""
-        if not self._is_allowed(route, digest):
+        if not await self._is_allowed(route, digest):
             raise Denied(f"referrers are served only for verified subjects; {digest} is not "
                          f"verified in {route.client_name}")
         index = await self.source(route).get_referrers(route.repo, digest)
@@ -580,7 +620,7 @@ class Mirror:
             kind = parsed.artifact_type or (parsed.config.media_type if parsed.config else None)
             if artifact_type and kind != artifact_type:
                 continue
-            if not self._allow_artifact(route, route.repo, parsed, index_ok=False):
+            if not await self._allow_artifact(route, route.repo, parsed, index_ok=False):
                 continue
             entry = {"mediaType": referrer.media_type, "digest": str(descriptor.digest),
                      "size": len(referrer.raw)}
@@ -615,24 +655,24 @@ class MirrorSource:
 
     async def get_blob(self, repo: str, digest: Digest, max_bytes: int) -> bytes:
         store = self._mirror.store
-        if store.has(digest):
-            size = store.size(digest) or 0
+        size = await self._mirror._has_blob(digest)
+        if size is not None:
             if size > max_bytes:
                 raise ManifestInvalid(f"blob {digest} exceeds {max_bytes} bytes")
-            data = await asyncio.to_thread(store.read_bytes, digest)
-            if Digest.of(data) == digest:
+            data = await self._mirror._read_stored(digest)
+            if data is not None and Digest.of(data) == digest:
                 return data
         # Offline the client raises BlobUnknown at once: discovery records it and the
         # verdict fails closed (a deny that is not cached, so a later import can fix it).
         client = self._mirror.clients[self._route.upstream.name]
         data = await client.get_blob_bytes(repo, digest, max_bytes)
-        await asyncio.to_thread(store.put_bytes, digest, data)
-        self._mirror._blob_committed(digest, len(data))
+        await store.put_bytes(digest, data)
+        await self._mirror._blob_committed(digest, len(data))
         return data
 
     async def get_referrers(self, repo: str, digest: Digest) -> Manifest | None:
         if self._mirror.offline:
-            return self._mirror.stored_referrers(digest)
+            return await self._mirror.stored_referrers(digest)
         client = self._mirror.clients[self._route.upstream.name]
         body = await client.get_referrers(repo, digest, None)
         if body is None:

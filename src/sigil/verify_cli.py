@@ -24,6 +24,7 @@ from sigil.errors import ConfigError, ManifestUnknown, NameInvalid, SigilError, 
 from sigil.mirror import Mirror, PolicyHook, Upstream
 from sigil.routing import Route, Router
 from sigil.storage import BlobStore, Index
+from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
 from sigil.upstream import UpstreamClient
 from sigil.upstream.offline import offline_clients
 
@@ -80,7 +81,8 @@ async def _decide(config: Config, verifier: PolicyHook, route: Route, reference:
     """The verdict for ``reference`` over the store at ``root`` and ``clients``, as JSON."""
     store, index = BlobStore(root), Index(root / "index.sqlite")
     try:
-        mirror = Mirror(config, store, index, clients, verifier)
+        mirror = Mirror(config, FilesystemObjectStore(store), SqliteAsyncIndex(index), clients,
+                        verifier)
         manifest = await mirror.fetch_manifest(route, reference)
         verdict = await verifier.evaluate(route.image, route.repo, manifest,
                                           mirror.source(route))

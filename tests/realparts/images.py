@@ -362,7 +362,8 @@ class RegistryPusher:
         target = yarl.URL(f"{location}{separator}digest={quote(digest)}", encoded=True)
         async with self.session.put(
             target,
-            data=data,
+            # A file object above 1 MiB: aiohttp warns (an error here) about large raw bodies.
+            data=io.BytesIO(data) if len(data) > 1024 * 1024 else data,
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(len(data))},
         ) as resp:

@@ -61,6 +61,7 @@ from sigil.oci.manifest import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Manifest
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
+from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
 from sigil.upstream import UpstreamClient
 from sigil.verify.discovery import ATTESTATION_MANIFEST, REFERENCE_DIGEST, REFERENCE_TYPE
 
@@ -198,7 +199,11 @@ class Exporter:
             store.cleanup_staging()  # a download an interrupted run left half done
         clients = {u.name: UpstreamClient(u) for u in self.config.upstreams}
         try:
-            mirror = Mirror(self.config, store, index, clients, policy)
+            # The mirror works through the async storage contracts; the export reads and
+            # writes the same working store directly (self._blobs, self._index).
+            self._blobs, self._index = store, index
+            mirror = Mirror(self.config, FilesystemObjectStore(store), SqliteAsyncIndex(index),
+                            clients, policy)
             # Phase 1: manifests, verdicts and artifacts of every image (small). Phase 2: the
             # blobs, fetched in parallel and appended to the archive as each one completes.
             for entry in self.plan.entries:
@@ -404,23 +409,22 @@ class Exporter:
                        digest: Digest) -> None:
         if digest in record.manifests or digest in record.blobs:
             return
-        row = mirror.index.get_manifest(digest)
-        if row is not None and mirror.store.has(digest):
-            raw = await asyncio.to_thread(mirror.store.read_bytes, digest)
+        row = self._index.get_manifest(digest)
+        if row is not None and self._blobs.has(digest):
+            raw = await asyncio.to_thread(self._blobs.read_bytes, digest)
             await self._add_artifact(mirror, route, record, repo,
                                      parse_manifest(raw, row.media_type), MAX_ARTIFACT_DEPTH)
-        elif mirror.store.has(digest):
+        elif self._blobs.has(digest):
             record.blobs.add(digest)
-            self.sizes[digest] = mirror.store.size(digest) or 0
+            self.sizes[digest] = self._blobs.size(digest) or 0
 
     # ---------------------------------------------------------------------- blobs
     async def _blob(self, mirror: Mirror, digest: Digest) -> None:
         """Make sure ``digest`` is in the working store (fetched through ``Downloads``)."""
-        store = mirror.store
+        store, index = self._blobs, self._index
         if store.has(digest):
-            if mirror.index.blob_size(digest) is None and mirror.index.get_manifest(digest) \
-                    is None:
-                mirror.index.put_blob(digest, store.size(digest) or 0)
+            if index.blob_size(digest) is None and index.get_manifest(digest) is None:
+                index.put_blob(digest, store.size(digest) or 0)
             return
         route, repo, _ = self.origins[digest]
         async with self._slots:
@@ -428,7 +432,7 @@ class Exporter:
             # The same Downloads machinery as serving: staged, sha256-checked, then committed.
             download, _ = mirror.downloads.get_or_start(
                 digest, lambda: client.open_blob(repo, digest),
-                lambda d, n: mirror.index.put_blob(d, n))
+                lambda d, n: self._index.put_blob(d, n))
             await download.finished.wait()
             if download.error is not None:
                 error = download.error
@@ -483,7 +487,7 @@ class Exporter:
 
     async def _write(self, mirror: Mirror, report: dict[str, Any], base: _Base | None) -> None:
         assert self.out is not None
-        store = mirror.store
+        store = self._blobs
         manifests: dict[Digest, str] = {}
         needed: set[Digest] = set()
         for record in self.records:

@@ -66,6 +66,7 @@ from sigil.oci.reference import validate_name, validate_tag
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
+from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
 from sigil.upstream.offline import offline_clients, offline_config
 
 # Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
@@ -518,7 +519,8 @@ class Importer:
         # The serve --offline mirror over the working store: only archive content exists.
         offline = offline_config(self.config)
         clients = offline_clients(offline)
-        mirror = Mirror(offline, work, windex, clients, policy)
+        mirror = Mirror(offline, FilesystemObjectStore(work), SqliteAsyncIndex(windex), clients,
+                        policy)
         out = []
         for image in meta.contents["images"]:
             entry: dict[str, Any] = {"name": image["name"], "digest": image["digest"],

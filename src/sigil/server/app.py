@@ -15,22 +15,31 @@ from aiohttp import web
 
 from sigil import metrics
 from sigil.config import Config
+from sigil.downloads import RelayPeers, process_holder_id
 from sigil.errors import SigilError
 from sigil.logs import get_logger
 from sigil.mirror import AllowAll, Mirror, PolicyHook, Upstream
+from sigil.oci.digest import Digest
 from sigil.routing import Router
 from sigil.server.auth import AUTH, build_client_auth
 from sigil.server.middleware import request_middleware
 from sigil.server.routes import add_routes
 from sigil.server.state import CONFIG, MIRROR, READY, ROUTER
 from sigil.server.tls import CertificateReloader, TLSFiles
-from sigil.storage import BlobStore, Index, collect
-from sigil.storage.lease_sqlite import SqliteFetchLeases
+from sigil.storage import BlobStore, collect
+from sigil.storage.backends import Backends, open_backends
+from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
+from sigil.storage.lease import FetchLeases
+from sigil.storage.maintenance import collect_incremental
 from sigil.upstream import UpstreamClient
 from sigil.upstream.offline import OfflineUpstreamClient
 
 log = get_logger("sigil.server")
 DRAIN_SECONDS = 30.0
+# How long a relaying replica waits on a silent peer before cutting its clients.
+PEER_TIMEOUT = 30.0
+# A fleet gc never evicts an image accessed this recently (another replica may be serving it).
+FLEET_GC_GRACE = 600.0
 GC_INTERVAL = 300.0
 FIRST_GC_DELAY = 5.0
 
@@ -54,24 +63,29 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         root = Path(config.storage.root)
-        store = BlobStore(root)
-        # With --workers the parent cleaned staging/ before forking (a sibling may be
-        # writing there already), and the workers share one fetch lease table.
-        shared = config.server.workers > 1
-        removed = 0 if shared else store.cleanup_staging()
-        leases = SqliteFetchLeases(root) if shared else None
-        index = Index(root / "index.sqlite")
+        backends = await open_backends(config)
+        try:
+            removed = await _cleanup_uploads(config, backends, startup=True)
+            leases, relay, peer = await _single_flight(config, backends)
+        except BaseException:
+            await backends.close()
+            raise
         # Offline: stand-ins that answer "not found" without a socket (upstream/offline.py).
         offline = config.server.offline
         clients: dict[str, Upstream] = {
             u.name: OfflineUpstreamClient(u) if offline else UpstreamClient(u)
             for u in config.upstreams}
         metrics.OFFLINE.set(1 if offline else 0)
-        mirror = Mirror(config, store, index, clients, policy, leases=leases)
+        mirror = Mirror(config, backends.objects, backends.index, clients, policy,
+                        leases=leases, relay=relay)
         app[MIRROR] = mirror
-        maintenance = asyncio.get_running_loop().create_task(_maintain(mirror, config))
+        peer_runner = await peer(mirror) if peer is not None else None
+        maintenance = asyncio.get_running_loop().create_task(
+            _maintain(mirror, config, backends))
         app[READY].set()
         log.info("sigil.started", storage=str(root), staging_removed=removed,
+                 objects=config.storage.backend, index=config.index.backend,
+                 peer=relay.location if relay is not None else None,
                  upstreams=[u.name for u in config.upstreams],
                  policy=config.policy or "none (allow all)", offline=offline)
         try:
@@ -81,33 +95,128 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
             maintenance.cancel()
             await asyncio.gather(maintenance, return_exceptions=True)
             await mirror.downloads.drain(DRAIN_SECONDS)
+            if peer_runner is not None:
+                await peer_runner.cleanup()
             for client in clients.values():
                 await client.close()
-            index.close()
-            if leases is not None:
-                await leases.close()
+            await backends.close()
             log.info("sigil.stopped")
 
     app.cleanup_ctx.append(resources)
     return app
 
 
-async def _maintain(mirror: Mirror, config: Config) -> None:
-    """Keep the store under ``storage.max_bytes``: a mark-and-sweep pass in a thread every
-    GC_INTERVAL seconds (it does nothing while under budget except refresh the store gauges).
-    Each pass is timed and counted (``sigil_gc_*``); a failed one is logged and counted."""
+def _fleet(config: Config) -> bool:
+    """Is the store or the index shared with other replicas?"""
+    return config.storage.backend == "s3" or config.index.backend == "postgres"
+
+
+async def _cleanup_uploads(config: Config, backends: Backends, *, startup: bool) -> int:
+    """Cleanup of uploads nobody will finish; return how many were removed.
+
+    One box, at start-up: every staging file (with --workers the parent did it before
+    forking: a sibling may be writing already). A fleet: at start-up this replica's local
+    scratch files, and (at start-up and after each gc pass) the shared store's pending
+    uploads older than ``storage.s3.abandoned_after`` whose digest has no live fetch lease
+    (another replica's download in progress keeps its upload)."""
+    alone = config.server.workers == 1
+    if not _fleet(config):
+        return await backends.objects.cleanup_abandoned(0) if startup and alone else 0
+    removed = 0
+    if startup and alone:
+        removed = await asyncio.to_thread(BlobStore(Path(config.storage.root)).cleanup_staging)
+    if isinstance(backends.objects, FilesystemObjectStore):
+        return removed
+    leases = backends.leases
+
+    async def in_progress(digest: Digest) -> bool:
+        return await leases.current(digest) is not None
+
+    older = config.storage.s3.abandoned_after if config.storage.s3 is not None else 86400.0
+    return removed + await backends.objects.cleanup_abandoned(older, keep=in_progress)
+
+
+PeerStarter = Callable[[Mirror], Coroutine[object, object, web.AppRunner]]
+
+
+async def _single_flight(config: Config, backends: Backends
+                         ) -> tuple[FetchLeases | None, RelayPeers | None, PeerStarter | None]:
+    """Which lease table makes cold fetches single-flight, and across what.
+
+    - one process: none (the in-process table suffices);
+    - ``--workers N`` on one host: the host's lease table, followers read staging files;
+    - replicas over a remote store with ``server.peer_listen``: the shared lease table,
+      followers relay the holder's peer endpoint (a second site, started with the mirror);
+    - replicas without a peer endpoint: none across replicas (each fetches on its own; a
+      staging path means nothing on another host)."""
+    remote = not isinstance(backends.objects, FilesystemObjectStore)
+    if not (remote and config.server.peer_listen is not None):
+        if config.index.backend == "postgres":
+            # A shared lease table, but nothing another host could follow.
+            log.warning("fleet.no_peer_endpoint",
+                        hint="without server.peer_listen each replica fetches cold blobs "
+                             "on its own")
+            return None, None, None
+        # One host (the SQLite lease file): workers follow each other's staging files.
+        return (backends.leases if config.server.workers > 1 else None), None, None
+    if not config.server.peer_secret:
+        raise SigilError("server.peer_listen is set but no peer secret is configured "
+                         "(server.peer_secret_env or server.peer_secret_file)")
+    try:
+        from sigil.server.peer import add_peer_routes  # type: ignore[import-not-found, unused-ignore]
+        from sigil.upstream.peer import PeerClient  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        raise SigilError("server.peer_listen: this build has no peer endpoint "
+                         f"({exc.name} is missing)") from exc
+    secret = config.server.peer_secret.encode()
+    host, port = config.server.peer_advertise or config.server.peer_listen
+    location = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    client = PeerClient(secret, timeout=PEER_TIMEOUT)
+    relay = RelayPeers(location, client.open_blob)
+    listen_host, listen_port = config.server.peer_listen
+
+    async def start_peer(mirror: Mirror) -> web.AppRunner:
+        peer_app = web.Application()
+        add_peer_routes(peer_app, mirror.downloads, secret)
+        runner = web.AppRunner(peer_app, access_log=None, handle_signals=False,
+                               shutdown_timeout=DRAIN_SECONDS)
+        await runner.setup()
+        await web.TCPSite(runner, listen_host, listen_port, reuse_port=True).start()
+        return runner
+
+    return backends.leases, relay, start_peer
+
+
+async def _maintain(mirror: Mirror, config: Config, backends: Backends) -> None:
+    """Keep the store under ``storage.max_bytes`` every GC_INTERVAL seconds: on one box a
+    mark-and-sweep pass in a thread (it does nothing while under budget except refresh the
+    store gauges; each pass is timed and counted, ``sigil_gc_*``); over shared backends an
+    incremental pass under the gc lease, then the abandoned-upload cleanup. A failed pass is
+    logged."""
     # The budget as a gauge, so "store near full" is one division in PromQL.
     metrics.STORE_MAX_BYTES.set(config.storage.max_bytes)
     delay = FIRST_GC_DELAY  # the first pass soon after start: it also sets the store gauges
     # Offline the store is the only copy (nothing evicted could be fetched again): the passes
     # only refresh the gauges; `sigil gc` by hand still evicts.
     budget = sys.maxsize if config.server.offline else config.storage.max_bytes
+    holder = process_holder_id()
     while True:
         await asyncio.sleep(delay)
         delay = GC_INTERVAL
         try:
-            await asyncio.to_thread(collect, mirror.store, mirror.index, budget,
-                                    now=time.time())
+            if _fleet(config):
+                # A shared store: one replica at a time (the gc lease), index-driven, plus
+                # the uploads replicas abandoned (killed mid-download).
+                await collect_incremental(backends.objects, backends.index, backends.leases,
+                                          holder, budget, now=time.time(),
+                                          grace=FLEET_GC_GRACE)
+                await _cleanup_uploads(config, backends, startup=False)
+            else:
+                store, index = mirror.store, mirror.index
+                assert isinstance(store, FilesystemObjectStore)
+                assert isinstance(index, SqliteAsyncIndex)
+                await asyncio.to_thread(collect, store.blobs, index.sync, budget,
+                                        now=time.time())
         except Exception:  # a failed pass must not stop the server
             log.exception("gc.failed")
 
@@ -126,7 +235,7 @@ async def reload(app: web.Application,
         return False
     old = mirror.policy.fingerprint
     mirror.set_policy(policy or AllowAll())
-    pruned = mirror.index.prune_allows(mirror.policy.fingerprint)
+    pruned = await mirror.index.prune_allows(mirror.policy.fingerprint)
     log.info("policy.reloaded", old=old[:16], new=mirror.policy.fingerprint[:16],
              allows_pruned=pruned)
     return True

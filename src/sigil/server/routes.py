@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
@@ -20,9 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sigil import metrics
 from sigil.downloads import Download
 from sigil.errors import (
+    BlobUnknown,
     ManifestUnknown,
     NameInvalid,
     PaginationInvalid,
+    RangeInvalid,
     RegistryError,
     Unavailable,
     Unsupported,
@@ -116,9 +119,9 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
 
 async def _blob(request: web.Request, mirror: Mirror, route: Route,
                 digest: Digest) -> web.StreamResponse:
-    answer = mirror.blob(route, digest)
+    answer = await mirror.blob(route, digest)  # the blob gate
     if isinstance(answer, CachedBlob):
-        return _file_response(answer.path, digest)
+        return await _cached_response(request, mirror, answer)
     download: Download = answer
     await download.wait_started()
     if request.method == "HEAD":
@@ -130,6 +133,9 @@ async def _blob(request: web.Request, mirror: Mirror, route: Route,
     if request.http_range.start is not None or request.http_range.stop is not None:
         # Ranged reads of a cold blob wait for the verified object, then use sendfile.
         await download.finished.wait()
+        if download.committed is None and download.stored_remotely:
+            return await _cached_response(request, mirror,
+                                          CachedBlob(None, digest, download.received))
         if download.committed is None:
             raise download._client_error()
         return _file_response(download.committed, digest)
@@ -174,6 +180,77 @@ class BlobFileResponse(web.FileResponse):
             offset += len(data)
             count -= len(data)
         return writer
+
+
+async def _cached_response(request: web.Request, mirror: Mirror,
+                           blob: CachedBlob) -> web.StreamResponse:
+    """A stored blob that passed the gate: a local file (sendfile-like copy), else a 307 to
+    a presigned URL (``storage.s3.redirect``, GET only: a presigned URL is valid for one
+    method), else streamed from the object store."""
+    if blob.path is not None:
+        return _file_response(blob.path, blob.digest)
+    settings = mirror.config.storage.s3
+    if request.method == "GET" and settings is not None and settings.redirect:
+        url = await mirror.store.presign_url(blob.digest, settings.redirect_expiry)
+        if url is not None:
+            return web.Response(status=307, headers={**_blob_headers(blob.digest),
+                                                     "Location": url})
+    return await _object_response(request, mirror, blob)
+
+
+def _byte_range(request: web.Request, total: int) -> tuple[int, int] | None:
+    """The requested ``Range`` as (offset, length), None for the whole object;
+    RangeInvalid (416) when it is malformed or outside the object."""
+    try:
+        wanted = request.http_range
+    except ValueError as exc:
+        raise RangeInvalid("malformed Range header") from exc
+    start, stop = wanted.start, wanted.stop
+    if start is None and stop is None:
+        return None
+    if start is not None and start < 0:  # a suffix: the last -start bytes
+        start, stop = max(0, total + start), total
+    start = start or 0
+    stop = total if stop is None else min(stop, total)
+    if start >= total or start >= stop:
+        raise RangeInvalid(f"range starts at {start}, outside a blob of {total} bytes",
+                           detail={"size": total})
+    return start, stop - start
+
+
+async def _object_response(request: web.Request, mirror: Mirror,
+                           blob: CachedBlob) -> web.StreamResponse:
+    """Stream a remote object (``Range`` gives 206); a store failure mid-body cuts the
+    connection, as the download path does."""
+    total = blob.size if blob.size is not None else await mirror.store.size(blob.digest)
+    if total is None:
+        raise BlobUnknown(detail={"digest": str(blob.digest)})
+    headers = _blob_headers(blob.digest)
+    wanted = _byte_range(request, total)
+    offset, length = wanted if wanted is not None else (0, total)
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{total}"
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(length)
+        return web.Response(status=status, headers=headers,
+                            content_type="application/octet-stream")
+    async with mirror.store.open_range(blob.digest, offset, length) as reader:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = length
+        await response.prepare(request)
+        try:
+            async for chunk in reader:
+                await response.write(chunk)
+                metrics.BYTES_SERVED.labels("cache").inc(len(chunk))
+        except RegistryError:
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    await response.write_eof()
+    return response
 
 
 def _file_response(path: object, digest: Digest) -> web.FileResponse:
@@ -223,7 +300,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not request.app[READY].is_set():
         raise Unavailable("not ready")
     mirror: Mirror = request.app[MIRROR]
-    await asyncio.to_thread(mirror.store.root.exists)
+    await asyncio.to_thread(Path(mirror.config.storage.root).exists)
     return web.json_response({"status": "ready"})
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from sigil.config import Config
 from sigil.errors import StorageError
+from sigil.oci.digest import Digest
 from sigil.storage.blobs import BlobStore
 from sigil.storage.contracts import (
     AsyncIndex,
@@ -25,7 +26,7 @@ from sigil.storage.contracts import (
     SqliteAsyncIndex,
 )
 from sigil.storage.index import Index
-from sigil.storage.lease import FetchLeases
+from sigil.storage.lease import FetchLeases, LeaseInfo
 from sigil.storage.lease_sqlite import SqliteFetchLeases
 
 _FLEET_EXTRA = "pip install 'sigil[fleet]'"
@@ -52,6 +53,55 @@ class Backends:
         if leases is not self.index:
             await self.leases.close()
         await self.index.close()
+
+
+class _LazySqliteLeases:
+    """The host's lease file, created only when first used: a single process never needs
+    it (its in-process table suffices), and then leaves no ``leases.sqlite`` behind."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._leases: SqliteFetchLeases | None = None
+
+    def _open(self) -> SqliteFetchLeases:
+        if self._leases is None:
+            self._leases = SqliteFetchLeases(self._root)
+        return self._leases
+
+    async def acquire(self, digest: Digest, holder: str, location: str,
+                      ttl: float) -> LeaseInfo:
+        """See SqliteFetchLeases.acquire."""
+        return await self._open().acquire(digest, holder, location, ttl)
+
+    async def renew(self, digest: Digest, holder: str, ttl: float,
+                    size: int | None = None) -> bool:
+        """See SqliteFetchLeases.renew."""
+        return await self._open().renew(digest, holder, ttl, size)
+
+    async def release(self, digest: Digest, holder: str) -> None:
+        """See SqliteFetchLeases.release."""
+        await self._open().release(digest, holder)
+
+    async def current(self, digest: Digest) -> LeaseInfo | None:
+        """See SqliteFetchLeases.current."""
+        return await self._open().current(digest)
+
+    async def acquire_gc(self, holder: str, ttl: float) -> bool:
+        """See SqliteFetchLeases.acquire_gc."""
+        return await self._open().acquire_gc(holder, ttl)
+
+    async def renew_gc(self, holder: str, ttl: float) -> bool:
+        """See SqliteFetchLeases.renew_gc."""
+        return await self._open().renew_gc(holder, ttl)
+
+    async def release_gc(self, holder: str) -> None:
+        """See SqliteFetchLeases.release_gc."""
+        await self._open().release_gc(holder)
+
+    async def close(self) -> None:
+        """Close the file if it was opened."""
+        if self._leases is not None:
+            await self._leases.close()
 
 
 async def open_objects(config: Config) -> ObjectStore:
@@ -84,7 +134,7 @@ async def open_backends(config: Config) -> Backends:
         root = Path(config.storage.root)
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         path = root / "index.sqlite"
-        return Backends(objects, SqliteAsyncIndex(Index(path)), SqliteFetchLeases(root))
+        return Backends(objects, SqliteAsyncIndex(Index(path)), _LazySqliteLeases(root))
     except BaseException:
         await objects.close()
         raise

@@ -191,6 +191,7 @@ class AsyncIndex(Protocol):
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
                       media_type: str, checked_at: float) -> None: ...
     async def delete_tag(self, upstream: str, repo: str, tag: str) -> bool: ...
+    async def list_tags(self, upstream: str, repo: str) -> list[str]: ...
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None
@@ -441,6 +442,10 @@ class SqliteAsyncIndex:
     async def delete_tag(self, upstream: str, repo: str, tag: str) -> bool:
         """See Index.delete_tag."""
         return self.sync.delete_tag(upstream, repo, tag)
+
+    async def list_tags(self, upstream: str, repo: str) -> list[str]:
+        """See Index.list_tags."""
+        return self.sync.list_tags(upstream, repo)
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None) -> None:

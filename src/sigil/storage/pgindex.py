@@ -248,6 +248,12 @@ class PgIndex:
         return TagRow(_d(rows[0]["digest"]), str(rows[0]["media_type"]),
                       float(rows[0]["checked_at"]))
 
+    async def list_tags(self, upstream: str, repo: str) -> list[str]:
+        """The stored tags of one repository, in lexical order (the offline tag list)."""
+        rows = await self._fetch("SELECT tag FROM tags WHERE upstream = $1 AND repo = $2 "
+                                 "ORDER BY tag", upstream, repo)
+        return [str(row["tag"]) for row in rows]
+
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
                       media_type: str, checked_at: float) -> None:
         """Record (or refresh) a tag resolution."""

@@ -1,0 +1,274 @@
+"""``python3 -m bench.bench_fleet [--runs 3] [--mib 256] [--herd 20]``: sigil replicas over
+S3 (SeaweedFS) + PostgreSQL against the embedded sigil and distribution, same machine, same run.
+
+Rows (medians with min..max over ``--runs``, each run on a fresh store):
+
+- cold and warm blob GET (MiB/s, curl's own rate) through one replica on S3 + PostgreSQL,
+  through filesystem + SQLite sigil, and through distribution's proxy with its ``s3`` storage
+  driver on the same SeaweedFS;
+- the herd: ``--herd`` concurrent curls of one cold blob spread over 3 replicas by a
+  round-robin TCP balancer: upstream GETs of the blob (from the upstream's access log), wall
+  time, and the median time to first byte;
+- manifest HEAD by tag (ab, 16 keep-alive connections): one replica, and 3 replicas behind the
+  balancer (on 2 cores the replicas share the CPU with ab and the balancer: this shows the
+  overhead of the fleet path, not scaling).
+
+Uses the realparts servers of the tests (``tests/realparts``) and the peer stand-ins of
+``tests/support/peer_standin`` until the peer branch is merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.realparts import RealRegistry
+from tests.realparts.balancer import RoundRobinBalancer
+from tests.realparts.postgres import RealPostgres
+from tests.realparts.seaweed import SeaweedS3
+from tests.support.sigilproc import SigilProcess, free_port
+
+from .harness import (
+    MANIFEST_ACCEPT,
+    Image,
+    MiB,
+    Sample,
+    ab_head,
+    curl_get,
+    expect_ok,
+    seed_upstream,
+    settled_upstream_count,
+)
+
+STANDIN = Path(__file__).resolve().parents[1] / "tests" / "support" / "peer_standin"
+BUCKET = "sigil-bench"
+
+
+class _Loop:
+    """An event loop in a thread, for the asyncio balancer."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+class _DistributionS3(RealRegistry):
+    """distribution's pull-through proxy storing in SeaweedFS (its ``s3`` driver)."""
+
+    def __init__(self, seaweed: SeaweedS3, prefix: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seaweed, self._prefix = seaweed, prefix
+
+    def start(self) -> _DistributionS3:
+        # The AWS SDK in distribution panics on a custom CA bundle with its own transport;
+        # SeaweedFS speaks plain HTTP here, so the registry runs without it.
+        saved = os.environ.pop("AWS_CA_BUNDLE", None)
+        try:
+            super().start()
+        finally:
+            if saved is not None:
+                os.environ["AWS_CA_BUNDLE"] = saved
+        return self
+
+    def config(self, port: int) -> dict[str, object]:
+        cfg = super().config(port)
+        cfg["storage"] = {
+            "s3": {"accesskey": self._seaweed.access_key, "secretkey": self._seaweed.secret_key,
+                   "region": "us-east-1", "regionendpoint": self._seaweed.endpoint,
+                   "bucket": BUCKET, "secure": False, "v4auth": True,
+                   "rootdirectory": f"/{self._prefix}"},
+            "delete": {"enabled": True},
+            "maintenance": {"uploadpurging": {"enabled": False}},
+            # Streamed through the registry, like sigil's default (no 307 to the bucket).
+            "redirect": {"disable": True},
+        }
+        return cfg
+
+
+def _replica(workdir: Path, upstream: str, seaweed: SeaweedS3, dsn: str, prefix: str,
+             secrets: Path) -> SigilProcess:
+    replica = SigilProcess(workdir, [{"name": "docker.io", "url": upstream, "default": True,
+                                      "tag_ttl": "1h"}])
+    config: dict[str, Any] = yaml.safe_load(replica.config_path.read_text())
+    config["server"].update({"peer_listen": f"127.0.0.1:{free_port()}",
+                             "peer_secret_file": str(secrets / "peer")})
+    config["storage"].update({"backend": "s3", "s3": {
+        "endpoint": seaweed.endpoint, "bucket": BUCKET, "prefix": prefix,
+        "access_key_file": str(secrets / "access"), "secret_key_file": str(secrets / "secret"),
+        "create_bucket": True}})
+    config["index"] = {"backend": "postgres", "postgres": {"dsn": dsn}}
+    replica.config_path.write_text(yaml.safe_dump(config))
+    return replica
+
+
+class Bench:
+    """The servers for every row."""
+
+    def __init__(self, workdir: Path, seaweed: SeaweedS3, postgres: RealPostgres,
+                 upstream: RealRegistry) -> None:
+        self.workdir, self.seaweed, self.postgres, self.upstream = (workdir, seaweed, postgres,
+                                                                    upstream)
+        self.secrets = workdir / "secrets"
+        self.secrets.mkdir(exist_ok=True)
+        for name, value in (("access", seaweed.access_key), ("secret", seaweed.secret_key),
+                            ("peer", os.urandom(16).hex())):
+            (self.secrets / name).write_text(value)
+        self._count = 0
+
+    @contextmanager
+    def fleet(self, size: int) -> Iterator[list[SigilProcess]]:
+        self._count += 1
+        name = f"bench{self._count}_{os.urandom(3).hex()}"
+        self.postgres.psql(f"CREATE DATABASE {name}")
+        replicas = [_replica(self.workdir / name / f"r{i}", self.upstream.url, self.seaweed,
+                             self.postgres.dsn(name), f"{name}/", self.secrets)
+                    for i in range(size)]
+        try:
+            for replica in replicas:
+                replica.start()
+            yield replicas
+        finally:
+            for replica in replicas:
+                replica.stop()
+            self.postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    @contextmanager
+    def embedded(self) -> Iterator[SigilProcess]:
+        self._count += 1
+        proc = SigilProcess(self.workdir / f"fs{self._count}",
+                            [{"name": "docker.io", "url": self.upstream.url, "default": True,
+                              "tag_ttl": "1h"}])
+        try:
+            yield proc.start()
+        finally:
+            proc.stop()
+
+    @contextmanager
+    def distribution(self) -> Iterator[RealRegistry]:
+        self._count += 1
+        proxy = _DistributionS3(self.seaweed, f"dist{self._count}",
+                                proxy_remote_url=self.upstream.url).start()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+
+
+def _cold_warm(base: str, image: Image) -> tuple[float, float]:
+    curl_get(base + image.manifest_path())
+    cold = expect_ok(curl_get(base + image.blob_path), image.blob.size, "cold GET")
+    time.sleep(1.0)  # the commit (and distribution's background store) after the body
+    warm = expect_ok(curl_get(base + image.blob_path), image.blob.size, "warm GET")
+    return cold.mib_per_s(), warm.mib_per_s()
+
+
+def _ttfb_many(url: str, count: int) -> tuple[float, list[float]]:
+    argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "300", "-o", "/dev/null", "-w",
+            "%{http_code} %{time_starttransfer}\n", "-H", f"Accept: {MANIFEST_ACCEPT}", url]
+    start = time.monotonic()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(count)]
+    first: list[float] = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=320)
+        status, ttfb = out.split()
+        if status != "200":
+            raise RuntimeError(f"herd GET answered {status}: {err}")
+        first.append(float(ttfb))
+    return time.monotonic() - start, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--herd", type=int, default=20)
+    args = parser.parse_args()
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(STANDIN), os.environ.get("PYTHONPATH", "")) if p)
+    workdir = Path(tempfile.mkdtemp(prefix="sigil-bench-fleet-"))
+    loop = _Loop()
+    with SeaweedS3() as seaweed, RealPostgres() as postgres, RealRegistry() as upstream:
+        bench = Bench(workdir, seaweed, postgres, upstream)
+        rows: dict[str, Sample] = {k: Sample() for k in (
+            "cold fleet", "cold fs", "cold dist-s3", "warm fleet", "warm fs", "warm dist-s3")}
+        dist_error = ""
+        for run in range(args.runs):
+            images = seed_upstream(upstream, workdir, {f"big{run}": args.mib * MiB})
+            image = images[f"big{run}"]
+            with bench.fleet(1) as (replica,):
+                cold, warm = _cold_warm(replica.url, image)
+                rows["cold fleet"].add(cold)
+                rows["warm fleet"].add(warm)
+            with bench.embedded() as proc:
+                cold, warm = _cold_warm(proc.url, image)
+                rows["cold fs"].add(cold)
+                rows["warm fs"].add(warm)
+            try:
+                with bench.distribution() as proxy:
+                    cold, warm = _cold_warm(proxy.url, image)
+                    rows["cold dist-s3"].add(cold)
+                    rows["warm dist-s3"].add(warm)
+            except RuntimeError as exc:
+                dist_error = str(exc)[:300]
+            print(f"run {run}: " + ", ".join(f"{k} {statistics.median(s.values):.0f}"
+                                              for k, s in rows.items() if s.values), flush=True)
+        for key, sample in rows.items():
+            if sample.values:
+                print(f"{key:14s} MiB/s {statistics.median(sample.values):.0f} "
+                      f"({sample.spread()})")
+        if dist_error:
+            print(f"distribution with the s3 driver failed: {dist_error}")
+
+        herd = seed_upstream(upstream, workdir, {"herd": 64 * MiB})["herd"]
+        with bench.fleet(3) as replicas:
+            balancer = loop.run(RoundRobinBalancer(
+                [("127.0.0.1", r.port) for r in replicas]).__aenter__())
+            try:
+                base = f"http://{balancer.host}"
+                for replica in replicas:
+                    curl_get(replica.url + herd.manifest_path())
+                mark = upstream.log_mark()
+                wall, first = _ttfb_many(base + herd.blob_path, args.herd)
+                gets = settled_upstream_count(upstream, mark, "GET", herd.blob_path)
+                print(f"herd of {args.herd} on 3 replicas, 64 MiB cold: upstream GETs {gets}, "
+                      f"wall {wall:.2f}s, median time to first byte "
+                      f"{statistics.median(first):.3f}s (max {max(first):.3f}s)")
+                tag_url = herd.manifest_path()
+                one = ab_head(replicas[0].url + tag_url)
+                three = ab_head(base + tag_url)
+                print(f"manifest HEAD by tag, 16 conns: 1 replica {one.rate:.0f} req/s, "
+                      f"3 replicas behind the balancer {three.rate:.0f} req/s "
+                      f"(failed {one.failed}/{three.failed})")
+            finally:
+                loop.run(balancer.__aexit__(None, None, None))
+        with bench.embedded() as proc:
+            curl_get(proc.url + herd.manifest_path())
+            embedded = ab_head(proc.url + herd.manifest_path())
+            print(f"manifest HEAD by tag, 16 conns: filesystem + SQLite {embedded.rate:.0f} "
+                  "req/s")
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The relay rule of :mod:`sigil.downloads` over a real S3 store (SeaweedFS): a replica that
+finds another replica's live lease streams that replica's peer stream, uploads nothing, and
+releases its last byte only when its own hash matched *and* the object is in the bucket.
+
+The "peer" here is an in-process source that can send wrong bytes or stop before the holder
+commits: faults a real peer endpoint (which applies the same tail rule) cannot produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from sigil.config import S3Config
+from sigil.downloads import Downloads, RelayPeers
+from sigil.errors import RegistryError
+from sigil.oci.digest import Digest
+from sigil.storage.lease_sqlite import SqliteFetchLeases
+from sigil.storage.s3 import S3ObjectStore
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.realparts
+
+
+class PeerStream:
+    """What the holder's peer endpoint would send: ``data`` in 256 KiB chunks."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data = data
+        self.size: int | None = size
+        self.opened: list[str] = []
+
+    def open(self, base_url: str, digest: Digest) -> AsyncIterator[PeerStream]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[PeerStream]:
+            self.opened.append(base_url)
+            yield self
+
+        return opened()
+
+    async def iter_chunks(self, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.data), 256 * 1024):
+            await asyncio.sleep(0)
+            yield self.data[at:at + 256 * 1024]
+
+
+def _never_fetch() -> AsyncIterator[PeerStream]:
+    raise AssertionError("a relaying replica must not fetch from the upstream")
+
+
+async def _collect(stream: AsyncIterator[bytes | memoryview]) -> tuple[bytes, Exception | None]:
+    got = bytearray()
+    try:
+        async for chunk in stream:
+            got += chunk
+    except RegistryError as exc:
+        return bytes(got), exc
+    return bytes(got), None
+
+
+@pytest.fixture
+async def relay_setup(s3_config: S3Config, tmp_path: Path
+                      ) -> AsyncIterator[tuple[S3ObjectStore, SqliteFetchLeases, Path]]:
+    store = await S3ObjectStore.open(s3_config)
+    leases = SqliteFetchLeases(tmp_path)
+    try:
+        yield store, leases, tmp_path
+    finally:
+        await leases.close()
+        await store.close()
+
+
+async def _relay_download(setup: tuple[S3ObjectStore, SqliteFetchLeases, Path],
+                          peer: PeerStream, digest: Digest) -> tuple[bytes, Exception | None]:
+    store, leases, root = setup
+    # Another replica holds the lease and says where its peer endpoint is.
+    lease = await leases.acquire(digest, "other-replica", "http://127.0.0.1:9/peer", 30.0)
+    assert lease.holder == "other-replica"
+    table = Downloads(store, leases, scratch=root,
+                      relay=RelayPeers("http://127.0.0.1:8/me", peer.open))
+    download, _ = table.get_or_start(digest, _never_fetch, lambda d, n: None)
+    await download.wait_started()
+    result = await asyncio.wait_for(_collect(download.stream()), 60)
+    assert download.task is not None
+    await download.task
+    assert peer.opened == ["http://127.0.0.1:9/peer"]
+    return result
+
+
+async def test_wrong_bytes_from_the_peer_never_complete_a_body(relay_setup) -> None:
+    data = os.urandom(3 * MiB)
+    digest = Digest.of(data)
+    wrong = bytes(reversed(data))
+    body, error = await _relay_download(relay_setup, PeerStream(wrong, len(data)), digest)
+    assert error is not None and error.code == "DIGEST_INVALID"
+    assert len(body) < len(data)
+    store = relay_setup[0]
+    assert not await store.has(digest)  # and nothing was uploaded
+    assert await store.pending_uploads() == []
+
+
+async def test_the_last_byte_waits_for_the_holders_commit(relay_setup) -> None:
+    store, leases, _ = relay_setup
+    data = os.urandom(2 * MiB + 17)
+    digest = Digest.of(data)
+    peer = PeerStream(data, len(data))
+
+    async def holder_commits_later() -> None:
+        await asyncio.sleep(0.5)
+        await store.put_bytes(digest, data)  # the holder's upload completes
+        await leases.release(digest, "other-replica")
+
+    holder = asyncio.ensure_future(holder_commits_later())
+    body, error = await _relay_download(relay_setup, peer, digest)
+    await holder
+    assert error is None and body == data
+
+
+async def test_a_holder_that_stops_before_its_commit_cuts_the_relay(relay_setup) -> None:
+    store, leases, _ = relay_setup
+    data = os.urandom(1 * MiB)
+    digest = Digest.of(data)
+
+    async def holder_gives_up() -> None:
+        await asyncio.sleep(0.3)
+        await leases.release(digest, "other-replica")  # failed: released, never committed
+
+    holder = asyncio.ensure_future(holder_gives_up())
+    body, error = await _relay_download(relay_setup, PeerStream(data, len(data)), digest)
+    await holder
+    assert error is not None
+    assert len(body) == len(data) - 1  # all but the held-back last byte
+    assert not await store.has(digest)
+
+
+class SlowUpstream:
+    """An upstream body that trickles out (a few ms per 256 KiB), counted per open."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size: int | None = len(data)
+        self.opens = 0
+
+    def open(self) -> AsyncIterator[SlowUpstream]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[SlowUpstream]:
+            self.opens += 1
+            yield self
+
+        return opened()
+
+    async def iter_chunks(self, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.data), 256 * 1024):
+            await asyncio.sleep(0.005)
+            yield self.data[at:at + 256 * 1024]
+
+
+async def test_workers_on_one_host_over_s3_follow_the_scratch_file(relay_setup) -> None:
+    """``--workers N`` with a remote store and the host's lease file: the follower reads the
+    holder's scratch file and gets the tail once the holder's upload is in the bucket."""
+    store, leases, root = relay_setup
+    sibling_leases = SqliteFetchLeases(root)
+    try:
+        data = os.urandom(6 * MiB + 5)
+        digest = Digest.of(data)
+        upstream = SlowUpstream(data)
+        first = Downloads(store, leases, scratch=root)
+        second = Downloads(store, sibling_leases, scratch=root)
+        holder, _ = first.get_or_start(digest, upstream.open, lambda d, n: None)
+        await holder.wait_started()
+        follower, _ = second.get_or_start(digest, upstream.open, lambda d, n: None)
+        await follower.wait_started()
+        mine, theirs = await asyncio.wait_for(asyncio.gather(
+            _collect(holder.stream()), _collect(follower.stream())), 60)
+        assert mine == (data, None) and theirs == (data, None)
+        assert upstream.opens == 1
+        assert follower.path == holder.path  # it read the holder's scratch file
+        assert holder.stored_remotely and follower.stored_remotely
+        async with store.open_range(digest) as reader:
+            stored = b"".join([chunk async for chunk in reader])
+        assert stored == data
+        assert not list((root / "staging").iterdir())  # the scratch copies are gone
+    finally:
+        await sibling_leases.close()
