@@ -457,6 +457,11 @@ class Downloads:
     def __len__(self) -> int:
         return len(self._active)
 
+    def get(self, digest: Digest) -> Download | None:
+        """The download of ``digest`` in flight in this process, if any (the peer endpoint
+        streams it to other replicas; it never starts one)."""
+        return self._active.get(digest)
+
     def get_or_start(self, digest: Digest, open_blob: OpenBlob,
                      on_commit: Callable[[Digest, int], None]) -> tuple[Download, bool]:
         """Join the download of ``digest`` or start it. Returns (download, started_here)."""
