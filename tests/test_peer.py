@@ -8,7 +8,10 @@ the holder is still downloading" is a state the test controls, not a race.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -21,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -43,6 +47,7 @@ from sigil.storage import BlobStore
 from sigil.upstream.client import UpstreamBlob, UpstreamClient
 from sigil.upstream.peer import PeerClient
 from tests.support.fakeupstream import FakeUpstream
+from tests.support.sigilproc import free_port
 
 SECRET = b"peer-secret-for-tests-0123456789abcdef"
 REPO = "library/big"
@@ -275,6 +280,14 @@ async def test_wrong_bytes_upstream_cut_the_peer_stream_short(
     assert _count("cut") - cut == 1
 
 
+def test_the_mac_is_hmac_sha256_of_method_path_and_time() -> None:
+    path = PEER_BLOBS_PATH + "sha256:" + "ab" * 32
+    expected = hmac.new(SECRET, f"GET {path}\n1700000000".encode(), hashlib.sha256)
+    assert peer_signature(SECRET, path, "1700000000") == expected.hexdigest()
+    assert peer_auth_headers(SECRET, path, 1700000000.7) == {
+        TIME_HEADER: "1700000000", AUTH_HEADER: expected.hexdigest()}
+
+
 def _tamper_time(headers: dict[str, str]) -> dict[str, str]:
     return {**headers, TIME_HEADER: str(int(headers[TIME_HEADER]) + 1)}
 
@@ -364,6 +377,66 @@ async def test_a_stalled_holder_fails_the_peer_within_its_timeout(
         await asyncio.wait_for(reader, 20)
     assert len(got) == READ_CHUNK
     gate.allow(100)
+
+
+async def _client_read(download: Download, into: bytearray) -> None:
+    """A client of the follower replica reading the follower's download."""
+    await download.wait_started()
+    async for piece in download.stream():
+        into += piece
+
+
+async def test_two_hops_keep_the_tail_until_both_replicas_verified(
+        holder: Holder, peers: Callable[..., PeerClient], tmp_path: Path) -> None:
+    data, digest = holder.add_blob()
+    download, gate = await holder.start(digest)
+    client = peers()
+    # The follower replica: its own Downloads over its own store, fed by the peer stream.
+    follower_store = BlobStore(tmp_path / "follower")
+    follower = Downloads(follower_store)
+    relayed, _ = follower.get_or_start(digest, lambda: client.open_blob(holder.url, digest),
+                                       _committed)
+    got = bytearray()
+    reader = asyncio.ensure_future(_client_read(relayed, got))
+    gate.allow(-(-len(data) // READ_CHUNK) - 1)  # every byte, not the end of the body
+    await _until(lambda: download.received == len(data), "the holder's last chunk")
+    # The follower reads whole chunks: it has them all but the short last one, which the
+    # holder cannot complete (its last byte is held back).
+    whole = (len(data) - 1) // READ_CHUNK * READ_CHUNK
+    await _until(lambda: relayed.received == whole, "the follower's whole chunks")
+    await asyncio.sleep(0.3)  # nothing more moves until the holder verified
+    assert relayed.received == whole and len(got) <= whole
+    assert not relayed.verified and not follower_store.has(digest)
+    gate.allow(1)
+    await asyncio.wait_for(reader, 20)
+    assert bytes(got) == data
+    await asyncio.wait_for(relayed.finished.wait(), 20)
+    assert follower_store.path(digest).read_bytes() == data
+    assert download.committed is not None and holder.fake.hits[f"GET blob {digest}"] == 1
+
+
+async def test_a_lying_peer_is_caught_by_the_followers_own_hash(
+        tmp_path: Path, peers: Callable[..., PeerClient]) -> None:
+    data = os.urandom(3 * READ_CHUNK)
+    digest = Digest.of(data)
+    forged = bytes(reversed(data))  # the right length and digest header, the wrong bytes
+
+    async def lying(request: web.Request) -> web.Response:
+        return web.Response(body=forged, headers={"Docker-Content-Digest": str(digest)})
+
+    server = await _fault_server(lying)
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        client = peers()
+        follower_store = BlobStore(tmp_path / "follower")
+        relayed, _ = Downloads(follower_store).get_or_start(
+            digest, lambda: client.open_blob(url, digest), _committed)
+        got = bytearray()
+        with pytest.raises(DigestInvalid):
+            await asyncio.wait_for(_client_read(relayed, got), 20)
+        assert len(got) <= len(data) - 1 and not follower_store.has(digest)
+    finally:
+        await server.close()
 
 
 # A holder replica in its own process, to be SIGKILLed mid-stream: its own fake upstream
@@ -478,39 +551,47 @@ def test_an_empty_secret_is_refused_on_both_sides(tmp_path: Path) -> None:
 
 
 async def test_an_unreachable_peer_is_unavailable(peers: Callable[..., PeerClient]) -> None:
-    # Port 9 (discard) on loopback: nothing listens there in the test environment.
     with pytest.raises(Unavailable, match="cannot open"):
-        await _relay(peers(timeout=5.0), "http://127.0.0.1:9", Digest.of(b"x"), bytearray())
+        await _relay(peers(timeout=5.0), f"http://127.0.0.1:{free_port()}", Digest.of(b"x"),
+                     bytearray())
 
 
 async def test_neither_the_secret_nor_a_mac_is_logged(
         holder: Holder, peers: Callable[..., PeerClient],
         capfd: pytest.CaptureFixture[str]) -> None:
+    saved = structlog.get_config()
     configure(level="debug", fmt="json")
+    try:
+        await _log_a_refusal_and_a_cut_stream(holder, peers)
+    finally:
+        output = "".join(capfd.readouterr())
+        structlog.configure(**saved)
+    assert "peer.refused" in output and "peer.fetch_failed" in output  # logging was captured
+    assert "peer.stream_cut" in output
+    for needle in (SECRET.decode(), SECRET.hex(), WRONG_SECRET.decode(), AUTH_HEADER):
+        assert needle not in output
+    assert not re.search(r"[0-9a-f]{64}", re.sub(r"sha256:[0-9a-f]{64}", "", output))
+
+
+WRONG_SECRET = b"a-wrong-secret-for-this-fleet"
+
+
+async def _log_a_refusal_and_a_cut_stream(holder: Holder,
+                                          peers: Callable[..., PeerClient]) -> None:
+    """A refused request (raw and through PeerClient) and a stream cut on a mismatch."""
     _, digest = holder.add_blob()
-    holder.fake.faults[str(digest)] = "wrong-bytes"  # a failed stream logs too
+    holder.fake.faults[str(digest)] = "wrong-bytes"
     _, gate = await holder.start(digest)
     path = PEER_BLOBS_PATH + str(digest)
-    sent_macs = []
-    for secret in (SECRET, b"a-wrong-secret-for-this-fleet"):
-        headers = peer_auth_headers(secret, path)
-        sent_macs.append(headers[AUTH_HEADER])
-        async with aiohttp.ClientSession() as session:
-            async with session.get(holder.url + path, headers=headers) as response:
-                assert response.status in (200, 401)
-                if response.status == 200:
-                    await response.content.readany()
+    async with aiohttp.ClientSession() as session:
+        headers = peer_auth_headers(WRONG_SECRET, path)
+        async with session.get(holder.url + path, headers=headers) as response:
+            assert response.status == 401
     with pytest.raises(Unavailable):
-        await _relay(peers(secret=b"a-wrong-secret-for-this-fleet"), holder.url, digest,
-                     bytearray())
+        await _relay(peers(secret=WRONG_SECRET), holder.url, digest, bytearray())
     got = bytearray()
     reader = asyncio.ensure_future(_relay(peers(), holder.url, digest, got))
     await _until(lambda: len(got) > 0, "the peer's first bytes")
     gate.allow(100)
     with pytest.raises(Unavailable):
         await asyncio.wait_for(reader, 20)
-    output = "".join(capfd.readouterr())
-    assert "peer.refused" in output and "peer.fetch_failed" in output  # logging was captured
-    for needle in (SECRET.decode(), SECRET.hex(), b"a-wrong-secret-for-this-fleet".decode(),
-                   *sent_macs, peer_signature(SECRET, path, str(int(time.time())))):
-        assert needle not in output
