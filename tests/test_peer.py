@@ -67,7 +67,7 @@ class _GatedBlob:
     def __init__(self, blob: UpstreamBlob, gate: GatedUpstream) -> None:
         self._blob = blob
         self._gate = gate
-        self.size: int | None = blob.size
+        self.size: int | None = blob.size if gate.announce_size else None
 
     async def iter_chunks(self, chunk: int = READ_CHUNK) -> AsyncIterator[bytes]:
         step = 0
@@ -83,9 +83,11 @@ class _GatedBlob:
 class GatedUpstream:
     """Opens the fake registry's blob over HTTP and lets it through step by step."""
 
-    def __init__(self, client: UpstreamClient, digest: Digest) -> None:
+    def __init__(self, client: UpstreamClient, digest: Digest, announce_size: bool) -> None:
         self._client = client
         self._digest = digest
+        # False: pass the body on as if the upstream had sent no Content-Length.
+        self.announce_size = announce_size
         self._allowed = 0
         self._more = asyncio.Event()
         self.opens = 0
@@ -122,9 +124,10 @@ class Holder:
         self.fake.blobs[str(digest)] = data
         return data, digest
 
-    async def start(self, digest: Digest) -> tuple[Download, GatedUpstream]:
+    async def start(self, digest: Digest, announce_size: bool = True
+                    ) -> tuple[Download, GatedUpstream]:
         """Start the download of ``digest`` and let its first chunk in."""
-        gate = GatedUpstream(self.upstream, digest)
+        gate = GatedUpstream(self.upstream, digest, announce_size)
         download, started = self.downloads.get_or_start(digest, gate.open, _committed)
         assert started
         gate.allow(1)
@@ -256,6 +259,48 @@ async def test_a_peer_gets_at_most_size_minus_one_bytes_until_the_holder_verifie
             gate.allow(1)
             got.extend(await asyncio.wait_for(response.content.read(), 20))
     assert bytes(got) == data
+
+
+async def test_a_blob_of_unknown_size_is_streamed_chunked_with_its_tail_held(
+        holder: Holder, peers: Callable[..., PeerClient]) -> None:
+    data, digest = holder.add_blob()
+    download, gate = await holder.start(digest, announce_size=False)
+    path = PEER_BLOBS_PATH + str(digest)
+    got = bytearray()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(holder.url + path, headers=holder.signed(path)) as response:
+            assert response.status == 200 and "Content-Length" not in response.headers
+            gate.allow(-(-len(data) // READ_CHUNK) - 1)
+            await _until(lambda: download.received == len(data), "the holder's last chunk")
+
+            async def drain_available() -> None:
+                while len(got) < len(data) - 1:
+                    got.extend(await response.content.readany())
+
+            await asyncio.wait_for(drain_available(), 20)
+            await asyncio.sleep(0.3)
+            assert response.content.total_bytes == len(data) - 1  # the last byte received
+            gate.allow(1)
+            got.extend(await asyncio.wait_for(response.content.read(), 20))
+    assert bytes(got) == data
+    # Through PeerClient the size is unknown too, and the body is whole.
+    sizes: list[int | None] = []
+    download, gate = await holder.start(holder.add_blob()[1], announce_size=False)
+    other = bytearray()
+    reader = asyncio.ensure_future(_relay(peers(), holder.url, download.digest, other, sizes))
+    gate.allow(100)
+    await asyncio.wait_for(reader, 20)
+    assert sizes == [None] and Digest.of(bytes(other)) == download.digest
+
+
+async def test_head_is_not_served(holder: Holder) -> None:
+    _, digest = holder.add_blob()
+    _, gate = await holder.start(digest)
+    path = PEER_BLOBS_PATH + str(digest)
+    async with aiohttp.ClientSession() as session:
+        async with session.head(holder.url + path, headers=holder.signed(path)) as response:
+            assert response.status == 405
+    gate.allow(100)
 
 
 async def test_wrong_bytes_upstream_cut_the_peer_stream_short(

@@ -151,4 +151,5 @@ def add_peer_routes(app: web.Application, downloads: Downloads, secret: bytes) -
         metrics.PEER_REQUESTS.labels("streamed").inc()
         return response
 
-    app.router.add_get(PEER_BLOBS_PATH + "{digest}", peer_blob)
+    # GET only: the MAC covers the method, and a HEAD would not need the stream.
+    app.router.add_get(PEER_BLOBS_PATH + "{digest}", peer_blob, allow_head=False)
