@@ -230,27 +230,26 @@ async def test_three_peers_stream_the_blob_while_the_holder_downloads_it(
     assert holder.store.has(digest)
 
 
-async def test_a_peer_gets_at_most_size_minus_one_bytes_until_the_holder_verified(
-        holder: Holder, peers: Callable[..., PeerClient]) -> None:
-    data, digest = holder.add_blob()
-    download, gate = await holder.start(digest)
-    chunks = -(-len(data) // READ_CHUNK)
-    path = PEER_BLOBS_PATH + str(digest)
-    # A raw reader sees everything that reached its socket (readany returns what is buffered).
+async def _raw_read_with_the_tail_held(holder: Holder, download: Download,
+                                       gate: GatedUpstream, data: bytes
+                                       ) -> aiohttp.ClientResponse:
+    """Read the peer stream with a raw client (readany returns whatever reached the socket)
+    while the holder has every byte but not the end of its upstream body; check that the
+    last byte stays withheld; then let the body end and check the whole. Returns the
+    response for its headers."""
+    path = PEER_BLOBS_PATH + str(download.digest)
     got = bytearray()
     async with aiohttp.ClientSession() as session:
         async with session.get(holder.url + path, headers=holder.signed(path)) as response:
             assert response.status == 200
-            assert response.headers["Docker-Content-Digest"] == str(digest)
-            assert response.content_length == len(data)
-            gate.allow(chunks - 1)  # every chunk, but not the end of the upstream body
+            gate.allow(-(-len(data) // READ_CHUNK) - 1)  # every chunk, not the end
             await _until(lambda: download.received == len(data), "the holder's last chunk")
 
-            async def drain_available() -> None:
+            async def all_but_the_last_byte() -> None:
                 while len(got) < len(data) - 1:
                     got.extend(await response.content.readany())
 
-            await asyncio.wait_for(drain_available(), 20)
+            await asyncio.wait_for(all_but_the_last_byte(), 20)
             # The holder has all the bytes, unverified: the last one is still withheld.
             await asyncio.sleep(0.3)
             assert not download.verified
@@ -259,30 +258,25 @@ async def test_a_peer_gets_at_most_size_minus_one_bytes_until_the_holder_verifie
             gate.allow(1)
             got.extend(await asyncio.wait_for(response.content.read(), 20))
     assert bytes(got) == data
+    return response
+
+
+async def test_a_peer_gets_at_most_size_minus_one_bytes_until_the_holder_verified(
+        holder: Holder) -> None:
+    data, digest = holder.add_blob()
+    download, gate = await holder.start(digest)
+    response = await _raw_read_with_the_tail_held(holder, download, gate, data)
+    assert response.headers["Docker-Content-Digest"] == str(digest)
+    assert response.content_length == len(data)
 
 
 async def test_a_blob_of_unknown_size_is_streamed_chunked_with_its_tail_held(
         holder: Holder, peers: Callable[..., PeerClient]) -> None:
     data, digest = holder.add_blob()
     download, gate = await holder.start(digest, announce_size=False)
-    path = PEER_BLOBS_PATH + str(digest)
-    got = bytearray()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(holder.url + path, headers=holder.signed(path)) as response:
-            assert response.status == 200 and "Content-Length" not in response.headers
-            gate.allow(-(-len(data) // READ_CHUNK) - 1)
-            await _until(lambda: download.received == len(data), "the holder's last chunk")
-
-            async def drain_available() -> None:
-                while len(got) < len(data) - 1:
-                    got.extend(await response.content.readany())
-
-            await asyncio.wait_for(drain_available(), 20)
-            await asyncio.sleep(0.3)
-            assert response.content.total_bytes == len(data) - 1  # the last byte received
-            gate.allow(1)
-            got.extend(await asyncio.wait_for(response.content.read(), 20))
-    assert bytes(got) == data
+    response = await _raw_read_with_the_tail_held(holder, download, gate, data)
+    assert "Content-Length" not in response.headers
+    assert response.headers.get("Transfer-Encoding") == "chunked"
     # Through PeerClient the size is unknown too, and the body is whole.
     sizes: list[int | None] = []
     download, gate = await holder.start(holder.add_blob()[1], announce_size=False)
