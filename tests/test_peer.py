@@ -287,13 +287,16 @@ async def test_a_blob_of_unknown_size_is_streamed_chunked_with_its_tail_held(
     assert sizes == [None] and Digest.of(bytes(other)) == download.digest
 
 
-async def test_head_is_not_served(holder: Holder) -> None:
+async def test_only_get_is_served(holder: Holder) -> None:
     _, digest = holder.add_blob()
     _, gate = await holder.start(digest)
     path = PEER_BLOBS_PATH + str(digest)
     async with aiohttp.ClientSession() as session:
         async with session.head(holder.url + path, headers=holder.signed(path)) as response:
             assert response.status == 405
+        async with session.post(holder.url + path, headers=holder.signed(path)) as response:
+            assert response.status == 405
+            assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
     gate.allow(100)
 
 

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from sigil import metrics
 from sigil.downloads import Downloads
-from sigil.errors import BlobUnknown, RegistryError, Unauthorized, Unavailable
+from sigil.errors import BlobUnknown, RegistryError, Unauthorized, Unavailable, Unsupported
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.server.middleware import ROUTE_KEY, error_response
@@ -151,5 +151,10 @@ def add_peer_routes(app: web.Application, downloads: Downloads, secret: bytes) -
         metrics.PEER_REQUESTS.labels("streamed").inc()
         return response
 
+    async def other_method(request: web.Request) -> web.Response:
+        request[ROUTE_KEY] = "peer"
+        return _refuse("invalid", Unsupported("the peer endpoint answers GET only"))
+
     # GET only: the MAC covers the method, and a HEAD would not need the stream.
     app.router.add_get(PEER_BLOBS_PATH + "{digest}", peer_blob, allow_head=False)
+    app.router.add_route("*", PEER_BLOBS_PATH + "{digest}", other_method)
