@@ -224,7 +224,8 @@ async def test_three_peers_stream_the_blob_while_the_holder_downloads_it(
         assert Digest.of(bytes(body)) == digest
     assert sizes == [len(data)] * 3  # Content-Length, known before the body was complete
     assert holder.fake.hits[f"GET blob {digest}"] == 1  # one upstream fetch for all of them
-    assert _count("streamed") - streamed == 3
+    # The handlers count after their last write: the readers may have finished first.
+    await _until(lambda: _count("streamed") - streamed == 3, "three streams counted")
     assert _bytes_sent() - sent == 3 * len(data)
     await asyncio.wait_for(download.finished.wait(), 20)
     assert holder.store.has(digest)
@@ -454,6 +455,8 @@ async def test_two_hops_keep_the_tail_until_both_replicas_verified(
     assert bytes(got) == data
     await asyncio.wait_for(relayed.finished.wait(), 20)
     assert follower_store.path(digest).read_bytes() == data
+    # The holder commits after it released the tail: wait for it before looking.
+    await asyncio.wait_for(download.finished.wait(), 20)
     assert download.committed is not None and holder.fake.hits[f"GET blob {digest}"] == 1
 
 
