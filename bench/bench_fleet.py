@@ -13,8 +13,7 @@ Rows (medians with min..max over ``--runs``, each run on a fresh store):
   balancer (on 2 cores the replicas share the CPU with ab and the balancer: this shows the
   overhead of the fleet path, not scaling).
 
-Uses the realparts servers of the tests (``tests/realparts``) and the peer stand-ins of
-``tests/support/peer_standin`` until the peer branch is merged.
+Uses the realparts servers of the tests (``tests/realparts``).
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ from .harness import (
     settled_upstream_count,
 )
 
-STANDIN = Path(__file__).resolve().parents[1] / "tests" / "support" / "peer_standin"
 BUCKET = "sigil-bench"
 
 
@@ -204,8 +202,6 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--herd", type=int, default=20)
     args = parser.parse_args()
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(STANDIN), os.environ.get("PYTHONPATH", "")) if p)
     workdir = Path(tempfile.mkdtemp(prefix="sigil-bench-fleet-"))
     loop = _Loop()
     with SeaweedS3() as seaweed, RealPostgres() as postgres, RealRegistry() as upstream:

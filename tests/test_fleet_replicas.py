@@ -8,9 +8,8 @@ nothing partial and the others (or a retry) finish; ``storage.s3.redirect`` answ
 presigned URL only for blobs the gate allows; a PostgreSQL outage keeps what is in memory
 serving and recovers by itself.
 
-Until the ``peer`` branch is merged, the peer endpoint and client come from the test-only
-stand-ins in ``tests/support/peer_standin`` (put on the replicas' ``PYTHONPATH``; the real
-modules win once they exist).
+Cross-replica streaming goes through the real peer endpoint and client
+(``sigil.server.peer``, ``sigil.upstream.peer``).
 """
 
 from __future__ import annotations
@@ -46,18 +45,10 @@ from tests.support.sigilproc import SigilProcess, free_port
 pytestmark = pytest.mark.realparts
 
 MiB = 1024 * 1024
-STANDIN = Path(__file__).resolve().parent / "support" / "peer_standin"
 
 
 def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def standin_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The replicas import the peer stand-ins if the real modules are absent."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(STANDIN), os.environ.get("PYTHONPATH", "")) if p))
 
 
 class Fleet:
@@ -145,7 +136,7 @@ async def _get_blob(session: aiohttp.ClientSession, base: str, repo: str, tag: s
 
 async def test_real_clients_pull_through_three_replicas(
         tmp_path, real_registry, registry_pusher: RegistryPusher, unique_repo, seaweed_s3,
-        pg_dsn, standin_path, containerd_daemon: Containerd) -> None:
+        pg_dsn, containerd_daemon: Containerd) -> None:
     async with running_fleet(tmp_path, real_registry.url, seaweed_s3, pg_dsn) as (
             _, balancer):
         pushed = await registry_pusher.make_image(unique_repo, "v1", media="docker")
@@ -174,7 +165,7 @@ async def test_real_clients_pull_through_three_replicas(
 
 async def test_herd_of_20_on_three_replicas_fetches_upstream_once(
         tmp_path, real_registry, registry_pusher: RegistryPusher, unique_repo, seaweed_s3,
-        pg_dsn, standin_path) -> None:
+        pg_dsn) -> None:
     layer = os.urandom(48 * MiB)
     # The upstream behind a throttle, so the download is still in flight when the herd
     # arrives and the followers really relay (with a fast upstream they would find the
@@ -213,7 +204,7 @@ async def test_herd_of_20_on_three_replicas_fetches_upstream_once(
 
 async def test_replica_killed_mid_download(tmp_path, real_registry,
                                            registry_pusher: RegistryPusher, unique_repo,
-                                           seaweed_s3, pg_dsn, standin_path) -> None:
+                                           seaweed_s3, pg_dsn) -> None:
     layer = os.urandom(24 * MiB)
     host, port = real_registry.host.split(":")
     async with RoundRobinBalancer([(host, int(port))], chunk=128 * 1024, pause=0.02) as slow:
@@ -261,7 +252,7 @@ async def test_replica_killed_mid_download(tmp_path, real_registry,
 
 async def test_redirect_only_for_allowed_blobs(tmp_path, real_registry,
                                                registry_pusher: RegistryPusher, unique_repo,
-                                               seaweed_s3, pg_dsn, standin_path) -> None:
+                                               seaweed_s3, pg_dsn) -> None:
     layer = os.urandom(3 * MiB)
     pushed = await registry_pusher.make_image(unique_repo, "r1", [layer])
     other = await registry_pusher.make_image(unique_repo + "-other", "r1",
@@ -313,7 +304,7 @@ async def test_redirect_only_for_allowed_blobs(tmp_path, real_registry,
 async def test_streamed_ranges_from_the_object_store(tmp_path, real_registry,
                                                      registry_pusher: RegistryPusher,
                                                      unique_repo, seaweed_s3, pg_dsn,
-                                                     standin_path) -> None:
+                                                     ) -> None:
     layer = os.urandom(2 * MiB + 123)
     await registry_pusher.make_image(unique_repo, "g1", [layer])
     digest = _sha(layer)
@@ -349,7 +340,7 @@ def own_postgres() -> Iterator[RealPostgres]:
 async def test_postgres_down_while_serving(tmp_path, real_registry,
                                            registry_pusher: RegistryPusher, unique_repo,
                                            seaweed_s3, own_postgres: RealPostgres,
-                                           standin_path) -> None:
+                                           ) -> None:
     own_postgres.psql("CREATE DATABASE outage")
     dsn = own_postgres.dsn("outage")
     layer = os.urandom(1 * MiB)
@@ -385,7 +376,7 @@ async def test_postgres_down_while_serving(tmp_path, real_registry,
 
 
 async def test_fleet_gc_and_fsck_cli(tmp_path, real_registry, registry_pusher: RegistryPusher,
-                                     unique_repo, seaweed_s3, pg_dsn, standin_path) -> None:
+                                     unique_repo, seaweed_s3, pg_dsn) -> None:
     layer = os.urandom(1 * MiB)
     await registry_pusher.make_image(unique_repo, "f1", [layer])
     async with running_fleet(tmp_path, real_registry.url, seaweed_s3, pg_dsn, count=1) as (

@@ -635,8 +635,9 @@ class Downloads:
     def __len__(self) -> int:
         return len(self._active)
 
-    def active(self, digest: Digest) -> Download | None:
-        """The in-flight download of ``digest`` in this process, if any (the peer endpoint)."""
+    def get(self, digest: Digest) -> Download | None:
+        """The download of ``digest`` in flight in this process, if any (the peer endpoint
+        streams it to other replicas; it never starts one)."""
         return self._active.get(digest)
 
     def get_or_start(self, digest: Digest, open_blob: OpenBlob,

@@ -108,3 +108,15 @@ TLS_RELOADS = Counter("sigil_tls_reloads_total",
 TLS_CERT_EXPIRY = Gauge("sigil_tls_certificate_expiry_timestamp_seconds",
                         "notAfter of the certificate being served (Unix time)",
                         registry=REGISTRY)
+# --- peer stream between replicas (server/peer.py, upstream/peer.py) ---
+PEER_REQUESTS = Counter("sigil_peer_requests_total",
+                        "Peer blob requests this replica answered, by result",
+                        ["result"], registry=REGISTRY)
+# result: streamed|cut|abandoned|unauthorized|invalid|not_found|failed
+PEER_BYTES_SENT = Counter("sigil_peer_bytes_sent_total",
+                          "Body bytes this replica streamed to other replicas",
+                          registry=REGISTRY)
+PEER_CLIENT_FAILURES = Counter("sigil_peer_client_failures_total",
+                               "Peer streams this replica could not read from another "
+                               "replica, by reason", ["reason"], registry=REGISTRY)
+# reason: connect|timeout|refused|unknown|status|cut|short|protocol

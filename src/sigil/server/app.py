@@ -163,8 +163,8 @@ async def _single_flight(config: Config, backends: Backends
         raise SigilError("server.peer_listen is set but no peer secret is configured "
                          "(server.peer_secret_env or server.peer_secret_file)")
     try:
-        from sigil.server.peer import add_peer_routes  # type: ignore[import-not-found, unused-ignore]
-        from sigil.upstream.peer import PeerClient  # type: ignore[import-not-found, unused-ignore]
+        from sigil.server.peer import add_peer_routes
+        from sigil.upstream.peer import PeerClient
     except ImportError as exc:
         raise SigilError("server.peer_listen: this build has no peer endpoint "
                          f"({exc.name} is missing)") from exc
