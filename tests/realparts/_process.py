@@ -113,6 +113,35 @@ def _stop_leftover_daemons() -> None:
         stop_daemon(proc, term_timeout=2.0)
 
 
+class TempDirDaemon:
+    """What every test daemon here shares: a temp dir of its own, a log file in it, one
+    process. Subclasses set ``name`` and ``log_name`` and fill ``_dir`` and ``_proc``."""
+
+    name = "daemon"
+    log_name = "daemon.log"
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def directory(self) -> Path:
+        """The daemon's temp directory (raises if it was never started)."""
+        if self._dir is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._dir
+
+    @property
+    def log_path(self) -> Path:
+        """The daemon's log."""
+        return self.directory / self.log_name
+
+    @property
+    def running(self) -> bool:
+        """True while the daemon process lives."""
+        return self._proc is not None and self._proc.poll() is None
+
+
 def wait_until(
     check: Callable[[], bool],
     *,

@@ -25,6 +25,7 @@ from ._process import (
     DEAD_URL,
     CommandResult,
     ProcessError,
+    TempDirDaemon,
     client_env,
     run_bounded,
     start_daemon,
@@ -237,13 +238,17 @@ class CtrImage:
     digest: str
 
 
-class Containerd:
+class Containerd(TempDirDaemon):
     """A private ``containerd`` daemon (root only) and ``ctr`` commands against it.
 
     Its ``root``, ``state``, sockets and plugin dirs live in one temp dir; the CRI plugin is
     disabled. Use as a context manager or :meth:`start` / :meth:`stop`. ``ctr`` does the
     registry traffic itself (the daemon only stores content), with a dead proxy in its env.
+    Its temp dir holds ``config.toml``, ``root/``, ``state/``, the sockets and the log.
     """
+
+    name = "containerd"
+    log_name = "containerd.log"
 
     def __init__(
         self,
@@ -252,29 +257,16 @@ class Containerd:
         snapshotter: str = "native",
         start_timeout: float = 30.0,
     ) -> None:
+        super().__init__()
         self.namespace = namespace
         self.snapshotter = snapshotter
         self.start_timeout = start_timeout
-        self._dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._hosts_dirs = 0
-
-    @property
-    def directory(self) -> Path:
-        """The temp dir with ``config.toml``, ``root/``, ``state/``, sockets and the log."""
-        if self._dir is None:
-            raise RuntimeError("containerd is not running")
-        return self._dir
 
     @property
     def address(self) -> Path:
         """The gRPC socket (``ctr --address``)."""
         return self.directory / "containerd.sock"
-
-    @property
-    def log_path(self) -> Path:
-        """containerd's stdout and stderr."""
-        return self.directory / "containerd.log"
 
     @property
     def root(self) -> Path:

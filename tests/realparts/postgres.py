@@ -22,7 +22,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._process import ProcessError, free_port, start_daemon, stop_daemon, wait_until
+from ._process import (
+    ProcessError,
+    TempDirDaemon,
+    free_port,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
 
 SERVICE_USER = "postgres"  # created by the Debian package
 
@@ -48,34 +55,18 @@ def _accepts(port: int) -> bool:
         return False
 
 
-class RealPostgres:
+class RealPostgres(TempDirDaemon):
     """A PostgreSQL cluster for tests; superuser ``sigil`` without password on loopback."""
 
     user = "sigil"
+    name = "postgres"
+    log_name = "postgres.log"
 
     def __init__(self, *, start_timeout: float = 30.0) -> None:
+        super().__init__()
         self.start_timeout = start_timeout
         self.bindir = _bindir()
-        self._dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-
-    @property
-    def directory(self) -> Path:
-        """The temp directory (``data/``, ``socket/``, ``postgres.log``)."""
-        if self._dir is None:
-            raise RuntimeError("postgres was never started")
-        return self._dir
-
-    @property
-    def log_path(self) -> Path:
-        """The server's log."""
-        return self.directory / "postgres.log"
-
-    @property
-    def running(self) -> bool:
-        """True while the server process lives."""
-        return self._proc is not None and self._proc.poll() is None
 
     def dsn(self, database: str = "postgres") -> str:
         """A DSN for ``database`` (no password: trust authentication on loopback)."""

@@ -13,7 +13,6 @@ import asyncio
 import json
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._process import ProcessError, free_port, start_daemon, stop_daemon
+from ._process import ProcessError, TempDirDaemon, free_port, start_daemon, stop_daemon
 
 
 def weed_binary() -> Path:
@@ -50,40 +49,24 @@ async def _probe(endpoint: str, access_key: str, secret_key: str) -> None:
         await client.delete_object(Bucket="sigil-probe", Key="probe")
 
 
-class SeaweedS3:
+class SeaweedS3(TempDirDaemon):
     """``weed server -s3`` on loopback; :attr:`endpoint`, :attr:`access_key`,
     :attr:`secret_key` for clients."""
 
     access_key = "sigil-test-access"
+    name = "seaweedfs"
+    log_name = "weed.log"
 
     def __init__(self, *, start_timeout: float = 60.0) -> None:
+        super().__init__()
         self.start_timeout = start_timeout
         self.secret_key = secrets.token_hex(20)
-        self._dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self.s3_port = 0
 
     @property
     def endpoint(self) -> str:
         """``http://127.0.0.1:PORT`` of the S3 gateway."""
         return f"http://127.0.0.1:{self.s3_port}"
-
-    @property
-    def directory(self) -> Path:
-        """The temp directory (``data/``, ``s3.json``, ``weed.log``)."""
-        if self._dir is None:
-            raise RuntimeError("seaweedfs is not running")
-        return self._dir
-
-    @property
-    def log_path(self) -> Path:
-        """The server's log."""
-        return self.directory / "weed.log"
-
-    @property
-    def running(self) -> bool:
-        """True while the process lives."""
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> Self:
         """Start and wait (bounded) until a signed PUT succeeds."""
