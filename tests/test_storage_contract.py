@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sigil import metrics
 from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid
 from sigil.oci.digest import Digest
 from sigil.storage.backends import Leases
@@ -435,6 +436,10 @@ async def test_gc_candidates_lru_order(pair: Pair) -> None:
     assert [row.digest for row in rows] == [D[1], D[2]]
 
 
+def _sample(name: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name) or 0.0
+
+
 async def test_incremental_gc(pair: Pair) -> None:
     """Index-driven gc evicts the least recently used image and keeps what a retained image
     shares with it, and the objects follow the index."""
@@ -452,8 +457,15 @@ async def test_incremental_gc(pair: Pair) -> None:
     await idx.put_manifest(old_md, "manifest", 200, [shared_d, old_d], now=100.0)
     await idx.put_manifest(new_md, "manifest", 200, [shared_d, new_d], now=200.0)
     await idx.allow("docker.io", "r", [old_md, old_d, shared_d], "fp")
+    freed_before = _sample("sigil_gc_freed_bytes_total")
+    before = time.time()
     stats = await collect_incremental(objects, idx, pair.leases, "gc-1", max_bytes=15000,
                                       now=1000.0, grace=10.0)
+    # The pass is in the same gc metrics a single box publishes (the alerts read them).
+    assert _sample("sigil_gc_last_success_timestamp_seconds") >= before
+    assert _sample("sigil_store_bytes") == stats.bytes_after
+    assert _sample("sigil_gc_freed_bytes_total") - freed_before == 8200
+    assert _sample("sigil_gc_over_budget") == 0
     assert stats.ran and stats.roots_evicted == 1
     assert stats.objects_deleted == 2 and stats.bytes_freed == 8200
     assert not await objects.has(old_md) and not await objects.has(old_d)

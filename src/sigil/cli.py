@@ -209,7 +209,7 @@ async def _fleet_gc(config: Config) -> Any:
     try:
         return await collect_incremental(backends.objects, backends.index, backends.leases,
                                          process_holder_id(), config.storage.max_bytes,
-                                         now=time.time(), grace=0.0)
+                                         now=time.time())
     finally:
         await backends.close()
 

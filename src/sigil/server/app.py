@@ -39,7 +39,6 @@ DRAIN_SECONDS = 30.0
 # How long a relaying replica waits on a silent peer before cutting its clients.
 PEER_TIMEOUT = 30.0
 # A fleet gc never evicts an image accessed this recently (another replica may be serving it).
-FLEET_GC_GRACE = 600.0
 GC_INTERVAL = 300.0
 FIRST_GC_DELAY = 5.0
 
@@ -208,8 +207,7 @@ async def _maintain(mirror: Mirror, config: Config, backends: Backends) -> None:
                 # A shared store: one replica at a time (the gc lease), index-driven, plus
                 # the uploads replicas abandoned (killed mid-download).
                 await collect_incremental(backends.objects, backends.index, backends.leases,
-                                          holder, budget, now=time.time(),
-                                          grace=FLEET_GC_GRACE)
+                                          holder, budget, now=time.time())
                 await _cleanup_uploads(config, backends, startup=False)
             else:
                 store, index = mirror.store, mirror.index

@@ -16,12 +16,14 @@ single box runs; these are what replicas run.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from sigil import metrics
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.storage.contracts import AsyncIndex, GcLease, ObjectStore
+from sigil.storage.gc import DEFAULT_GRACE
 
 log = get_logger("sigil.storage.maintenance")
 
@@ -108,9 +110,33 @@ async def _closure(index: AsyncIndex, root: Digest) -> set[Digest]:
 
 async def collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
                               holder: str, max_bytes: int, *, now: float,
-                              grace: float) -> IncrementalGcStats:
+                              grace: float = DEFAULT_GRACE) -> IncrementalGcStats:
     """Evict least recently used roots (not accessed within ``grace``) until the indexed
-    size fits ``max_bytes``; delete what nothing stored references any more."""
+    size fits ``max_bytes``; delete what nothing stored references any more.
+
+    Every pass is timed and counted in the same ``sigil_gc_*`` metrics as a single box's
+    (a pass that finds another replica holding the gc lease succeeded: the fleet's gc ran),
+    and the store gauges follow the index, which every replica shares."""
+    started = time.monotonic()
+    try:
+        stats = await _collect_incremental(objects, index, lease, holder, max_bytes, now=now,
+                                           grace=grace)
+    except Exception:
+        metrics.GC_FAILURES.inc()
+        raise
+    finally:
+        metrics.GC_SECONDS.observe(time.monotonic() - started)
+    metrics.GC_LAST_SUCCESS.set(time.time())
+    if stats.ran:
+        metrics.STORE_BYTES.set(stats.bytes_after)
+        metrics.GC_OVER_BUDGET.set(1 if stats.over_budget else 0)
+        metrics.GC_FREED_BYTES.inc(stats.bytes_freed)
+    return stats
+
+
+async def _collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
+                               holder: str, max_bytes: int, *, now: float,
+                               grace: float) -> IncrementalGcStats:
     stats = IncrementalGcStats()
     if not await lease.acquire_gc(holder, GC_LEASE_TTL):
         return stats
