@@ -259,3 +259,25 @@ async def test_a_lease_pointing_outside_staging_is_never_opened(
         await asyncio.wait_for(_read(download, bytearray()), 20)
     assert "outside staging" in str(download.error) and blob.opens == 0
     assert not store.has(digest)
+
+
+@pytest.mark.parametrize("name", ["..", "not-a-staging-name", "0" * 31 + "G"])
+async def test_a_lease_naming_no_staging_file_is_never_opened(
+        store: BlobStore, workers: tuple[Downloads, Downloads], name: str) -> None:
+    # ``staging/..`` has staging/ as its parent (pathlib keeps ".."): a check of the parent
+    # alone opened the store's root directory. Only ``staging/<uuid hex>`` is followed.
+    data = os.urandom(1000)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    (store.staging_dir / "not-a-staging-name").write_bytes(data)
+    leases = SqliteFetchLeases(store.root)
+    try:
+        await leases.acquire(digest, "someone", f"{store.staging_dir}/{name}", 30)
+        await leases.renew(digest, "someone", 30, size=len(data))
+    finally:
+        await leases.close()
+    blob = SteppedBlob(data)
+    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
+    with pytest.raises(RegistryError):
+        await asyncio.wait_for(_read(download, bytearray()), 20)
+    assert "outside staging" in str(download.error) and blob.opens == 0
+    assert not store.has(digest)

@@ -462,12 +462,13 @@ class Download:
         failed: the outcome is on the download); False when the holder's file is already
         gone and uncommitted, so the caller tries to take the lease."""
         location = Path(lease.location)
-        if location.parent != self.store.staging_dir:
+        if not self.store.is_staging_file(location):
             # Only ever a sibling's staging file: a path from the lease table is not opened
-            # anywhere else, whoever wrote the row.
+            # anywhere else, whoever wrote the row (``staging/..`` has staging/ as parent).
             raise StorageError(f"lease of {self.digest} points outside staging/")
         try:
-            fd = os.open(location, os.O_RDONLY)
+            # No symlink either: the holder creates a regular file.
+            fd = os.open(location, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             # Committed (renamed) or aborted just now.
             return await self._already_committed()

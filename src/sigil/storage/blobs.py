@@ -32,6 +32,8 @@ from sigil.oci.digest import Digest
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 _HEX2 = re.compile(r"[a-f0-9]{2}")
 _CHUNK = 1024 * 1024
+# The name of a staging file (_open_staging): a uuid4 in hex.
+_STAGING_NAME = re.compile(r"[0-9a-f]{32}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -240,6 +242,11 @@ class BlobStore:
         """A new, empty file in ``staging/`` opened for writing."""
         path, fh = self._open_staging()
         return StagingFile(self, path, fh)
+
+    def is_staging_file(self, path: Path) -> bool:
+        """Is ``path`` named as a staging file of this store (``staging/<uuid hex>``)? For a
+        path read from elsewhere (a lease row): nothing else in or above staging/ matches."""
+        return path.parent == self.staging_dir and bool(_STAGING_NAME.fullmatch(path.name))
 
     def _open_staging(self) -> tuple[Path, io.FileIO]:
         path = self.staging_dir / uuid.uuid4().hex
