@@ -315,11 +315,22 @@ class BlobStore:
 
     def hash_object(self, digest: Digest) -> Digest | None:
         """Re-hash the stored object (streaming); None if it is absent."""
-        h = hashlib.sha256()
         try:
-            with open(self.path(digest), "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
+            fd = os.open(self.path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        return Digest(h.hexdigest())
+        try:
+            return hash_descriptor(fd)
+        finally:
+            os.close(fd)
+
+
+def hash_descriptor(fd: int) -> Digest:
+    """The sha256 of the whole file open as ``fd`` (streaming, by offset: the descriptor's
+    position is not used). Blocking: call it in a thread for a big file."""
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return Digest(h.hexdigest())
