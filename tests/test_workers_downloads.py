@@ -246,17 +246,24 @@ async def test_one_worker_without_leases_releases_the_tail_once_verified(
 async def test_a_lease_pointing_outside_staging_is_never_opened(
         store: BlobStore, workers: tuple[Downloads, Downloads], tmp_path: Path) -> None:
     data = os.urandom(1000)
-    digest = Digest(hashlib.sha256(data).hexdigest())
     elsewhere = tmp_path / "not-staging"
     elsewhere.write_bytes(data)
+    await _refused_lease(store, workers[1], data, str(elsewhere))
+
+
+async def _refused_lease(store: BlobStore, follower: Downloads, data: bytes,
+                         location: str) -> None:
+    """A live lease of ``data``'s digest naming ``location``: the follower must refuse it
+    without opening it and without fetching."""
+    digest = Digest(hashlib.sha256(data).hexdigest())
     leases = SqliteFetchLeases(store.root)
     try:
-        await leases.acquire(digest, "someone", str(elsewhere), 30)
+        await leases.acquire(digest, "someone", location, 30)
         await leases.renew(digest, "someone", 30, size=len(data))
     finally:
         await leases.close()
     blob = SteppedBlob(data)
-    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
+    download, _ = follower.get_or_start(digest, blob.open, _committed)
     with pytest.raises(RegistryError):
         await asyncio.wait_for(_read(download, bytearray()), 20)
     assert "outside staging" in str(download.error) and blob.opens == 0
@@ -269,20 +276,8 @@ async def test_a_lease_naming_no_staging_file_is_never_opened(
     # ``staging/..`` has staging/ as its parent (pathlib keeps ".."): a check of the parent
     # alone opened the store's root directory. Only ``staging/<uuid hex>`` is followed.
     data = os.urandom(1000)
-    digest = Digest(hashlib.sha256(data).hexdigest())
     (store.staging_dir / "not-a-staging-name").write_bytes(data)
-    leases = SqliteFetchLeases(store.root)
-    try:
-        await leases.acquire(digest, "someone", f"{store.staging_dir}/{name}", 30)
-        await leases.renew(digest, "someone", 30, size=len(data))
-    finally:
-        await leases.close()
-    blob = SteppedBlob(data)
-    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
-    with pytest.raises(RegistryError):
-        await asyncio.wait_for(_read(download, bytearray()), 20)
-    assert "outside staging" in str(download.error) and blob.opens == 0
-    assert not store.has(digest)
+    await _refused_lease(store, workers[1], data, f"{store.staging_dir}/{name}")
 
 
 @pytest.mark.parametrize("holder_bytes", ["wrong", "right"])
