@@ -187,3 +187,33 @@ async def test_workers_on_one_host_over_s3_follow_the_scratch_file(relay_setup) 
         assert not list((root / "staging").iterdir())  # the scratch copies are gone
     finally:
         await sibling_leases.close()
+
+
+async def test_a_lease_left_at_this_replicas_own_address_is_waited_out_not_relayed(
+        relay_setup) -> None:
+    """A lease whose location is this replica's own peer address belongs to an earlier
+    process here that died (its lease has not expired yet): relaying it would ask this very
+    download through our own endpoint. The replica waits for the lease instead and fetches."""
+    store, leases, root = relay_setup
+    data = os.urandom(1 * MiB + 3)
+    digest = Digest.of(data)
+    me = "http://127.0.0.1:8"
+    await leases.acquire(digest, "this-replica-before-its-restart", me, 30.0)
+    peer = PeerStream(data, len(data))
+    upstream = SlowUpstream(data)
+    table = Downloads(store, leases, scratch=root, relay=RelayPeers(me, peer.open))
+    download, _ = table.get_or_start(digest, upstream.open, lambda d, n: None)
+
+    async def the_old_lease_expires() -> None:
+        await asyncio.sleep(0.3)
+        await leases.release(digest, "this-replica-before-its-restart")
+
+    expiry = asyncio.ensure_future(the_old_lease_expires())
+    await asyncio.wait_for(download.wait_started(), 60)
+    body, error = await asyncio.wait_for(_collect(download.stream()), 60)
+    await expiry
+    assert download.task is not None
+    await download.task
+    assert error is None and body == data
+    assert peer.opened == [] and upstream.opens == 1
+    assert await store.has(digest)

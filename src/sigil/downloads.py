@@ -341,6 +341,15 @@ class Download:
             lease = await leases.acquire(self.digest, holder, location, LEASE_TTL)
             if lease.holder == holder:
                 break
+            if relay is not None and lease.location == relay.location:
+                # Another holder at this replica's own address: an earlier process here that
+                # died (or a second replica advertising the same address). Asking it would
+                # reach this very download through our own peer endpoint and stall for the
+                # peer timeout; wait for the lease to expire or change hands instead.
+                await self._lease_change(lease, leases)
+                if await self._already_committed():
+                    return
+                continue
             if relay is not None:
                 try:
                     await self._relay(lease, leases, relay)
