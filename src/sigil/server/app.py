@@ -79,7 +79,13 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
         mirror = Mirror(config, backends.objects, backends.index, clients, policy,
                         leases=leases, relay=relay)
         app[MIRROR] = mirror
-        peer_runner = await peer(mirror) if peer is not None else None
+        try:
+            peer_runner = await peer(mirror) if peer is not None else None
+        except BaseException:
+            await backends.close()
+            for client in clients.values():
+                await client.close()
+            raise
         maintenance = asyncio.get_running_loop().create_task(
             _maintain(mirror, config, backends))
         app[READY].set()
@@ -175,13 +181,22 @@ async def _single_flight(config: Config, backends: Backends
     relay = RelayPeers(location, client.open_blob)
     listen_host, listen_port = config.server.peer_listen
 
+    async def close_client(_: web.Application) -> None:
+        await client.close()  # its connection pool, at the peer site's cleanup
+
     async def start_peer(mirror: Mirror) -> web.AppRunner:
         peer_app = web.Application()
         add_peer_routes(peer_app, mirror.downloads, secret)
+        peer_app.on_cleanup.append(close_client)
         runner = web.AppRunner(peer_app, access_log=None, handle_signals=False,
                                shutdown_timeout=DRAIN_SECONDS)
         await runner.setup()
-        await web.TCPSite(runner, listen_host, listen_port, reuse_port=True).start()
+        try:
+            await web.TCPSite(runner, listen_host, listen_port, reuse_port=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SigilError(f"server.peer_listen: cannot listen on {listen_host}:"
+                             f"{listen_port}: {exc.strerror or exc}") from exc
         return runner
 
     return backends.leases, relay, start_peer
