@@ -267,3 +267,21 @@ async def test_the_peer_site_closes_the_peer_client_and_names_a_busy_port(
                 pass
     finally:
         await backends.close()
+
+
+async def test_a_peer_address_other_replicas_would_refuse_fails_the_start(
+        s3_config: S3Config, tmp_path: Path) -> None:
+    config = _peer_config(s3_config, tmp_path, free_port())
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, peer_advertise=("peer host/x?", 5001)))
+    backends = await open_backends(config)
+    try:
+        with pytest.raises(SigilError, match=r"server\.peer_advertise"):
+            await _single_flight(config, backends)
+        # A name with an underscore (compose service names) is a valid location.
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, peer_advertise=("sigil_replica_1", 5001)))
+        _, relay, _ = await _single_flight(config, backends)
+        assert relay is not None and relay.location == "http://sigil_replica_1:5001"
+    finally:
+        await backends.close()

@@ -170,13 +170,17 @@ async def _single_flight(config: Config, backends: Backends
                          "(server.peer_secret_env or server.peer_secret_file)")
     try:
         from sigil.server.peer import add_peer_routes
-        from sigil.upstream.peer import PeerClient
+        from sigil.upstream.peer import PeerClient, valid_peer_location
     except ImportError as exc:
         raise SigilError("server.peer_listen: this build has no peer endpoint "
                          f"({exc.name} is missing)") from exc
     secret = config.server.peer_secret.encode()
     host, port = config.server.peer_advertise or config.server.peer_listen
     location = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if not valid_peer_location(location):
+        # Other replicas would refuse this lease location: no relay would ever reach us.
+        raise SigilError(f"server.peer_advertise: {host!r} is not a host name or address "
+                         "other replicas can reach")
     client = PeerClient(secret, timeout=PEER_TIMEOUT)
     relay = RelayPeers(location, client.open_blob)
     listen_host, listen_port = config.server.peer_listen

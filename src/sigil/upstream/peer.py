@@ -40,7 +40,12 @@ log = get_logger("sigil.peer")
 # A peer location as the lease table holds it: ``http://host:port`` and nothing else (the
 # form server/app.py advertises). The row comes from a shared database: anything with a path,
 # query, user info or another scheme is refused before a request (and its MAC) leaves.
-_LOCATION = re.compile(r"http://(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}")
+_LOCATION = re.compile(r"http://(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253}):[0-9]{1,5}")
+
+
+def valid_peer_location(location: str) -> bool:
+    """Is ``location`` a peer address this client will request (``http://host:port``)?"""
+    return _LOCATION.fullmatch(location) is not None
 
 
 def _failure(reason: str, message: str) -> Unavailable:
@@ -127,7 +132,7 @@ class PeerClient:
         ``async with client.open_blob(url, digest) as blob``. Raises :class:`Unavailable`
         on open and from :meth:`PeerBlob.iter_chunks`."""
         session = self._session()
-        if not _LOCATION.fullmatch(base_url):
+        if not valid_peer_location(base_url):
             # Never echo the value: it came from a database row, not from this replica.
             raise _failure("protocol", f"blob {digest}: the lease names an invalid peer "
                            "location (not http://host:port)")
