@@ -9,19 +9,25 @@ commits: faults a real peer endpoint (which applies the same tail rule) cannot p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from sigil.config import S3Config
+from sigil.config import Config, S3Config, build_config
 from sigil.downloads import Downloads, RelayPeers
-from sigil.errors import RegistryError
+from sigil.errors import RegistryError, SigilError, Unavailable
+from sigil.mirror import Mirror
 from sigil.oci.digest import Digest
+from sigil.server.app import _single_flight
+from sigil.storage.backends import open_backends
 from sigil.storage.lease_sqlite import SqliteFetchLeases
 from sigil.storage.s3 import S3ObjectStore
+from tests.support.sigilproc import free_port
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.realparts
@@ -187,3 +193,95 @@ async def test_workers_on_one_host_over_s3_follow_the_scratch_file(relay_setup) 
         assert not list((root / "staging").iterdir())  # the scratch copies are gone
     finally:
         await sibling_leases.close()
+
+
+async def test_a_lease_left_at_this_replicas_own_address_is_waited_out_not_relayed(
+        relay_setup) -> None:
+    """A lease whose location is this replica's own peer address belongs to an earlier
+    process here that died (its lease has not expired yet): relaying it would ask this very
+    download through our own endpoint. The replica waits for the lease instead and fetches."""
+    store, leases, root = relay_setup
+    data = os.urandom(1 * MiB + 3)
+    digest = Digest.of(data)
+    me = "http://127.0.0.1:8"
+    await leases.acquire(digest, "this-replica-before-its-restart", me, 30.0)
+    peer = PeerStream(data, len(data))
+    upstream = SlowUpstream(data)
+    table = Downloads(store, leases, scratch=root, relay=RelayPeers(me, peer.open))
+    download, _ = table.get_or_start(digest, upstream.open, lambda d, n: None)
+
+    async def the_old_lease_expires() -> None:
+        await asyncio.sleep(0.3)
+        await leases.release(digest, "this-replica-before-its-restart")
+
+    expiry = asyncio.ensure_future(the_old_lease_expires())
+    await asyncio.wait_for(download.wait_started(), 60)
+    body, error = await asyncio.wait_for(_collect(download.stream()), 60)
+    await expiry
+    assert download.task is not None
+    await download.task
+    assert error is None and body == data
+    assert peer.opened == [] and upstream.opens == 1
+    assert await store.has(digest)
+
+
+def _peer_config(s3_config: S3Config, root: Path, port: int) -> Config:
+    config = build_config({"storage": {"root": str(root)},
+                           "server": {"peer_listen": f"127.0.0.1:{port}",
+                                      "peer_secret_env": "TEST_PEER_SECRET"}},
+                          env={"TEST_PEER_SECRET": "fleet-secret"})
+    return dataclasses.replace(config, storage=dataclasses.replace(
+        config.storage, backend="s3", s3=s3_config))
+
+
+async def test_the_peer_site_closes_the_peer_client_and_names_a_busy_port(
+        s3_config: S3Config, tmp_path: Path) -> None:
+    port = free_port()
+    config = _peer_config(s3_config, tmp_path, port)
+    backends = await open_backends(config)
+    try:
+        leases, relay, start_peer = await _single_flight(config, backends)
+        assert relay is not None and start_peer is not None
+        mirror = Mirror(config, backends.objects, backends.index, {}, leases=leases,
+                        relay=relay)
+        runner = await start_peer(mirror)
+        digest = Digest.of(b"nothing in flight")
+        with pytest.raises(Unavailable, match="answered 404"):  # the client's pool is open
+            async with relay.open_peer(f"http://127.0.0.1:{port}", digest):
+                pass
+        # A peer port another program holds: refused, with the key named.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            _, _, again = await _single_flight(_peer_config(s3_config, tmp_path, busy),
+                                               backends)
+            assert again is not None
+            with pytest.raises(SigilError, match=f"server.peer_listen: cannot listen on "
+                                                 f"127.0.0.1:{busy}"):
+                await again(mirror)
+        await runner.cleanup()
+        # The peer client went with the site (its connection pool is not left open).
+        with pytest.raises(Unavailable, match="closed"):
+            async with relay.open_peer(f"http://127.0.0.1:{port}", digest):
+                pass
+    finally:
+        await backends.close()
+
+
+async def test_a_peer_address_other_replicas_would_refuse_fails_the_start(
+        s3_config: S3Config, tmp_path: Path) -> None:
+    config = _peer_config(s3_config, tmp_path, free_port())
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, peer_advertise=("peer host/x?", 5001)))
+    backends = await open_backends(config)
+    try:
+        with pytest.raises(SigilError, match=r"server\.peer_advertise"):
+            await _single_flight(config, backends)
+        # A name with an underscore (compose service names) is a valid location.
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, peer_advertise=("sigil_replica_1", 5001)))
+        _, relay, _ = await _single_flight(config, backends)
+        assert relay is not None and relay.location == "http://sigil_replica_1:5001"
+    finally:
+        await backends.close()

@@ -652,3 +652,32 @@ async def _log_a_refusal_and_a_cut_stream(holder: Holder,
     gate.allow(100)
     with pytest.raises(Unavailable):
         await asyncio.wait_for(reader, 20)
+
+
+@pytest.mark.parametrize("location", [
+    "{url}/elsewhere?", "{url}/", "http://user:pw@{hostport}", "https://{hostport}",
+    "{url}#", "/var/lib/sigil/staging/" + "0" * 32, "http://{hostport}/x/../",
+])
+async def test_a_lease_location_other_than_http_host_port_is_never_requested(
+        peers: Callable[..., PeerClient], location: str) -> None:
+    # The location comes from a row of the shared lease table: a replica must not send a
+    # signed request to any other URL than a peer endpoint's, whoever wrote the row.
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.path_qs)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        target = location.format(url=url, hostport=url.removeprefix("http://"))
+        digest = Digest.of(b"anything")
+        with pytest.raises(Unavailable, match="invalid peer location"):
+            await _relay(peers(), target, digest, bytearray())
+        assert seen == []
+    finally:
+        await server.close()

@@ -12,7 +12,7 @@ from test_verify_support import ASSETS, Signer
 
 from sigil.errors import ConfigError
 from sigil.verify.keys import KeyAuthority
-from sigil.verify.policy import compile_glob, load_policy
+from sigil.verify.policy import compile_glob, load_policy, load_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,3 +190,18 @@ def test_unreadable_policy_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_policy(tmp_path / "nope.yaml")
     assert "nope.yaml" in str(err.value)
+
+
+def test_the_bounded_yaml_read_names_the_file_and_what_it_is(tmp_path: Path) -> None:
+    # One reader for policy and plan files: refused before parsing when too big.
+    big = tmp_path / "plan.yaml"
+    big.write_bytes(b"images: []\n" + b"#" * 2048)
+    with pytest.raises(ConfigError, match="plan file is too large") as raised:
+        load_yaml_file(big, 1024, "plan file")
+    assert str(big) in str(raised.value)
+    with pytest.raises(ConfigError, match="cannot read policy file"):
+        load_yaml_file(tmp_path / "absent.yaml", 1024, "policy file")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_yaml_file(tmp_path / "bad.yaml", 1024, "plan file")
+    assert load_yaml_file(big, 4096, "plan file") == {"images": []}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from sigil.downloads import Download, Downloads
 from sigil.errors import RegistryError
 from sigil.oci.digest import Digest
 from sigil.storage import BlobStore
+from sigil.storage.contracts import FilesystemObjectStore
 from sigil.storage.lease_sqlite import SqliteFetchLeases, reset_leases
 
 CHUNK = downloads_module.READ_CHUNK
@@ -244,18 +246,75 @@ async def test_one_worker_without_leases_releases_the_tail_once_verified(
 async def test_a_lease_pointing_outside_staging_is_never_opened(
         store: BlobStore, workers: tuple[Downloads, Downloads], tmp_path: Path) -> None:
     data = os.urandom(1000)
-    digest = Digest(hashlib.sha256(data).hexdigest())
     elsewhere = tmp_path / "not-staging"
     elsewhere.write_bytes(data)
+    await _refused_lease(store, workers[1], data, str(elsewhere))
+
+
+async def _refused_lease(store: BlobStore, follower: Downloads, data: bytes,
+                         location: str) -> None:
+    """A live lease of ``data``'s digest naming ``location``: the follower must refuse it
+    without opening it and without fetching."""
+    digest = Digest(hashlib.sha256(data).hexdigest())
     leases = SqliteFetchLeases(store.root)
     try:
-        await leases.acquire(digest, "someone", str(elsewhere), 30)
+        await leases.acquire(digest, "someone", location, 30)
         await leases.renew(digest, "someone", 30, size=len(data))
     finally:
         await leases.close()
     blob = SteppedBlob(data)
-    download, _ = workers[1].get_or_start(digest, blob.open, _committed)
+    download, _ = follower.get_or_start(digest, blob.open, _committed)
     with pytest.raises(RegistryError):
         await asyncio.wait_for(_read(download, bytearray()), 20)
     assert "outside staging" in str(download.error) and blob.opens == 0
     assert not store.has(digest)
+
+
+@pytest.mark.parametrize("name", ["..", "not-a-staging-name", "0" * 31 + "G"])
+async def test_a_lease_naming_no_staging_file_is_never_opened(
+        store: BlobStore, workers: tuple[Downloads, Downloads], name: str) -> None:
+    # ``staging/..`` has staging/ as its parent (pathlib keeps ".."): a check of the parent
+    # alone opened the store's root directory. Only ``staging/<uuid hex>`` is followed.
+    data = os.urandom(1000)
+    (store.staging_dir / "not-a-staging-name").write_bytes(data)
+    await _refused_lease(store, workers[1], data, f"{store.staging_dir}/{name}")
+
+
+@pytest.mark.parametrize("holder_bytes", ["wrong", "right"])
+async def test_a_follower_over_a_remote_store_releases_only_a_file_that_hashes_right(
+        store: BlobStore, tmp_path: Path, holder_bytes: str) -> None:
+    # Workers over a remote store (S3 + the host's lease file): the holder's scratch file is
+    # followed and the tail released once the object is in the store and the lease is gone.
+    # The object proves nothing about this file when the holder lost its lease (it stalled)
+    # and another worker fetched and committed: this file may hold wrong or partial bytes.
+    data = os.urandom(3 * CHUNK + 17)
+    digest = Digest(hashlib.sha256(data).hexdigest())
+    remote = FilesystemObjectStore(BlobStore(tmp_path / "bucket"))
+    held = data if holder_bytes == "right" else bytes(reversed(data))
+    scratch = store.staging_dir / uuid.uuid4().hex
+    scratch.write_bytes(held)
+    leases = SqliteFetchLeases(store.root)
+    try:
+        await leases.acquire(digest, "stalled", str(scratch), 30)
+        await leases.renew(digest, "stalled", 30, size=len(data))
+        follower = Download(digest, store, remote)
+        blob = SteppedBlob(data)
+        task = asyncio.create_task(follower.run(blob.open, _committed, leases, "follower"))
+        await _until(lambda: follower.received == len(data), "the follower to read the file")
+        got = bytearray()
+        reading = asyncio.create_task(_read(follower, got))
+        # The stalled holder's lease is taken over; the new holder commits the real blob.
+        await remote.put_bytes(digest, data)
+        await leases.release(digest, "stalled")
+        await leases.acquire(digest, "taker", str(store.staging_dir / uuid.uuid4().hex), 30)
+        if holder_bytes == "right":
+            await asyncio.wait_for(reading, 20)
+            assert bytes(got) == data and follower.verified
+        else:
+            with pytest.raises(RegistryError):
+                await asyncio.wait_for(reading, 20)
+            assert len(got) < len(data) and not follower.verified
+        await asyncio.wait_for(task, 20)
+        assert blob.opens == 0
+    finally:
+        await leases.close()

@@ -50,7 +50,7 @@ from sigil import metrics
 from sigil.errors import RegistryError, SigilError, StorageError, Unavailable, UpstreamError
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
-from sigil.storage.blobs import BlobStore, StagingFile
+from sigil.storage.blobs import BlobStore, StagingFile, hash_descriptor
 from sigil.storage.contracts import FilesystemObjectStore, ObjectStore, UploadSession
 from sigil.storage.lease import FetchLeases, LeaseInfo
 
@@ -142,6 +142,15 @@ def _write(staging: StagingFile, chunk: bytes) -> None:
     view = memoryview(chunk)
     for at in range(0, len(chunk), STAGING_WRITE):
         staging.write(view[at:at + STAGING_WRITE])
+
+
+def _hash_copy(fd: int) -> Digest:
+    """Hash the file of a duplicated descriptor and close it (in a thread: the caller's own
+    descriptor may be closed meanwhile if it is cancelled)."""
+    try:
+        return hash_descriptor(fd)
+    finally:
+        os.close(fd)
 
 
 def _observe(future: asyncio.Future[Any]) -> None:
@@ -332,6 +341,15 @@ class Download:
             lease = await leases.acquire(self.digest, holder, location, LEASE_TTL)
             if lease.holder == holder:
                 break
+            if relay is not None and lease.location == relay.location:
+                # Another holder at this replica's own address: an earlier process here that
+                # died (or a second replica advertising the same address). Asking it would
+                # reach this very download through our own peer endpoint and stall for the
+                # peer timeout; wait for the lease to expire or change hands instead.
+                await self._lease_change(lease, leases)
+                if await self._already_committed():
+                    return
+                continue
             if relay is not None:
                 try:
                     await self._relay(lease, leases, relay)
@@ -462,12 +480,13 @@ class Download:
         failed: the outcome is on the download); False when the holder's file is already
         gone and uncommitted, so the caller tries to take the lease."""
         location = Path(lease.location)
-        if location.parent != self.store.staging_dir:
+        if not self.store.is_staging_file(location):
             # Only ever a sibling's staging file: a path from the lease table is not opened
-            # anywhere else, whoever wrote the row.
+            # anywhere else, whoever wrote the row (``staging/..`` has staging/ as parent).
             raise StorageError(f"lease of {self.digest} points outside staging/")
         try:
-            fd = os.open(location, os.O_RDONLY)
+            # No symlink either: the holder creates a regular file.
+            fd = os.open(location, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             # Committed (renamed) or aborted just now.
             return await self._already_committed()
@@ -514,9 +533,14 @@ class Download:
                     return True
                 if holder_gone and self.objects is not None \
                         and await self.objects.has(self.digest):
-                    # A remote store: the sibling verified this very file before its upload
-                    # became visible, and released the lease after that.
+                    # A remote store: the object is there, but another holder may have put
+                    # it (this one lost its lease while it stalled, and may still be writing
+                    # or have received wrong bytes). Nothing proves this file is what was
+                    # verified, so it is hashed here before its tail is released.
                     self.received = self.written = os.fstat(fd).st_size
+                    if await asyncio.to_thread(_hash_copy, os.dup(fd)) != self.digest:
+                        raise UpstreamError("the fetching worker's file is not the committed "
+                                            "blob (its lease was taken over)")
                     self.stored_remotely = self.verified = True
                     self._start(self.written)
                     return True

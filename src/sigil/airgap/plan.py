@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sigil.config import Config
 from sigil.errors import ConfigError, NameUnknown, RegistryError
 from sigil.oci.digest import Digest
 from sigil.oci.reference import validate_tag
 from sigil.routing import Route, Router
+from sigil.verify.policy import load_yaml_file
 from sigil.verify_cli import split_reference
 
 MAX_PLAN_BYTES = 1024 * 1024
@@ -64,17 +63,7 @@ class Plan:
 def load_plan(path: str | Path, config: Config) -> Plan:
     """Read and validate a plan file against ``config``'s upstreams."""
     file = str(path)
-    try:
-        with Path(path).open("rb") as fh:
-            raw = fh.read(MAX_PLAN_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read plan file: {exc.strerror or exc}", file=file) from exc
-    if len(raw) > MAX_PLAN_BYTES:
-        raise ConfigError("plan file is too large", file=file)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=file) from exc
+    data = load_yaml_file(path, MAX_PLAN_BYTES, "plan file")
     if not isinstance(data, dict) or set(data) != {"images"}:
         raise ConfigError("the plan must be a mapping with exactly one key, 'images'",
                           file=file)

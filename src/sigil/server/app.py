@@ -78,7 +78,13 @@ def build_app(config: Config, policy: PolicyHook | None = None) -> web.Applicati
         mirror = Mirror(config, backends.objects, backends.index, clients, policy,
                         leases=leases, relay=relay)
         app[MIRROR] = mirror
-        peer_runner = await peer(mirror) if peer is not None else None
+        try:
+            peer_runner = await peer(mirror) if peer is not None else None
+        except BaseException:
+            await backends.close()
+            for client in clients.values():
+                await client.close()
+            raise
         maintenance = asyncio.get_running_loop().create_task(
             _maintain(mirror, config, backends))
         app[READY].set()
@@ -163,24 +169,37 @@ async def _single_flight(config: Config, backends: Backends
                          "(server.peer_secret_env or server.peer_secret_file)")
     try:
         from sigil.server.peer import add_peer_routes
-        from sigil.upstream.peer import PeerClient
+        from sigil.upstream.peer import PeerClient, valid_peer_location
     except ImportError as exc:
         raise SigilError("server.peer_listen: this build has no peer endpoint "
                          f"({exc.name} is missing)") from exc
     secret = config.server.peer_secret.encode()
     host, port = config.server.peer_advertise or config.server.peer_listen
     location = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if not valid_peer_location(location):
+        # Other replicas would refuse this lease location: no relay would ever reach us.
+        raise SigilError(f"server.peer_advertise: {host!r} is not a host name or address "
+                         "other replicas can reach")
     client = PeerClient(secret, timeout=PEER_TIMEOUT)
     relay = RelayPeers(location, client.open_blob)
     listen_host, listen_port = config.server.peer_listen
 
+    async def close_client(_: web.Application) -> None:
+        await client.close()  # its connection pool, at the peer site's cleanup
+
     async def start_peer(mirror: Mirror) -> web.AppRunner:
         peer_app = web.Application()
         add_peer_routes(peer_app, mirror.downloads, secret)
+        peer_app.on_cleanup.append(close_client)
         runner = web.AppRunner(peer_app, access_log=None, handle_signals=False,
                                shutdown_timeout=DRAIN_SECONDS)
         await runner.setup()
-        await web.TCPSite(runner, listen_host, listen_port, reuse_port=True).start()
+        try:
+            await web.TCPSite(runner, listen_host, listen_port, reuse_port=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SigilError(f"server.peer_listen: cannot listen on {listen_host}:"
+                             f"{listen_port}: {exc.strerror or exc}") from exc
         return runner
 
     return backends.leases, relay, start_peer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -145,13 +146,21 @@ async def _blob(request: web.Request, mirror: Mirror, route: Route,
         response.content_length = download.size
     await response.prepare(request)
     served = metrics.BYTES_SERVED.labels("upstream")  # once, not a label lookup per piece
+    return await _send_or_cut(request, response, download.stream(), served.inc)
+
+
+async def _send_or_cut(request: web.Request, response: web.StreamResponse,
+                       pieces: AsyncIterable[bytes | memoryview],
+                       count: Callable[[int], None]) -> web.StreamResponse:
+    """Write ``pieces`` to the prepared ``response`` and end it; when they fail with a
+    RegistryError (the digest did not match, the upstream or the store broke mid-body) the
+    client must not get a complete body, and the status line is already sent: the
+    connection is cut."""
     try:
-        async for chunk in download.stream():
+        async for chunk in pieces:
             await response.write(chunk)
-            served.inc(len(chunk))
+            count(len(chunk))
     except RegistryError:
-        # The digest did not match or the upstream broke mid-body: the client must not get
-        # a complete body, and the status line is already sent, so cut the connection.
         if request.transport is not None:
             request.transport.abort()
         return response
@@ -241,16 +250,8 @@ async def _object_response(request: web.Request, mirror: Mirror,
         response.content_type = "application/octet-stream"
         response.content_length = length
         await response.prepare(request)
-        try:
-            async for chunk in reader:
-                await response.write(chunk)
-                metrics.BYTES_SERVED.labels("cache").inc(len(chunk))
-        except RegistryError:
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-    await response.write_eof()
-    return response
+        return await _send_or_cut(request, response, reader,
+                                  metrics.BYTES_SERVED.labels("cache").inc)
 
 
 def _file_response(path: object, digest: Digest) -> web.FileResponse:

@@ -32,6 +32,8 @@ from sigil.oci.digest import Digest
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 _HEX2 = re.compile(r"[a-f0-9]{2}")
 _CHUNK = 1024 * 1024
+# The name of a staging file (_open_staging): a uuid4 in hex.
+_STAGING_NAME = re.compile(r"[0-9a-f]{32}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -241,6 +243,11 @@ class BlobStore:
         path, fh = self._open_staging()
         return StagingFile(self, path, fh)
 
+    def is_staging_file(self, path: Path) -> bool:
+        """Is ``path`` named as a staging file of this store (``staging/<uuid hex>``)? For a
+        path read from elsewhere (a lease row): nothing else in or above staging/ matches."""
+        return path.parent == self.staging_dir and bool(_STAGING_NAME.fullmatch(path.name))
+
     def _open_staging(self) -> tuple[Path, io.FileIO]:
         path = self.staging_dir / uuid.uuid4().hex
         # "x": never clobber another writer's file; unbuffered so readers see every write.
@@ -308,11 +315,22 @@ class BlobStore:
 
     def hash_object(self, digest: Digest) -> Digest | None:
         """Re-hash the stored object (streaming); None if it is absent."""
-        h = hashlib.sha256()
         try:
-            with open(self.path(digest), "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    h.update(chunk)
+            fd = os.open(self.path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        return Digest(h.hexdigest())
+        try:
+            return hash_descriptor(fd)
+        finally:
+            os.close(fd)
+
+
+def hash_descriptor(fd: int) -> Digest:
+    """The sha256 of the whole file open as ``fd`` (streaming, by offset: the descriptor's
+    position is not used). Blocking: call it in a thread for a big file."""
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return Digest(h.hexdigest())

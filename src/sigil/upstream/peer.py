@@ -21,6 +21,7 @@ headers are never logged.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,6 +36,16 @@ from sigil.server.peer import PEER_BLOBS_PATH, peer_auth_headers
 from sigil.upstream.client import BLOB_CHUNK
 
 log = get_logger("sigil.peer")
+
+# A peer location as the lease table holds it: ``http://host:port`` and nothing else (the
+# form server/app.py advertises). The row comes from a shared database: anything with a path,
+# query, user info or another scheme is refused before a request (and its MAC) leaves.
+_LOCATION = re.compile(r"http://(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253}):[0-9]{1,5}")
+
+
+def valid_peer_location(location: str) -> bool:
+    """Is ``location`` a peer address this client will request (``http://host:port``)?"""
+    return _LOCATION.fullmatch(location) is not None
 
 
 def _failure(reason: str, message: str) -> Unavailable:
@@ -116,12 +127,17 @@ class PeerClient:
 
     @asynccontextmanager
     async def open_blob(self, base_url: str, digest: Digest) -> AsyncIterator[PeerBlob]:
-        """Open ``digest`` on the peer at ``base_url`` (``http://host:port``):
+        """Open ``digest`` on the peer at ``base_url`` (exactly ``http://host:port``, as
+        read from a lease row; anything else is refused without a request):
         ``async with client.open_blob(url, digest) as blob``. Raises :class:`Unavailable`
         on open and from :meth:`PeerBlob.iter_chunks`."""
         session = self._session()
+        if not valid_peer_location(base_url):
+            # Never echo the value: it came from a database row, not from this replica.
+            raise _failure("protocol", f"blob {digest}: the lease names an invalid peer "
+                           "location (not http://host:port)")
         try:
-            url = URL(base_url.rstrip("/") + PEER_BLOBS_PATH + str(digest))
+            url = URL(base_url + PEER_BLOBS_PATH + str(digest))
             peer = f"{url.host}:{url.port}"
         except ValueError as exc:
             raise _failure("protocol", "invalid peer URL") from exc

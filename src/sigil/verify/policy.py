@@ -143,22 +143,29 @@ class Policy:
         return [r for r in self.rules if r.matches(image)]
 
 
+def load_yaml_file(path: str | Path, max_bytes: int, what: str) -> Any:
+    """The YAML document in ``path``, read up to ``max_bytes`` (a bigger file is refused
+    before it is parsed); :class:`ConfigError` naming the file and ``what`` it is (``"policy
+    file"``, ``"plan file"``) when it cannot be read, is too large or is not YAML."""
+    file = str(path)
+    try:
+        with Path(path).open("rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror or exc}", file=file) from exc
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{what} is too large", file=file)
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from exc
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read, parse and validate a policy file; raise :class:`ConfigError` on any problem."""
     path = Path(path)
-    file = str(path)
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_POLICY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file: {exc.strerror or exc}", file=file) from exc
-    if len(raw) > MAX_POLICY_FILE_BYTES:
-        raise ConfigError("policy file is too large", file=file)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=file) from exc
-    return parse_policy(data, file=file, base_dir=path.parent)
+    data = load_yaml_file(path, MAX_POLICY_FILE_BYTES, "policy file")
+    return parse_policy(data, file=str(path), base_dir=path.parent)
 
 
 def parse_policy(data: Any, *, file: str = "<policy>", base_dir: str | Path = ".") -> Policy:
