@@ -13,7 +13,9 @@ FROM ${PYTHON_IMAGE} AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+# The extras: fleet (S3 + PostgreSQL backends) and airgap (.tar.zst archives), so one image
+# runs every documented set-up.
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels '.[fleet,airgap]'
 
 # -- runtime: a venv installed from those wheels only (no compiler, no build tools) ---------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -29,7 +31,7 @@ RUN groupadd --system --gid 10001 sigil \
 # leave no layer behind.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/sigil \
-    && /opt/sigil/bin/pip install --no-cache-dir --no-index --find-links /wheels sigil \
+    && /opt/sigil/bin/pip install --no-cache-dir --no-index --find-links /wheels 'sigil[fleet,airgap]' \
     && /opt/sigil/bin/python -m compileall -q /opt/sigil/lib
 COPY config/ /etc/sigil/
 

@@ -127,6 +127,9 @@ def test_dockerfile_is_multi_stage_with_base_image_argument(dockerfile) -> None:
     assert not any(args.split()[0] in ("src", "./src") for args in runtime.all("COPY"))
     (install,) = [run for run in runtime.all("RUN") if "pip install" in run]
     assert "from=builder" in install and "--no-index" in install and "venv" in install
+    # One image for every documented set-up: the fleet backends and .tar.zst archives too.
+    (wheel,) = [run for run in builder.all("RUN") if "pip wheel" in run]
+    assert "'.[fleet,airgap]'" in wheel and "'sigil[fleet,airgap]'" in install
 
 
 def test_dockerfile_runs_as_non_root_with_volume_and_healthcheck(dockerfile) -> None:
