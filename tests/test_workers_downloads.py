@@ -69,6 +69,18 @@ async def workers(store: BlobStore) -> AsyncIterator[tuple[Downloads, Downloads]
         await lease.close()
 
 
+def _commit_after(download: Download, gate: asyncio.Event) -> None:
+    """Hold ``download``'s commit (fsync, rename) until ``gate`` is set: every byte is in its
+    staging file and verified, the object is not committed yet."""
+    commit = download.staging.commit  # type: ignore[union-attr]
+
+    async def slow_commit(expected: Digest) -> Path:
+        await gate.wait()
+        return await commit(expected)
+
+    download.staging.commit = slow_commit  # type: ignore[method-assign,union-attr]
+
+
 def _committed(digest: Digest, size: int) -> None:
     """The index row callback (the mirror writes the index row here)."""
 
@@ -128,13 +140,7 @@ async def test_the_follower_holds_the_last_byte_until_the_object_is_committed(
     reader = asyncio.ensure_future(_read(follower, got))
     # Pretend the holder is slow to commit: every byte is in its file, not yet verified.
     gate = asyncio.Event()
-    commit = holder.staging.commit  # type: ignore[union-attr]
-
-    async def slow_commit(expected: Digest) -> Path:
-        await gate.wait()
-        return await commit(expected)
-
-    holder.staging.commit = slow_commit  # type: ignore[method-assign,union-attr]
+    _commit_after(holder, gate)
     blob.allow(1)
     await _until(lambda: holder.verified, "the holder to verify")
     await _until(lambda: len(got) == len(data) - 1, "all but the last byte")
@@ -226,13 +232,7 @@ async def test_one_worker_without_leases_releases_the_tail_once_verified(
     rows: list[tuple[Digest, int]] = []
     download, _ = table.get_or_start(digest, blob.open, lambda d, n: rows.append((d, n)))
     gate = asyncio.Event()
-    commit = download.staging.commit  # type: ignore[union-attr]
-
-    async def slow_commit(expected: Digest) -> Path:
-        await gate.wait()
-        return await commit(expected)
-
-    download.staging.commit = slow_commit  # type: ignore[method-assign,union-attr]
+    _commit_after(download, gate)
     blob.allow(10)
     got = bytearray()
     await asyncio.wait_for(_read(download, got), 20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,6 +141,12 @@ class TempDirDaemon:
     def running(self) -> bool:
         """True while the daemon process lives."""
         return self._proc is not None and self._proc.poll() is None
+
+    def _remove_dir(self) -> None:
+        """Delete the temp directory (after the process stopped)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 def wait_until(

@@ -149,9 +149,7 @@ class RealPostgres(TempDirDaemon):
     def remove(self) -> None:
         """Stop and delete the temp directory."""
         self.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._remove_dir()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -111,9 +111,7 @@ class SeaweedS3(TempDirDaemon):
         if self._proc is not None:
             stop_daemon(self._proc, term_timeout=10.0)
             self._proc = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._remove_dir()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from sigil.airgap import ArchiveError
 
@@ -347,18 +347,18 @@ def open_archive(path: Path) -> Iterator[ArchiveReader]:
             yield TarReader(path, raw)
 
 
-class ArchiveReader:
-    """Yields the members of an archive; see :meth:`members`."""
+class ArchiveReader(Protocol):
+    """Yields the members of an archive (:class:`TarReader`, :class:`DirReader`)."""
 
     source: Path
 
     def members(self, wanted: Callable[[], Sequence[str]]) -> Iterator[Member]:
         """Every member in order. ``wanted()`` names members the caller needs next (sigil's
         metadata); a directory reader yields those first, a tar stream cannot reorder."""
-        raise NotImplementedError
+        ...
 
 
-class TarReader(ArchiveReader):
+class TarReader:
     """Sequential reading of a (possibly compressed) tar stream."""
 
     def __init__(self, source: Path, stream: Any) -> None:
@@ -397,7 +397,7 @@ def _is_zstd_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("zstandard") or "Zstd" in type(exc).__name__
 
 
-class DirReader(ArchiveReader):
+class DirReader:
     """A layout directory: its files are checked like tar members (no links, no extras)."""
 
     def __init__(self, source: Path) -> None:
