@@ -11,15 +11,25 @@ verdict used); plus the policy file, the keys and trusted roots it names, and a 
 
 Interrupted (upstream down, Ctrl-C) and re-run, it resumes: finished blobs are in the working
 store and are not fetched again. The output appears only when complete (``*.partial`` renamed).
+
+A fleet config (``storage.backend: s3`` and/or ``index.backend: postgres``) makes the working
+store the configured backends themselves, opened as ``sigil serve`` opens them: blobs the fleet
+already holds are not fetched again, what the export fetches warms the fleet's store, and
+``OUT.sigil-work`` holds only the local scratch files of downloads in flight. Blobs are streamed
+from the bucket into the archive and re-hashed on the way (a corrupt stored object is never
+archived).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,7 @@ from sigil.airgap.plan import Plan, PlanEntry
 from sigil.airgap.report import RecordingPolicy, trust_files, verdict_json
 from sigil.config import Config
 from sigil.errors import (
+    BlobUnknown,
     Denied,
     SigilError,
     TooManyRequests,
@@ -61,7 +72,13 @@ from sigil.oci.manifest import MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Manifest
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
-from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
+from sigil.storage.backends import open_backends
+from sigil.storage.contracts import (
+    AsyncIndex,
+    FilesystemObjectStore,
+    ObjectStore,
+    SqliteAsyncIndex,
+)
 from sigil.upstream import UpstreamClient
 from sigil.verify.discovery import ATTESTATION_MANIFEST, REFERENCE_DIGEST, REFERENCE_TYPE
 
@@ -171,10 +188,23 @@ class Exporter:
 
     @property
     def work_dir(self) -> Path:
-        """The working store: next to the output, or the configured store (``--to-store``)."""
+        """The working store: next to the output, or the configured store (``--to-store``).
+        With fleet backends, only the local scratch of downloads (the store is the fleet's)."""
         if self.out is None:
             return Path(self.config.storage.root)
         return self.out.with_name(self.out.name + ".sigil-work")
+
+    async def _open_store(self) -> tuple[ObjectStore, AsyncIndex, Callable[[], Awaitable[None]]]:
+        """The working store's objects and index, and how to close them: the configured
+        backends (``--to-store``, or any fleet config), else a private filesystem store and
+        SQLite index in work_dir."""
+        if self.to_store or is_fleet(self.config):
+            # A StorageError here (bucket or database unreachable) names the config key.
+            backends = await open_backends(self.config)
+            return backends.objects, backends.index, backends.close
+        root = self.work_dir
+        index = SqliteAsyncIndex(Index(root / "index.sqlite"))
+        return FilesystemObjectStore(BlobStore(root)), index, index.close
 
     def _policy(self) -> PolicyHook:
         if not self.config.policy:
@@ -194,16 +224,20 @@ class Exporter:
         policy = RecordingPolicy(self._policy())
         root = self.work_dir
         root.mkdir(parents=True, exist_ok=True)
-        store, index = BlobStore(root), Index(root / "index.sqlite")
         if not self.to_store:
-            store.cleanup_staging()  # a download an interrupted run left half done
+            # A download an interrupted run left half done (fleet: its local scratch copy;
+            # its multipart upload is aborted by the fleet's start-up or gc cleanup).
+            BlobStore(root).cleanup_staging()
+        # The mirror and the export read and write the same working store through the async
+        # storage contracts (self._blobs, self._index).
+        self._blobs, self._index, close_store = await self._open_store()
+        # Downloads into a remote store keep their scratch copy under storage.root: here the
+        # work directory, so a replica starting on this host never removes one in flight.
+        mirror_config = dataclasses.replace(
+            self.config, storage=dataclasses.replace(self.config.storage, root=str(root)))
         clients = {u.name: UpstreamClient(u) for u in self.config.upstreams}
         try:
-            # The mirror works through the async storage contracts; the export reads and
-            # writes the same working store directly (self._blobs, self._index).
-            self._blobs, self._index = store, index
-            mirror = Mirror(self.config, FilesystemObjectStore(store), SqliteAsyncIndex(index),
-                            clients, policy)
+            mirror = Mirror(mirror_config, self._blobs, self._index, clients, policy)
             # Phase 1: manifests, verdicts and artifacts of every image (small). Phase 2: the
             # blobs, fetched in parallel and appended to the archive as each one completes.
             for entry in self.plan.entries:
@@ -227,7 +261,7 @@ class Exporter:
         finally:
             for client in clients.values():
                 await client.close()
-            index.close()
+            await close_store()
         report["fetched_bytes"] = self.fetched_bytes
         if output is not None and not self.keep_work:
             shutil.rmtree(root, ignore_errors=True)
@@ -409,22 +443,24 @@ class Exporter:
                        digest: Digest) -> None:
         if digest in record.manifests or digest in record.blobs:
             return
-        row = self._index.get_manifest(digest)
-        if row is not None and self._blobs.has(digest):
-            raw = await asyncio.to_thread(self._blobs.read_bytes, digest)
+        row = await self._index.get_manifest(digest)
+        size = await self._blobs.size(digest)
+        if row is not None and size is not None:
+            raw = await self._blobs.read_bytes(digest)
             await self._add_artifact(mirror, route, record, repo,
                                      parse_manifest(raw, row.media_type), MAX_ARTIFACT_DEPTH)
-        elif self._blobs.has(digest):
+        elif size is not None:
             record.blobs.add(digest)
-            self.sizes[digest] = self._blobs.size(digest) or 0
+            self.sizes[digest] = size
 
     # ---------------------------------------------------------------------- blobs
     async def _blob(self, mirror: Mirror, digest: Digest) -> None:
         """Make sure ``digest`` is in the working store (fetched through ``Downloads``)."""
         store, index = self._blobs, self._index
-        if store.has(digest):
-            if index.blob_size(digest) is None and index.get_manifest(digest) is None:
-                index.put_blob(digest, store.size(digest) or 0)
+        size = await store.size(digest)
+        if size is not None:  # resumed, or (fleet) already in the shared store: reused
+            if await index.blob_size(digest) is None and await index.get_manifest(digest) is None:
+                await index.put_blob(digest, size)
             return
         route, repo, _ = self.origins[digest]
         async with self._slots:
@@ -432,7 +468,7 @@ class Exporter:
             # The same Downloads machinery as serving: staged, sha256-checked, then committed.
             download, _ = mirror.downloads.get_or_start(
                 digest, lambda: client.open_blob(repo, digest),
-                lambda d, n: self._index.put_blob(d, n))
+                self._index.put_blob)
             await download.finished.wait()
             if download.error is not None:
                 error = download.error
@@ -485,6 +521,33 @@ class Exporter:
                 "images": images, "denied": self.denied, "failed": self.failed,
                 "interrupted": self.interrupted}
 
+    async def _copy_blob(self, writer: LayoutWriter, digest: Digest,
+                         written: Callable[[int], None]) -> None:
+        """Append a stored blob to the archive: a local file is copied (in the kernel where
+        it can be), a remote object streamed and re-hashed on the way."""
+        store = self._blobs
+        path = store.local_path(digest)
+        if path is not None:
+            await asyncio.to_thread(writer.add, Entry(blob_name(digest.hex), path=path), written)
+            return
+        lost = ArchiveError(f"working store lost {digest}; re-run the export")
+        if isinstance(store, FilesystemObjectStore):
+            raise lost
+        hashed = hashlib.sha256()
+        try:
+            async with store.open_range(digest) as reader:
+                await asyncio.to_thread(writer.begin, blob_name(digest.hex), reader.total)
+                async for chunk in reader:
+                    hashed.update(chunk)
+                    await asyncio.to_thread(writer.write, chunk)
+                    self.progress.advance(nbytes=len(chunk))
+        except BlobUnknown as exc:
+            raise lost from exc
+        if Digest(hashed.hexdigest()) != digest:
+            raise ArchiveError(f"the stored object {digest} does not match its digest (corrupt "
+                               "in the store: run sigil fsck, then re-run the export)")
+        await asyncio.to_thread(writer.end)
+
     async def _write(self, mirror: Mirror, report: dict[str, Any], base: _Base | None) -> None:
         assert self.out is not None
         store = self._blobs
@@ -495,7 +558,7 @@ class Exporter:
             needed |= set(record.manifests) | record.blobs
         for digest in needed:
             if digest not in self.sizes or not self.sizes[digest]:
-                self.sizes[digest] = store.size(digest) or 0
+                self.sizes[digest] = await store.size(digest) or 0
         held = sorted((d for d in needed if base is None or str(d) not in base.sizes), key=str)
         entries_index: list[dict[str, Any]] = []
         names: set[str] = set()
@@ -594,10 +657,7 @@ class Exporter:
                 item = await ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                if not store.has(item):
-                    raise ArchiveError(f"working store lost {item}; re-run the export")
-                await asyncio.to_thread(writer.add, Entry(blob_name(item.hex),
-                                                          path=store.path(item)), written)
+                await self._copy_blob(writer, item, written)
             await asyncio.to_thread(writer.close)
         except BaseException:
             for task in tasks:
@@ -614,3 +674,9 @@ class Exporter:
         report["archive"] = str(archive_digest)
         report["held_blobs"] = len(held)
         report["held_bytes"] = sum(self.sizes[d] for d in held)
+
+
+def is_fleet(config: Config) -> bool:
+    """Is the configured store or index a shared (fleet) backend?"""
+    return config.storage.backend == "s3" or config.index.backend == "postgres"
+

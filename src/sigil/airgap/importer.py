@@ -18,11 +18,24 @@
    links, then tags last, so a tag never names an incomplete image, even after a crash.
    Verdicts and allows are *not* copied: the serving mirror decides again from stored
    artifacts under its own policy.
+
+The store and index are the configured backends, opened as ``sigil serve`` opens them. On a
+remote object store (``storage.backend: s3``) step 1 streams each blob straight into an upload
+of the bucket, committed only once its sha256 matched (nothing is staged on local disk, so
+there is no local free-space check: the scratch is the upload's few in-memory parts), and the
+private working store is the bucket plus a private SQLite index that lists only the archive's
+content: the offline mirror of step 2 reads nothing else. Objects committed that way are
+invisible (no index row: a remote store is asked through its index) until step 3 writes the
+rows into the configured index (PostgreSQL); whatever this import committed and did not load
+(a refused archive, a denied image) is deleted again when the archive is done, through the
+index's check-and-delete, so a refused archive leaves the bucket as it found it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -58,7 +71,15 @@ from sigil.airgap.layout import (
 )
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
-from sigil.errors import Denied, DigestInvalid, ManifestInvalid, RegistryError, SigilError
+from sigil.errors import (
+    Denied,
+    DigestInvalid,
+    ManifestInvalid,
+    RegistryError,
+    SigilError,
+    StorageError,
+    Unavailable,
+)
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
@@ -66,7 +87,13 @@ from sigil.oci.reference import validate_name, validate_tag
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
-from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
+from sigil.storage.backends import open_backends
+from sigil.storage.contracts import (
+    AsyncIndex,
+    FilesystemObjectStore,
+    ObjectStore,
+    SqliteAsyncIndex,
+)
 from sigil.upstream.offline import offline_clients, offline_config
 
 # Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
@@ -91,12 +118,17 @@ class Metadata:
 class _Checker:
     """Checks an archive member by member (see the module docstring, step 1)."""
 
-    def __init__(self, path: Path, work: BlobStore | None = None,
-                 target: BlobStore | None = None, progress: Transfer | None = None) -> None:
+    def __init__(self, path: Path, work: ObjectStore | None = None,
+                 target: ObjectStore | None = None, progress: Transfer | None = None) -> None:
         self.label = str(path)
+        # ``work``: where blobs go while checked (the private store, or a remote target
+        # itself); ``target``: the configured store, whose objects are not written again.
         self.work = work
         self.target = target
         self.progress = progress
+        # Objects this import committed to a shared ``target`` (work is target) that were not
+        # there before: deleted again unless an image loads them.
+        self.created: set[Digest] = set()
         self.meta = Metadata()
         self.seen: set[str] = set()
         self.layout_seen = False
@@ -143,7 +175,7 @@ class _Checker:
                 if self.meta.archive_manifest is not None and digest == str(
                         self.meta.archive_manifest.layers[0].digest):
                     self._contents(data)
-                self._adopt_small()
+                await self._adopt_small()
             else:
                 await self._blob(member, digest)
 
@@ -209,26 +241,40 @@ class _Checker:
         self.meta.contents = contents
         self._check_space()
 
-    def _adopt_small(self) -> None:
+    async def _adopt_small(self) -> None:
         """Metadata blobs that images use too (the empty config ``{}``) are image blobs."""
         if not self.contents_ready or self.work is None:
             return
         held = set(self.meta.contents["held"])
         for digest, data in self.meta.small.items():
             if digest in held and digest not in self.received:
-                self.work.put_bytes(Digest.parse(digest), data)
+                parsed = Digest.parse(digest)
+                if not await self._in_target(parsed):
+                    await self.work.put_bytes(parsed, data)
+                    self._note_created(parsed)
                 self.received.add(digest)
+
+    async def _in_target(self, digest: Digest) -> bool:
+        return self.target is not None and await self.target.has(digest)
+
+    def _note_created(self, digest: Digest) -> None:
+        if self.work is self.target:
+            self.created.add(digest)
 
     def _check_space(self) -> None:
         if self.work is None:
             return
         sizes = self.meta.contents["sizes"]
-        needed = sum(int(sizes.get(d, 0)) for d in self.meta.contents["held"]
-                     if self.target is None or not self.target.has(Digest.parse(d)))
-        free = shutil.disk_usage(self.work.root).free
-        if needed + FREE_SPACE_MARGIN > free:
-            raise self.refuse(f"needs {needed} bytes (+{FREE_SPACE_MARGIN} spare) on "
-                              f"{self.work.root.parent}, only {free} free")
+        # A remote store: blobs stream into the bucket, nothing of them on local disk.
+        work, target = self.work, self.target
+        if isinstance(work, FilesystemObjectStore):
+            needed = sum(int(sizes.get(d, 0)) for d in self.meta.contents["held"]
+                         if not isinstance(target, FilesystemObjectStore)
+                         or not target.blobs.has(Digest.parse(d)))
+            free = shutil.disk_usage(work.blobs.root).free
+            if needed + FREE_SPACE_MARGIN > free:
+                raise self.refuse(f"needs {needed} bytes (+{FREE_SPACE_MARGIN} spare) on "
+                                  f"{work.blobs.root.parent}, only {free} free")
         if self.progress is not None:
             self.progress.expect(items=len(self.meta.contents["held"]),
                                  nbytes=sum(int(sizes.get(d, 0))
@@ -247,26 +293,28 @@ class _Checker:
         parsed = Digest.parse(digest)
         if self.work is None:
             return
-        if self.target is not None and self.target.has(parsed):
+        if await self._in_target(parsed):
             actual = _hash_stream(member, self.progress)  # verify, but do not write again
             if actual != parsed:
                 raise self.refuse(f"blob {digest} does not match its digest (changed bytes)")
         else:
-            staging = self.work.new_staging()
+            # Committed (renamed into the private store, or published in the bucket) only
+            # if the bytes hash to the digest; otherwise discarded.
+            upload = await self.work.begin_upload(parsed)
             try:
                 written = 0
                 for chunk in _chunks(member, self.progress):
-                    staging.write(chunk)
+                    await upload.write(chunk)
                     written += len(chunk)
                 if written != member.size:
-                    staging.abort()
                     raise self.refuse(f"blob {digest} is truncated")
-                await staging.commit(parsed)
+                await upload.commit()
             except DigestInvalid as exc:
                 raise self.refuse(f"blob {digest} does not match its digest "
                                   "(changed bytes)") from exc
             finally:
-                staging.abort()
+                await upload.abort()  # a no-op once committed
+            self._note_created(parsed)
         if self.progress is not None:
             self.progress.advance(items=1)
         self.received.add(digest)
@@ -368,7 +416,7 @@ async def read_metadata(path: Path) -> Metadata:
 # ------------------------------------------------------------------------------ import
 class Importer:
     """One ``sigil import`` run over one or more archives (in order: a base before its
-    deltas)."""
+    deltas), into the configured store and index."""
 
     def __init__(self, config: Config, *, progress: ProgressReporter | None = None) -> None:
         self.config = config
@@ -384,90 +432,128 @@ class Importer:
 
         return Verifier(load_policy(self.config.policy))
 
+    @property
+    def store_name(self) -> str:
+        """The target store as the report and messages name it."""
+        storage, index = self.config.storage, self.config.index
+        if storage.backend != "s3" and index.backend != "postgres":
+            return str(self.root)
+        objects = str(self.root)
+        if storage.s3 is not None:
+            objects = f"s3://{storage.s3.bucket}/{storage.s3.prefix}"
+        if index.backend == "postgres":
+            from sigil.storage.pgindex import describe_dsn
+
+            return f"{objects} (index: postgres {describe_dsn(index.postgres_dsn or '')})"
+        return objects
+
     async def run(self, archives: list[Path]) -> dict[str, Any]:
-        """Import every archive; the report says what was loaded and refused."""
+        """Import every archive; the report says what was loaded and refused. The backends
+        are opened first: unreachable ones raise StorageError (naming the config key)."""
         policy = RecordingPolicy(self._policy())
         self.root.mkdir(parents=True, exist_ok=True)
         _remove_stale_work_dirs(self.root)
-        target = BlobStore(self.root)
-        index = Index(self.root / "index.sqlite")
+        backends = await open_backends(self.config)
         results = []
         try:
             for path in archives:
-                results.append(await self._archive(path, target, index, policy))
+                results.append(await self._archive(path, backends.objects, backends.index,
+                                                   policy))
         finally:
-            index.close()
+            await backends.close()
         ok = all(r["result"] == "loaded" for r in results)
         return {"kind": "sigil-import", "sigil": __version__,
                 "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "store": str(self.root),
+                "store": self.store_name,
                 "policy": {"file": self.config.policy, "fingerprint": policy.fingerprint},
                 "ok": ok, "archives": results}
 
-    async def _archive(self, path: Path, target: BlobStore, index: Index,
+    async def _archive(self, path: Path, target: ObjectStore, index: AsyncIndex,
                        policy: RecordingPolicy) -> dict[str, Any]:
         result: dict[str, Any] = {"archive": str(path), "result": "refused", "images": []}
         # Under the store root: the same filesystem, so loading a blob is a hard link; the
         # name starts with a dot so no store walk (gc, fsck: blobs/ only) ever looks at it.
+        # Over a remote store it holds only the private index of step 2.
         work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        work = BlobStore(work_dir)
+        local = isinstance(target, FilesystemObjectStore)
+        work: ObjectStore = FilesystemObjectStore(BlobStore(work_dir)) if local else target
+        work_dir.mkdir(parents=True, exist_ok=True)
         windex = Index(work_dir / "index.sqlite")
+        loaded: set[Digest] = set()
+        checker: _Checker | None = None
         try:
             with self.reporter.transfer(f"import {path.name}") as progress:
-                await self._check_verify_load(path, result, progress, work, windex, target,
-                                              index, policy)
+                checker = _Checker(path, work, target, progress)
+                await self._check_verify_load(path, result, checker, windex, target, index,
+                                              policy, loaded, work_dir)
         except ArchiveError as exc:
             result["error"] = str(exc)
+        except (Unavailable, StorageError) as exc:
+            # The store or the index failed under us: images loaded before stay (each is
+            # complete); the rest of the archive is not loaded.
+            result["error"] = f"{path}: {exc}; the archive was not (fully) loaded"
+            if result["images"] and any(i["result"] == "loaded" for i in result["images"]):
+                result["result"] = "partial"
         finally:
             windex.close()
             shutil.rmtree(work_dir, ignore_errors=True)
+            if checker is not None:
+                await _discard(target, index, checker.created - loaded)
         return result
 
-    async def _check_verify_load(self, path: Path, result: dict[str, Any], progress: Transfer,
-                                 work: BlobStore, windex: Index, target: BlobStore,
-                                 index: Index, policy: RecordingPolicy) -> None:
-        """Steps 1-3 of the module docstring for one archive, filling ``result``."""
-        checker = _Checker(path, work, target, progress)
+    async def _check_verify_load(self, path: Path, result: dict[str, Any], checker: _Checker,
+                                 windex: Index, target: ObjectStore, index: AsyncIndex,
+                                 policy: RecordingPolicy, loaded: set[Digest],
+                                 work_dir: Path) -> None:
+        """Steps 1-3 of the module docstring for one archive, filling ``result`` (and
+        ``loaded``: the objects loaded images hold)."""
         with open_archive(path) as reader:
             for member in reader.members(checker.wanted):
                 await checker.feed(member)
         checker.finish()
+        assert checker.work is not None
+        work = checker.work
         meta = checker.meta
         result["digest"] = meta.archive_digest
         result["base"] = meta.contents.get("base")
-        self._link_base(path, meta, target, work)
-        self._fill_index(path, meta, work, windex)
+        await self._link_base(path, meta, target, work)
+        await self._fill_index(path, meta, work, windex)
         result.update(self._compare_policy(meta))
-        images = await self._verify(meta, work, windex, policy)
+        images = await self._verify(meta, work, windex, policy, work_dir)
         result["images"] = images
         for image, entry in zip(meta.contents["images"], images, strict=True):
             if entry["result"] == "verified":
-                ignored = self._load(image, meta, windex, work, target, index)
+                ignored = await self._load(image, meta, windex, work, target, index, loaded)
                 entry["result"] = "loaded"
                 if ignored:
                     entry["ignored"] = ignored
         refused = [i for i in images if i["result"] != "loaded"]
         result["result"] = "loaded" if not refused else "partial"
 
-    def _link_base(self, path: Path, meta: Metadata, target: BlobStore,
-                   work: BlobStore) -> None:
+    async def _link_base(self, path: Path, meta: Metadata, target: ObjectStore,
+                         work: ObjectStore) -> None:
         contents = meta.contents
         held = set(contents["held"])
         outside = sorted(set(contents["sizes"]) - held)
         if outside and not contents.get("base"):
             raise ArchiveError(f"{path}: lists {len(outside)} blob(s) it does not hold and "
                                "names no base; nothing was loaded")
-        missing = [d for d in outside if not target.has(Digest.parse(d))]
+        missing = [d for d in outside if not await target.has(Digest.parse(d))]
         if missing:
             raise ArchiveError(f"{path}: delta of base archive {contents['base']}, which is not "
-                               f"imported in {self.root} ({len(missing)} blob(s) missing, e.g. "
-                               f"{missing[0]}); import the base first; nothing was loaded")
+                               f"imported in {self.store_name} ({len(missing)} blob(s) "
+                               f"missing, e.g. {missing[0]}); import the base first; nothing "
+                               "was loaded")
+        if work is target or not isinstance(work, FilesystemObjectStore) \
+                or not isinstance(target, FilesystemObjectStore):
+            return  # a remote store: the working store is the target, nothing to link
         for d in outside + sorted(held):
             digest = Digest.parse(d)
-            if not work.has(digest) and target.has(digest):
-                _link(target.path(digest), work.path(digest))
+            if not work.blobs.has(digest) and target.blobs.has(digest):
+                _link(target.blobs.path(digest), work.blobs.path(digest))
 
-    def _fill_index(self, path: Path, meta: Metadata, work: BlobStore, windex: Index) -> None:
+    async def _fill_index(self, path: Path, meta: Metadata, work: ObjectStore,
+                          windex: Index) -> None:
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
         now = time.time()
@@ -475,7 +561,7 @@ class Importer:
             digest = Digest.parse(d)
             if d in manifests:
                 try:
-                    parsed = parse_manifest(work.read_bytes(digest), manifests[d])
+                    parsed = parse_manifest(await work.read_bytes(digest), manifests[d])
                 except ManifestInvalid as exc:
                     raise ArchiveError(f"{path}: manifest {d} is malformed ({exc}); nothing "
                                        "was loaded") from exc
@@ -514,13 +600,15 @@ class Importer:
     def _upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.config.upstreams if u.name == name), None)
 
-    async def _verify(self, meta: Metadata, work: BlobStore, windex: Index,
-                      policy: RecordingPolicy) -> list[dict[str, Any]]:
-        # The serve --offline mirror over the working store: only archive content exists.
+    async def _verify(self, meta: Metadata, work: ObjectStore, windex: Index,
+                      policy: RecordingPolicy, work_dir: Path) -> list[dict[str, Any]]:
+        # The serve --offline mirror over the working store: only archive content exists
+        # (over a remote store, the bucket is read only for what the private index lists).
         offline = offline_config(self.config)
+        offline = dataclasses.replace(
+            offline, storage=dataclasses.replace(offline.storage, root=str(work_dir)))
         clients = offline_clients(offline)
-        mirror = Mirror(offline, FilesystemObjectStore(work), SqliteAsyncIndex(windex), clients,
-                        policy)
+        mirror = Mirror(offline, work, SqliteAsyncIndex(windex), clients, policy)
         out = []
         for image in meta.contents["images"]:
             entry: dict[str, Any] = {"name": image["name"], "digest": image["digest"],
@@ -561,14 +649,16 @@ class Importer:
             await client.close()
         return out
 
-    def _load(self, image: dict[str, Any], meta: Metadata, windex: Index, work: BlobStore,
-              target: BlobStore, index: Index) -> int:
+    async def _load(self, image: dict[str, Any], meta: Metadata, windex: Index,
+                    work: ObjectStore, target: ObjectStore, index: AsyncIndex,
+                    loaded: set[Digest]) -> int:
         """Load one verified image: blobs, then manifest rows, then tags (see step 3).
 
         Only what hangs off the verified digest is loaded: its children, config and layers,
         and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
         theirs. The contents document is data from the other side; anything else it lists
-        under the image is ignored (the count is returned) rather than loaded unverified."""
+        under the image is ignored (the count is returned) rather than loaded unverified.
+        What is loaded is added to ``loaded``."""
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
         listed_manifests = set(image["manifests"])
@@ -605,22 +695,42 @@ class Importer:
                                                        - listed_manifests)
         for d in sorted(blobs) + sorted(reached):
             digest = Digest.parse(d)
-            if not target.has(digest):
-                _link(work.path(digest), target.path(digest))
+            if isinstance(work, FilesystemObjectStore) and isinstance(
+                    target, FilesystemObjectStore) and work is not target:
+                if not target.blobs.has(digest):
+                    _link(work.blobs.path(digest), target.blobs.path(digest))
+            elif not await target.has(digest):  # a remote store: committed in step 1
+                raise StorageError(f"{digest} vanished from the store during the import")
+            loaded.add(digest)
         for d in sorted(blobs):
-            index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
+            await index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
         for d in sorted(reached):
             digest = Digest.parse(d)
-            parsed = parse_manifest(target.read_bytes(digest), manifests[d])
+            parsed = parse_manifest(await target.read_bytes(digest), manifests[d])
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
-            index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
+            await index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
             if parsed.subject is not None:
-                index.add_referrer(parsed.subject.digest, digest)
+                await index.add_referrer(parsed.subject.digest, digest)
         now = time.time()
         for repo, tag, d, media_type in tags:
             if d in reached:
-                index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type, now)
+                await index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type,
+                                    now)
         return ignored
+
+
+async def _discard(objects: ObjectStore, index: AsyncIndex, created: set[Digest]) -> None:
+    """Delete objects an import committed to a shared store and did not load, unless the
+    index knows them meanwhile (another replica stored or pulled the same content): the
+    index's check-and-delete keeps anything a manifest recorded by any process references."""
+    for digest in sorted(created, key=str):
+        try:
+            if await index.get_manifest(digest) is None and \
+                    await index.blob_size(digest) is None:
+                await index.delete_unreferenced(digest, functools.partial(objects.delete, digest))
+        except (Unavailable, StorageError):
+            # Left over: unindexed, so never served; fsck lists it, gc may reclaim it.
+            continue
 
 
 def _remove_stale_work_dirs(root: Path) -> None:

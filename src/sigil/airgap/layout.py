@@ -106,6 +106,8 @@ class LayoutWriter:
         self._tar: _TarOut | None = None
         self._dirs_done = False
         self._synced = 0
+        self._member: IO[bytes] | None = None   # a streamed entry of a directory layout
+        self._member_size = self._member_left = 0
         if self.kind == "dir":
             (self.partial / "blobs" / "sha256").mkdir(parents=True)
             return
@@ -146,6 +148,44 @@ class LayoutWriter:
             os.fdatasync(self._raw.fileno())
             self._synced = tar.offset
 
+    def begin(self, name: str, size: int) -> None:
+        """Start an entry whose ``size`` bytes follow through :meth:`write` (a blob streamed
+        from a remote store); :meth:`end` finishes it. Blocking, like :meth:`add`."""
+        if self._tar is None:
+            self._member = open(self.partial / name, "wb")  # closed in end() / abort()
+        else:
+            if name.startswith("blobs/") and not self._dirs_done:
+                for directory in ("blobs", "blobs/sha256"):
+                    self._tar.header(_info(directory, 0, tarfile.DIRTYPE))
+                self._dirs_done = True
+            self._tar.header(_info(name, size, tarfile.REGTYPE))
+        self._member_size, self._member_left = size, size
+
+    def write(self, data: bytes) -> None:
+        """Append the next bytes of the entry :meth:`begin` started."""
+        if len(data) > self._member_left:
+            raise ArchiveError(f"{self.out}: more bytes than the entry announced")
+        self._member_left -= len(data)
+        if self._tar is None:
+            assert self._member is not None  # begin() opened it
+            self._member.write(data)
+        else:
+            self._tar.put(data)
+
+    def end(self) -> None:
+        """Finish the entry :meth:`begin` started (all its announced bytes written)."""
+        if self._member_left:
+            raise ArchiveError(f"{self.out}: an entry ended {self._member_left} bytes short")
+        if self._tar is None:
+            assert self._member is not None  # begin() opened it
+            self._member.close()
+            self._member = None
+            return
+        self._tar.pad(self._member_size)
+        if self._tar.offset - self._synced >= SYNC_EVERY:
+            os.fdatasync(self._raw.fileno())
+            self._synced = self._tar.offset
+
     def close(self) -> None:
         """Finish, fsync and rename into place."""
         try:
@@ -162,6 +202,9 @@ class LayoutWriter:
 
     def abort(self) -> None:
         """Remove the partial output. Idempotent."""
+        if self._member is not None:
+            self._member.close()
+            self._member = None
         if self._raw is not None and not self._raw.closed:
             self._raw.close()
         _remove(self.partial)
@@ -182,22 +225,24 @@ class _TarOut:
         self._fd = fd          # the output file, when copy_file_range can target it
         self.offset = 0
 
-    def _put(self, data: bytes) -> None:
+    def put(self, data: bytes) -> None:
+        """Raw bytes at the current offset."""
         self._write(data)
         self.offset += len(data)
 
-    def _pad(self, size: int) -> None:
+    def pad(self, size: int) -> None:
+        """Zeros up to the next block after ``size`` data bytes."""
         if size % tarfile.BLOCKSIZE:
-            self._put(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+            self.put(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
     def header(self, info: tarfile.TarInfo) -> None:
         """One member header (PAX where the name or size needs it)."""
-        self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self.put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     def data(self, data: bytes) -> None:
         """In-memory member data, padded to a block."""
-        self._put(data)
-        self._pad(len(data))
+        self.put(data)
+        self.pad(len(data))
 
     def copy(self, path: Path, size: int, on_bytes: Callable[[int], None]) -> None:
         """Member data from a file: in the kernel when possible, else read/write."""
@@ -218,16 +263,16 @@ class _TarOut:
                 chunk = src.read(min(COPY_CHUNK, left))
                 if not chunk:
                     raise ArchiveError(f"{path} shrank while being archived")
-                self._put(chunk)
+                self.put(chunk)
                 left -= len(chunk)
                 on_bytes(len(chunk))
-        self._pad(size)
+        self.pad(size)
 
     def close(self) -> None:
         """The end-of-archive blocks, padded to a record (as tarfile writes them)."""
-        self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self.put(b"\0" * (2 * tarfile.BLOCKSIZE))
         if self.offset % tarfile.RECORDSIZE:
-            self._put(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
+            self.put(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
 
 
 def _info(name: str, size: int, kind: bytes) -> tarfile.TarInfo:

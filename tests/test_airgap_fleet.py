@@ -1,0 +1,394 @@
+"""``sigil export`` / ``sigil import`` on the fleet backends (issue 8), with real parts only:
+the real docker-registry upstream, SeaweedFS (S3) and PostgreSQL, skopeo.
+
+Connected side: a config on S3 + PostgreSQL exports two key-signed images (one of them a
+multi-platform index) from the registry; the fleet's own store is the working store, so the
+export warms it, and a second export fetches nothing from the upstream. Far side: ``sigil
+import`` into a fresh bucket prefix and a fresh database; ``sigil serve --offline`` on that
+config, twice (two replicas on the same backends), serves skopeo the upstream's digests while
+nothing connects to the upstream's port. A tampered archive (one byte of the last layer) is
+refused and leaves the bucket prefix and the index empty. ``--to-store`` warms a fleet store
+that an offline replica then serves. Unreachable backends: exit 2 naming the config key.
+
+All images and both servers are shared by the module (one export, one import); each check is
+its own test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sigil.oci.digest import Digest
+from sigil.storage.index import Graph
+from sigil.storage.pgindex import PgIndex
+from sigil.storage.s3 import S3ObjectStore
+from tests.realparts import RealRegistry, RegistryPusher, skopeo_copy
+from tests.realparts.fleet import TEST_BUCKET, s3_config_for
+from tests.realparts.postgres import RealPostgres
+from tests.realparts.seaweed import SeaweedS3
+from tests.support.netrecord import ConnectionRecorder
+from tests.support.sigilproc import SigilProcess, free_port
+from tests.test_airgap import run_sigil
+from tests.test_e2e_verify import sig_layer
+from tests.test_verify_support import Signer
+
+pytestmark = [pytest.mark.realparts, pytest.mark.timeout(300)]
+UPSTREAM = "registry.test"
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Backend:
+    """One bucket prefix and one database: a fleet's shared store."""
+
+    prefix: str
+    dsn: str
+    secrets: Path
+
+    def apply(self, config_path: Path, seaweed: SeaweedS3) -> None:
+        """Point the sigil config at ``config_path`` to this store (S3 + PostgreSQL); the
+        credentials come from files, as a deployment would give them."""
+        config: dict[str, Any] = yaml.safe_load(config_path.read_text())
+        config["storage"].update({"backend": "s3", "s3": {
+            "endpoint": seaweed.endpoint, "bucket": TEST_BUCKET, "prefix": self.prefix,
+            "access_key_file": str(self.secrets / "access"),
+            "secret_key_file": str(self.secrets / "secret"),
+            "create_bucket": True, "part_size": "5MiB"}})
+        config["index"] = {"backend": "postgres", "postgres": {"dsn": self.dsn}}
+        config_path.write_text(yaml.safe_dump(config))
+
+    async def contents(self, seaweed: SeaweedS3, repos: list[str]) -> Stored:
+        """What the bucket prefix and the database hold (tags: of ``repos``)."""
+        store = await S3ObjectStore.open(s3_config_for(seaweed, self.prefix))
+        index = await PgIndex.open(self.dsn)
+        try:
+            objects = {str(info.digest) async for info in store.iter_objects()}
+            pending = {p.name for p in await store.pending_uploads()}
+            tags = {(repo, tag) for repo in repos for tag in await index.list_tags(UPSTREAM, repo)}
+            return Stored(objects, pending, await index.graph(), tags)
+        finally:
+            await index.close()
+            await store.close()
+
+
+@dataclass
+class Stored:
+    """A fleet store's content: object digests, pending uploads, index graph, tags."""
+
+    objects: set[str]
+    pending: set[str]
+    graph: Graph
+    tags: set[tuple[str, str]]
+
+
+@dataclass
+class Side:
+    """One sigil config (a SigilProcess, started or not) on one fleet store."""
+
+    sigil: SigilProcess
+    backend: Backend
+
+
+@dataclass
+class World:
+    """Everything the module shares."""
+
+    work: Path
+    registry: RealRegistry
+    seaweed: SeaweedS3
+    postgres: RealPostgres
+    prefix: str
+    single: Any
+    multi: Any
+    policy: Path
+    plan: Path
+    recorder: ConnectionRecorder
+    databases: list[str]
+
+    @property
+    def repos(self) -> list[str]:
+        """The repositories of the plan, as the index names them."""
+        return [f"{self.prefix}/single", f"{self.prefix}/multi"]
+
+    def backend(self) -> Backend:
+        """A fresh bucket prefix and a fresh database."""
+        name = f"airfleet_{os.urandom(5).hex()}"
+        self.postgres.psql(f"CREATE DATABASE {name}")
+        self.databases.append(name)
+        return Backend(f"airfleet-{os.urandom(5).hex()}/", self.postgres.dsn(name),
+                       self.work / "secrets")
+
+    def side(self, name: str, url: str, backend: Backend | None = None) -> Side:
+        """A sigil config named ``name`` whose upstream is ``url``, on ``backend`` (default:
+        a fresh one)."""
+        backend = backend or self.backend()
+        sigil = SigilProcess(self.work / name, [{"name": UPSTREAM, "url": url,
+                                                 "default": True, "retries": 1}],
+                             str(self.policy))
+        backend.apply(sigil.config_path, self.seaweed)
+        return Side(sigil, backend)
+
+    @property
+    def dead_url(self) -> str:
+        """The far side's upstream: the recorder's port, where nothing may connect."""
+        return f"http://127.0.0.1:{self.recorder.port}"
+
+
+async def _push(registry: RealRegistry, prefix: str, signer: Signer) -> tuple[Any, Any]:
+    async with RegistryPusher(registry.url) as pusher:
+        single = await pusher.make_image(f"{prefix}/single", "v1")
+        await pusher.push_cosign_signatures(f"{prefix}/single", single.digest,
+                                            [sig_layer(signer, single.digest)])
+        multi = await pusher.make_multiplatform_image(f"{prefix}/multi", "v1")
+        await pusher.push_cosign_signatures(f"{prefix}/multi", multi.index.digest,
+                                            [sig_layer(signer, multi.index.digest)])
+    return single, multi
+
+
+@pytest.fixture(scope="module")
+def world(real_registry: RealRegistry, seaweed_s3: SeaweedS3, real_postgres: RealPostgres,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    work = tmp_path_factory.mktemp("airfleet")
+    (work / "secrets").mkdir()
+    (work / "secrets" / "access").write_text(seaweed_s3.access_key)
+    (work / "secrets" / "secret").write_text(seaweed_s3.secret_key)
+    prefix = f"airfleet-{os.urandom(3).hex()}"
+    signer = Signer("p256")
+    (work / "release.pub").write_text(signer.pem())
+    policy = work / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"policies": [{
+        "name": "signed", "images": [f"{UPSTREAM}/{prefix}/single", f"{UPSTREAM}/{prefix}/multi"],
+        "authorities": [{"name": "release-key", "key": {"path": "release.pub"}}]}]}))
+    plan = work / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"images": [{"ref": f"{UPSTREAM}/{prefix}/single:v1"},
+                                               {"ref": f"{UPSTREAM}/{prefix}/multi:v1"}]}))
+    single, multi = asyncio.run(_push(real_registry, prefix, signer))
+    recorder = ConnectionRecorder(free_port())
+    world = World(work, real_registry, seaweed_s3, real_postgres, prefix, single, multi,
+                  policy, plan, recorder, [])
+    try:
+        yield world
+    finally:
+        recorder.close()
+        for name in world.databases:
+            if real_postgres.running:
+                real_postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@dataclass
+class Carried:
+    """The connected side's export and the far side's import of it."""
+
+    connected: Side
+    archive: Path
+    exported: dict[str, Any]
+    export_code: int
+    export_stderr: str
+    far: Side
+    imported: dict[str, Any]
+    import_code: int
+    import_output: str
+
+
+def _import(config: Path, *archives: Path) -> tuple[int, dict[str, Any], str]:
+    report = config.parent / f"import-{os.urandom(2).hex()}.json"
+    result = run_sigil("import", "--config", str(config), "--report", str(report),
+                       *map(str, archives))
+    assert report.is_file(), result.stdout + result.stderr
+    return result.returncode, json.loads(report.read_text()), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def carried(world: World) -> Carried:
+    connected = world.side("connected", world.registry.url)
+    archive = world.work / "carry.tar"
+    made = run_sigil("export", "--config", str(connected.sigil.config_path), "--plan",
+                     str(world.plan), "--output", str(archive), "--json")
+    far = world.side("far", world.dead_url)
+    code, imported, output = _import(far.sigil.config_path, archive)
+    return Carried(connected, archive, json.loads(made.stdout or "{}"), made.returncode,
+                   made.stderr, far, imported, code, output)
+
+
+@pytest.fixture(scope="module")
+def far_replicas(world: World, carried: Carried) -> Iterator[list[SigilProcess]]:
+    """Two ``serve --offline`` replicas on the far side's backends."""
+    second = world.side("far2", world.dead_url, carried.far.backend).sigil
+    replicas = [carried.far.sigil, second]
+    try:
+        for replica in replicas:
+            replica.start(args=["--offline"])
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def _blob_gets(registry: RealRegistry, mark: int) -> list[str]:
+    return [r.path for r in registry.requests(since=mark)
+            if r.method == "GET" and "/blobs/" in r.path]
+
+
+async def test_export_from_the_fleet_store_warms_it_and_reuses_it(world: World,
+                                                                  carried: Carried) -> None:
+    assert carried.export_code == 0, carried.export_stderr
+    assert {i["name"]: i["digest"] for i in carried.exported["images"]} == {
+        f"{UPSTREAM}/{world.prefix}/single:v1": world.single.digest,
+        f"{UPSTREAM}/{world.prefix}/multi:v1": world.multi.index.digest}
+    assert all(i["verified"] for i in carried.exported["images"])
+    assert carried.exported["fetched_bytes"] > 0
+    # The working store was the fleet's own: its bucket and index now hold the images (the
+    # archive's blobs were streamed out of the bucket); only the local scratch dir is gone.
+    stored = await carried.connected.backend.contents(world.seaweed, world.repos)
+    needed = set(world.single.blobs) | set(world.multi.index.blobs) | {
+        world.single.digest, world.multi.index.digest}
+    assert needed <= stored.objects and not stored.pending
+    assert Digest.parse(world.multi.index.digest) in stored.graph.manifests
+    assert not (world.work / "carry.tar.sigil-work").exists()
+    with tarfile.open(carried.archive) as tar:
+        for blob in world.single.blobs:
+            member = tar.extractfile(f"blobs/sha256/{blob[7:]}")
+            assert member is not None and _sha(member.read()) == blob
+    # Again, to another archive: every blob is reused from the fleet's store, none fetched.
+    mark = world.registry.log_mark()
+    again = world.work / "again.tar.zst"
+    result = run_sigil("export", "--config", str(carried.connected.sigil.config_path),
+                       "--plan", str(world.plan), "--output", str(again), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["fetched_bytes"] == 0
+    assert _blob_gets(world.registry, mark) == []
+    assert json.loads(result.stdout)["held_blobs"] == carried.exported["held_blobs"]
+
+
+async def test_import_loads_the_bucket_and_the_database(world: World, carried: Carried) -> None:
+    assert carried.import_code == 0, carried.import_output
+    [archive] = carried.imported["archives"]
+    assert archive["result"] == "loaded", archive
+    assert [i["result"] for i in archive["images"]] == ["loaded", "loaded"]
+    assert carried.imported["store"].startswith(f"s3://{TEST_BUCKET}/{carried.far.backend.prefix}")
+    stored = await carried.far.backend.contents(world.seaweed, world.repos)
+    assert set(world.single.blobs) | {world.single.digest} <= stored.objects
+    assert not stored.pending
+    assert Digest.parse(world.single.digest) in stored.graph.manifests
+    assert all(Digest.parse(b) in stored.graph.blobs for b in world.single.blobs)
+    assert {(world.repos[0], "v1"), (world.repos[1], "v1")} <= stored.tags
+    # Nothing of the archive was staged on local disk: no file is left under the store root.
+    assert [p for p in carried.far.sigil.store.rglob("*") if p.is_file()] == []
+    # Importing the same archive again changes nothing and still succeeds.
+    code, _, output = _import(carried.far.sigil.config_path, carried.archive)
+    assert code == 0, output
+    again = await carried.far.backend.contents(world.seaweed, world.repos)
+    assert (again.objects, again.tags) == (stored.objects, stored.tags)
+
+
+async def test_two_offline_replicas_serve_the_import_without_the_upstream(
+        world: World, carried: Carried, far_replicas: list[SigilProcess], tmp_path: Path) -> None:
+    for number, replica in enumerate(far_replicas):
+        copy = await skopeo_copy(f"{replica.host}/{world.prefix}/single:v1",
+                                 tmp_path / f"single{number}")
+        assert copy.digest == world.single.digest
+        assert copy.manifest() == world.single.manifest
+        for blob in world.single.blobs:
+            assert _sha(copy.blob(blob)) == blob
+        multi = await skopeo_copy(f"{replica.host}/{world.prefix}/multi:v1",
+                                  tmp_path / f"multi{number}")
+        assert multi.digest == world.multi.index.digest
+        for child in world.multi.children.values():
+            assert multi.manifest(child.digest) == child.manifest
+    world.recorder.assert_untouched()
+
+
+async def test_tampered_archive_is_refused_and_leaves_bucket_and_index_empty(
+        world: World, carried: Carried) -> None:
+    tampered = world.work / "tampered.tar"
+    shutil.copy(carried.archive, tampered)
+    with tarfile.open(tampered) as tar:
+        layers = [m for m in tar.getmembers() if m.isfile() and m.size > 0
+                  and f"sha256:{m.name.rsplit('/', 1)[-1]}" in world.multi.index.blobs]
+    last = max(layers, key=lambda m: m.offset_data)   # blobs before it are committed first
+    with open(tampered, "r+b") as fh:
+        fh.seek(last.offset_data + last.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 1]))
+    fresh = world.side("tampered", world.dead_url)
+    code, report, output = _import(fresh.sigil.config_path, tampered)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert "does not match its digest" in archive["error"] and "nothing was loaded" in \
+        archive["error"]
+    stored = await fresh.backend.contents(world.seaweed, world.repos)
+    assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
+    assert not stored.graph.manifests and not stored.graph.blobs
+
+
+async def test_export_to_store_warms_a_fleet_that_serves_offline(world: World,
+                                                                tmp_path: Path) -> None:
+    warmed = world.side("warmed", world.registry.url)
+    result = run_sigil("export", "--config", str(warmed.sigil.config_path), "--plan",
+                       str(world.plan), "--to-store", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["fetched_bytes"] > 0
+    stored = await warmed.backend.contents(world.seaweed, world.repos)
+    assert set(world.multi.index.blobs) <= stored.objects
+    assert Digest.parse(world.multi.index.digest) in stored.graph.manifests
+    # A replica of that fleet, offline: it serves what the export put there.
+    replica = world.side("warmed-replica", world.dead_url, warmed.backend).sigil
+    await asyncio.to_thread(replica.start, args=["--offline"])
+    try:
+        copy = await skopeo_copy(f"{replica.host}/{world.prefix}/multi:v1", tmp_path / "m")
+        assert copy.digest == world.multi.index.digest
+        for blob in world.multi.index.blobs:
+            assert _sha(copy.blob(blob)) == blob
+    finally:
+        await asyncio.to_thread(replica.stop)
+    world.recorder.assert_untouched()
+
+
+def test_unreachable_backends_exit_2_naming_the_config_key(world: World,
+                                                          carried: Carried) -> None:
+    side = world.side("unreachable", world.dead_url)
+    config: dict[str, Any] = yaml.safe_load(side.sigil.config_path.read_text())
+    config["storage"]["s3"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
+    config["storage"]["s3"]["max_attempts"] = 1
+    dead_s3 = side.sigil.config_path.with_name("dead-s3.yaml")
+    dead_s3.write_text(yaml.safe_dump(config))
+    password = os.urandom(8).hex()
+    config = yaml.safe_load(side.sigil.config_path.read_text())
+    config["index"]["postgres"]["dsn"] = (f"postgresql://sigil:{password}@127.0.0.1:"
+                                          f"{free_port()}/nothing")
+    dead_pg = side.sigil.config_path.with_name("dead-pg.yaml")
+    dead_pg.write_text(yaml.safe_dump(config))
+    runs = {
+        ("import", "storage.s3.endpoint"): ["import", "--config", str(dead_s3),
+                                            str(carried.archive)],
+        ("export", "storage.s3.endpoint"): ["export", "--config", str(dead_s3), "--plan",
+                                            str(world.plan), "--to-store"],
+        ("import", "index.postgres.dsn"): ["import", "--config", str(dead_pg),
+                                           str(carried.archive)],
+        ("export", "index.postgres.dsn"): ["export", "--config", str(dead_pg), "--plan",
+                                           str(world.plan), "--output",
+                                           str(side.sigil.workdir / "x.tar")],
+    }
+    for (command, key), args in runs.items():
+        result = run_sigil(*args, timeout=120)
+        assert result.returncode == 2, (command, key, result.stdout, result.stderr)
+        assert key in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert world.seaweed.secret_key not in result.stderr and password not in result.stderr
