@@ -392,3 +392,4 @@ def test_unreachable_backends_exit_2_naming_the_config_key(world: World,
         assert key in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr
         assert world.seaweed.secret_key not in result.stderr and password not in result.stderr
+    assert not (side.sigil.workdir / "x.tar.sigil-work").exists()   # nothing left behind

@@ -223,6 +223,7 @@ class Exporter:
         base = await load_base(self.since) if self.since is not None else None
         policy = RecordingPolicy(self._policy())
         root = self.work_dir
+        created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         if not self.to_store:
             # A download an interrupted run left half done (fleet: its local scratch copy;
@@ -230,7 +231,12 @@ class Exporter:
             BlobStore(root).cleanup_staging()
         # The mirror and the export read and write the same working store through the async
         # storage contracts (self._blobs, self._index).
-        self._blobs, self._index, close_store = await self._open_store()
+        try:
+            self._blobs, self._index, close_store = await self._open_store()
+        except BaseException:
+            if created and self.out is not None:  # backends unreachable: leave nothing
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         # Downloads into a remote store keep their scratch copy under storage.root: here the
         # work directory, so a replica starting on this host never removes one in flight.
         mirror_config = dataclasses.replace(
