@@ -133,13 +133,14 @@ class World:
         return Backend(f"airfleet-{os.urandom(5).hex()}/", self.postgres.dsn(name),
                        self.work / "secrets")
 
-    def side(self, name: str, url: str, backend: Backend | None = None) -> Side:
+    def side(self, name: str, url: str, backend: Backend | None = None, *,
+             policy: Path | None = None) -> Side:
         """A sigil config named ``name`` whose upstream is ``url``, on ``backend`` (default:
-        a fresh one)."""
+        a fresh one), with ``policy`` (default: the module's)."""
         backend = backend or self.backend()
         sigil = SigilProcess(self.work / name, [{"name": UPSTREAM, "url": url,
                                                  "default": True, "retries": 1}],
-                             str(self.policy))
+                             str(policy or self.policy))
         backend.apply(sigil.config_path, self.seaweed)
         return Side(sigil, backend)
 
@@ -147,6 +148,13 @@ class World:
     def dead_url(self) -> str:
         """The far side's upstream: the recorder's port, where nothing may connect."""
         return f"http://127.0.0.1:{self.recorder.port}"
+
+
+def _policy(prefix: str, single_key: str, multi_key: str) -> dict[str, Any]:
+    return {"policies": [
+        {"name": name, "images": [f"{UPSTREAM}/{prefix}/{name}"],
+         "authorities": [{"name": "release-key", "key": {"path": key}}]}
+        for name, key in (("single", single_key), ("multi", multi_key))]}
 
 
 async def _push(registry: RealRegistry, prefix: str, signer: Signer) -> tuple[Any, Any]:
@@ -171,9 +179,7 @@ def world(real_registry: RealRegistry, seaweed_s3: SeaweedS3, real_postgres: Rea
     signer = Signer("p256")
     (work / "release.pub").write_text(signer.pem())
     policy = work / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"policies": [{
-        "name": "signed", "images": [f"{UPSTREAM}/{prefix}/single", f"{UPSTREAM}/{prefix}/multi"],
-        "authorities": [{"name": "release-key", "key": {"path": "release.pub"}}]}]}))
+    policy.write_text(yaml.safe_dump(_policy(prefix, "release.pub", "release.pub")))
     plan = work / "plan.yaml"
     plan.write_text(yaml.safe_dump({"images": [{"ref": f"{UPSTREAM}/{prefix}/single:v1"},
                                                {"ref": f"{UPSTREAM}/{prefix}/multi:v1"}]}))
@@ -264,15 +270,35 @@ async def test_export_from_the_fleet_store_warms_it_and_reuses_it(world: World,
         for blob in world.single.blobs:
             member = tar.extractfile(f"blobs/sha256/{blob[7:]}")
             assert member is not None and _sha(member.read()) == blob
-    # Again, to another archive: every blob is reused from the fleet's store, none fetched.
+    # Again, to a layout directory: every blob is reused from the fleet's store, none fetched.
     mark = world.registry.log_mark()
-    again = world.work / "again.tar.zst"
-    result = run_sigil("export", "--config", str(carried.connected.sigil.config_path),
-                       "--plan", str(world.plan), "--output", str(again), "--json")
+    again = world.work / "again-layout"
+    config = carried.connected.sigil.config_path
+    result = run_sigil("export", "--config", str(config), "--plan", str(world.plan),
+                       "--output", str(again), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["fetched_bytes"] == 0
     assert _blob_gets(world.registry, mark) == []
     assert json.loads(result.stdout)["held_blobs"] == carried.exported["held_blobs"]
+    files = list((again / "blobs" / "sha256").iterdir())
+    assert len(files) >= len(needed)
+    assert all(_sha(f.read_bytes()) == f"sha256:{f.name}" for f in files)
+    # An object corrupted in the bucket is re-hashed on its way out: never archived.
+    layer = world.single.blobs[-1]
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed,
+                                                   carried.connected.backend.prefix))
+    try:
+        await store.client.put_object(Bucket=TEST_BUCKET, Key=store.key(Digest.parse(layer)),
+                                      Body=b"corrupt")
+    finally:
+        await store.close()
+    bad = world.work / "bad.tar"
+    result = run_sigil("export", "--config", str(config), "--plan", str(world.plan),
+                       "--output", str(bad), "--json")
+    assert result.returncode == 1, result.stderr
+    [failed] = json.loads(result.stdout)["failed"]
+    assert layer in failed["error"] and "sigil fsck" in failed["error"]
+    assert not bad.exists() and not bad.with_name("bad.tar.partial").exists()
 
 
 async def test_import_loads_the_bucket_and_the_database(world: World, carried: Carried) -> None:
@@ -294,6 +320,32 @@ async def test_import_loads_the_bucket_and_the_database(world: World, carried: C
     assert code == 0, output
     again = await carried.far.backend.contents(world.seaweed, world.repos)
     assert (again.objects, again.tags) == (stored.objects, stored.tags)
+
+
+async def test_a_denied_image_leaves_none_of_its_objects_in_the_bucket(
+        world: World, carried: Carried) -> None:
+    other = world.work / "other.pub"
+    other.write_text(Signer("p256").pem())
+    policy = world.work / "partial-policy.yaml"
+    policy.write_text(yaml.safe_dump(_policy(world.prefix, str(world.work / "release.pub"),
+                                             str(other))))
+    side = world.side("partial", world.dead_url, policy=policy)
+    code, report, output = _import(side.sigil.config_path, carried.archive)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "partial"
+    assert [(i["name"].rsplit("/", 1)[-1], i["result"]) for i in archive["images"]] == [
+        ("single:v1", "loaded"), ("multi:v1", "refused")]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert set(world.single.blobs) | {world.single.digest} <= stored.objects
+    only_multi = (set(world.multi.index.blobs) | {world.multi.index.digest}) - set(
+        world.single.blobs)
+    assert not only_multi & stored.objects
+    assert stored.tags == {(world.repos[0], "v1"),
+                           (world.repos[0], f"sha256-{world.single.digest[7:]}.sig")}
+    # Every object left is one the index knows: nothing unindexed, nothing pending.
+    indexed = {str(d) for d in stored.graph.manifests} | {str(d) for d in stored.graph.blobs}
+    assert stored.objects == indexed and not stored.pending
 
 
 async def test_two_offline_replicas_serve_the_import_without_the_upstream(
