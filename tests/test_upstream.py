@@ -89,7 +89,7 @@ class FakeRegistry:
     to that path (after auth): ``("status", code, headers, body)``, ``("hang",)``,
     ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("trickle", piece, pause)``
     (the blob in ``piece``-byte writes ``pause`` seconds apart), ``("redirect", url)``,
-    ``("chunked",)``."""
+    ``("chunked",)``, ``("overlong", stray)`` (the blob, then ``stray`` bytes)."""
 
     auth: str | None = None              # None | "bearer" | "basic"
     expires_in: int | None = 300
@@ -283,6 +283,18 @@ class FakeRegistry:
             for at in range(0, len(data), piece):
                 await response.write(data[at:at + piece])
                 await asyncio.sleep(pause)
+            await response.write_eof()
+            return response
+        if what == "overlong":
+            # The blob, then bytes its Content-Length does not cover: on a reused connection
+            # they would be read as the next response.
+            _, stray = fault
+            data = self.blobs[rest]
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data)
+            assert request.transport is not None
+            request.transport.write(stray)
             await response.write_eof()
             return response
         if what == "chunked":
@@ -861,6 +873,46 @@ async def test_read_timeout_is_reset_for_the_next_request(make_fake: Any,
         async with asyncio.timeout(20):
             await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)
     assert _errors("reuse.test", "timeout") == 1
+
+
+async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake: Any,
+                                                                     clients: Any) -> None:
+    # A large blob body is read beside aiohttp, up to Content-Length and no further, and its
+    # connection is closed afterwards: what an upstream sends after the body (here a whole
+    # forged response) cannot become the answer to the next request.
+    fake = await make_fake()
+    data = os.urandom(1024 * 1024)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    forged = b"forged manifest"
+    stray = (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("overlong", stray))
+    client = clients(fake.url, retries=0)
+    async with client.open_blob(REPO, digest) as blob:
+        pieces = [c async for c in blob.iter_chunks()]
+    assert b"".join(pieces) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+
+
+async def test_tls_blob_stream_and_the_next_request(make_fake: Any, clients: Any,
+                                                    tmp_path: Path) -> None:
+    # Over TLS the body stays on aiohttp's path (the socket carries records, not the body):
+    # a large blob arrives whole, and the connection serves the next request.
+    cert, key = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    fake = await make_fake(ssl_context=context)
+    data = os.urandom(2 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    client = clients(fake.url, ca_bundle=str(cert), retries=0)
+    async with client.open_blob(REPO, digest) as blob:
+        assert blob.size == len(data)
+        assert b"".join([c async for c in blob.iter_chunks()]) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
 
 
 async def test_blob_redirect_drops_authorization(make_fake: Any, clients: Any) -> None:

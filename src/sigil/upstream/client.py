@@ -79,12 +79,14 @@ RCVLOWAT = 256 * 1024
 # Blob bodies of at least this size (known, identity-encoded, plain TCP) are read by _RawBody;
 # smaller ones stay on aiohttp's path and keep their connection alive for the next request.
 RAW_BODY_MIN = 256 * 1024
-# _RawBody receives into buffers of RAW_PIECE bytes (one read under the low-water mark fills
-# one), starts a new buffer when less than RAW_MIN_SPACE is left in the current one, and stops
-# reading while more than RAW_QUEUE bytes wait for the consumer.
-RAW_PIECE = RCVLOWAT
+# _RawBody receives into buffers of RAW_PIECE bytes (one read under a low-water mark of that
+# size fills one: 4x fewer reads, wake-ups and sends than 256 KiB pieces, 0.78x vs 0.63-0.69x
+# of distribution in the bench, bench/README.md "Cold path, third pass"), takes another when less than RAW_MIN_SPACE is left, keeps up to RAW_POOL released
+# buffers for reuse, and stops reading while more than RAW_QUEUE bytes wait for the consumer.
+RAW_PIECE = 1024 * 1024
 RAW_MIN_SPACE = 64 * 1024
-RAW_QUEUE = 1024 * 1024
+RAW_POOL = 16
+RAW_QUEUE = 4 * RAW_PIECE
 #: Tag lists larger than this are refused (Docker Hub pages are far smaller).
 MAX_TAGS_BYTES = 16 * 1024 * 1024
 # Referrers pages followed per call (each up to MAX_MANIFEST_BYTES).
@@ -154,7 +156,8 @@ class UpstreamBlob:
         # Where the body comes from: the raw reader, or aiohttp's StreamReader. Both count
         # ``total_bytes`` and take ``set_exception`` (the watchdog's timeout).
         body: _BodySource = raw if raw is not None else self._response.content
-        low_water = _ReadLowWater.start(self._response, self.size, body)
+        low_water = _ReadLowWater.start(self._response, self.size, body,
+                                        RAW_PIECE if raw is not None else RCVLOWAT)
         watchdog = _IdleWatchdog.start(self._response, self._client.config.read_timeout,
                                        body, lambda: self.received,
                                        low_water.relax if low_water is not None else None)
@@ -194,24 +197,67 @@ class _BodySource(Protocol):
     def set_exception(self, exc: BaseException) -> None: ...
 
 
+def _unshared(buffer: bytearray) -> bool:
+    """True when no view of ``buffer`` exists any more (so it may be written again).
+
+    CPython refuses to resize a ``bytearray`` while a buffer export (a ``memoryview``, or a
+    view of a view: they share one export) is alive, so a shrink by the spare last byte is
+    the test; the byte is put back at once (within the allocation: no copy)."""
+    try:
+        del buffer[-1]
+    except BufferError:
+        return False
+    buffer.append(0)
+    return True
+
+
+class _PiecePool:
+    """Receive buffers for :class:`_RawBody` (RAW_PIECE bytes and a spare byte, see
+    :func:`_unshared`), reused once nothing refers to them any more.
+
+    A fresh buffer per read cost a page fault per 4 KiB inside ``recv`` (the kernel's copy
+    touched new memory; ~10 % of a cold pull's CPU on the bench VM). A buffer is handed out
+    again only when no piece of it is alive anywhere: not queued for the consumer, not held by
+    a client or the hash thread or a transport's send buffer."""
+
+    def __init__(self) -> None:
+        self._buffers: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        """A buffer nobody refers to: a released one, else a new one."""
+        for at, buffer in enumerate(self._buffers):
+            if _unshared(buffer):
+                return self._buffers.pop(at)
+        return bytearray(RAW_PIECE + 1)
+
+    def give(self, buffer: bytearray) -> None:
+        """``buffer`` is no longer received into (its pieces may still be in use)."""
+        if len(self._buffers) < RAW_POOL:
+            self._buffers.append(buffer)
+
+
+_PIECES = _PiecePool()  # one per process: only the event loop's thread uses it
+
+
 class _RawBody(asyncio.BufferedProtocol):
     """A blob body read straight from the upstream socket, beside aiohttp.
 
     Once aiohttp parsed the response head, the connection's transport is switched to this
-    protocol for the rest of the body: the event loop ``recv_into``s fresh buffers of
-    RAW_PIECE bytes and each read becomes a piece (a ``memoryview`` of its buffer) for the
-    consumer. aiohttp's way costs, per socket read, a parser call, a copy of the body bytes
-    into a new ``bytes``, the ``StreamReader``'s bookkeeping and a timer re-arm: ~0.1 s CPU
-    per 256 MiB on the bench VM, with the copy the largest part (bench/README.md, "Cold path,
-    third pass"). A buffer is never written again once a read filled part of it (the next
-    read goes after it, or into a new buffer), so a piece stays valid for whoever holds it.
+    protocol for the rest of the body: the event loop ``recv_into``s a buffer of RAW_PIECE
+    bytes from :class:`_PiecePool`, and each read is a piece for the consumer, a
+    ``memoryview`` of that buffer. aiohttp's way costs, per socket read, a parser call, a copy
+    of the body bytes into another ``bytes``, the ``StreamReader``'s bookkeeping and a timer
+    re-arm (bench/README.md, "Cold path, third pass"). No byte of a buffer is written again
+    while any piece of it is alive (the next read goes after it, or into another buffer), so a
+    piece stays valid for whoever holds it (the clients, the hash thread).
 
     Only where the framing is simple: plain TCP (with TLS the bytes on the socket are not
     the body), ``Content-Length`` known, no ``Transfer-Encoding``, identity encoding, and the
-    body not yet complete. The protocol never reads past ``Content-Length``; the connection
-    is not reused afterwards (aiohttp's parser still expects the body), the caller closes
-    it (``_finish``), so bytes after the body can never reach the next response. A peer that
-    closes early, or a watchdog timeout (:meth:`set_exception`), fails :meth:`read`.
+    body not yet complete. Nothing past ``Content-Length`` is read; the connection is not
+    reused afterwards (aiohttp's parser still expects the body), the caller closes it
+    (``_finish``), so what an upstream sends after the body never reaches the next response.
+    A peer that closes early, or a watchdog timeout (:meth:`set_exception`), fails
+    :meth:`read`.
     """
 
     def __init__(self, transport: asyncio.Transport, remaining: int, received: int) -> None:
@@ -219,7 +265,7 @@ class _RawBody(asyncio.BufferedProtocol):
         self._transport = transport
         self._remaining = remaining          # body bytes still to come from the socket
         self.total_bytes = received          # body bytes received (those aiohttp read too)
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = None
         self._filled = 0                     # bytes of _buffer that pieces were made of
         self._pieces: collections.deque[bytes | memoryview] = collections.deque()
         self._queued = 0
@@ -259,14 +305,17 @@ class _RawBody(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._buffer) - self._filled < RAW_MIN_SPACE:
-            self._buffer = bytearray(RAW_PIECE)
+        if self._buffer is None or RAW_PIECE - self._filled < RAW_MIN_SPACE:
+            if self._buffer is not None:
+                _PIECES.give(self._buffer)
+            self._buffer = _PIECES.take()
             self._filled = 0
         # Never past the body: what follows it (nothing, from a correct upstream) stays unread.
-        end = min(len(self._buffer), self._filled + self._remaining)
+        end = min(RAW_PIECE, self._filled + self._remaining)
         return memoryview(self._buffer)[self._filled:end]
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self._buffer is not None
         piece = memoryview(self._buffer)[self._filled:self._filled + nbytes]
         self._filled += nbytes
         self._remaining -= nbytes
@@ -274,7 +323,7 @@ class _RawBody(asyncio.BufferedProtocol):
         self._pieces.append(piece)
         self._queued += nbytes
         if self._remaining <= 0 or self._queued >= RAW_QUEUE:
-            self._pause()  # the whole body is here (get_buffer must not return nothing)
+            self._pause()  # at the end, get_buffer must not be asked for nothing
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -287,6 +336,9 @@ class _RawBody(asyncio.BufferedProtocol):
                 f"({self._remaining} missing)")
             error.__cause__ = exc
             self._error = error
+        if self._buffer is not None:
+            _PIECES.give(self._buffer)
+            self._buffer = None
         self._wake()
 
     # -- consumer side -----------------------------------------------------------------------
@@ -337,7 +389,7 @@ class _ReadLowWater:
     256 MiB pull took ~3800 socket reads, most under 64 KiB, each a wake-up, a parser call
     and a piece for the consumer and every client. With a low-water mark the socket is
     reported readable once RCVLOWAT bytes are there (or the peer closed), so the reads come
-    in pieces of ~256 KiB. The mark never exceeds what is still to come of the body
+    in pieces of ~256 KiB (RAW_PIECE for a raw body). The mark never exceeds what is still to come of the body
     (Content-Length minus what was read; with TLS the socket holds at least that many
     encrypted bytes), so the last bytes cannot wait for data that will not arrive; it is set
     back to 1 when the body ends, before the connection can be reused, and whenever the
@@ -346,33 +398,34 @@ class _ReadLowWater:
     one (the next piece raises it again). A chunked body (no size) is read without it.
     """
 
-    def __init__(self, sock: Any, size: int, content: _BodySource) -> None:
+    def __init__(self, sock: Any, size: int, content: _BodySource, high: int) -> None:
         self._sock = sock
         self._size = size
         self._content = content
+        self._high = high
         self._mark = 1
 
     @classmethod
     def start(cls, response: aiohttp.ClientResponse, size: int | None,
-              content: _BodySource) -> _ReadLowWater | None:
-        """Set the mark on the response's socket; None when the size is unknown or the
-        socket cannot take it. ``content`` counts the body bytes received."""
+              content: _BodySource, high: int = RCVLOWAT) -> _ReadLowWater | None:
+        """Set the mark (at most ``high``) on the response's socket; None when the size is
+        unknown or the socket cannot take it. ``content`` counts the body bytes received."""
         connection = response.connection
         if size is None or connection is None or connection.transport is None:
             return None
         sock = connection.transport.get_extra_info("socket")
         if sock is None or not hasattr(socket, "SO_RCVLOWAT"):
             return None
-        low_water = cls(sock, size, content)
+        low_water = cls(sock, size, content, high)
         low_water.update()
         return low_water if low_water._mark > 1 else None
 
     def update(self) -> None:
         """Lower the mark as the end of the body comes near (cheap when it does not)."""
         remaining = self._size - self._content.total_bytes
-        if remaining >= self._mark and self._mark == RCVLOWAT:
+        if remaining >= self._mark and self._mark == self._high:
             return
-        self._set(max(1, min(RCVLOWAT, remaining)))
+        self._set(max(1, min(self._high, remaining)))
 
     def relax(self) -> None:
         """Let whatever arrived through (no data for a while); update() raises it again."""
