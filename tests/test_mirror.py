@@ -12,7 +12,7 @@ import pytest
 from aiohttp import ClientPayloadError, ServerDisconnectedError
 from aiohttp.test_utils import TestClient, TestServer
 
-from sigil import downloads, metrics
+from sigil import metrics
 from sigil.config import build_config
 from sigil.server.app import build_app
 from sigil.server.state import MIRROR
@@ -184,11 +184,8 @@ def _digest(text: str) -> Any:
     return Digest.parse(text)
 
 
-@pytest.mark.parametrize("hash_thread", [True, False], ids=["hash-thread", "hash-inline"])
 @pytest.mark.parametrize("fault", ["wrong-bytes", "cut"])
-async def test_bad_blob_is_never_served_complete_nor_cached(make_mirror, upstream, fault,
-                                                            hash_thread, monkeypatch) -> None:
-    monkeypatch.setattr(downloads, "HASH_THREAD", hash_thread)
+async def test_bad_blob_is_never_served_complete_nor_cached(make_mirror, upstream, fault) -> None:
     fake, _ = upstream
     layer = os.urandom(1024 * 1024)
     fake.add_image("library/app", "v1", [layer])

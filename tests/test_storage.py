@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
@@ -117,44 +116,6 @@ async def test_staging_commit_mismatch_removes_file(store: BlobStore) -> None:
         await staging.commit(expected)
     assert not staging.path.exists() and not store.has(expected)
     assert list(store.iter_digests()) == []
-
-
-async def test_staging_hash_thread_commits_and_refuses_like_inline(store: BlobStore) -> None:
-    # With the sha256 on a thread the digest exists only once every piece is hashed; the
-    # commit waits for it, and refuses other bytes as the inline hash does.
-    pieces = [os.urandom(300 * 1024), b"x" * 3, os.urandom(1024 * 1024 + 1)]
-    data = b"".join(pieces)
-    staging = store.new_staging()
-    staging.hash_on_thread()
-    for piece in pieces:
-        staging.write(memoryview(piece))
-    with pytest.raises(StorageError):
-        staging.digest  # not settled yet: no digest rather than a partial one
-    assert staging.path.read_bytes() == data
-    path = await staging.commit(Digest.of(data))
-    assert path.read_bytes() == data and staging.hash_lag == 0
-    with pytest.raises(StorageError):
-        staging.hash_on_thread()
-
-    wrong = store.new_staging()
-    wrong.hash_on_thread()
-    wrong.write(b"tampered" * 100000)
-    with pytest.raises(DigestInvalid):
-        await wrong.commit(Digest.of(b"genuine" * 100000))
-    assert not wrong.path.exists() and list(store.iter_digests()) == [Digest.of(data)]
-
-
-async def test_staging_hash_thread_ends_on_abort(store: BlobStore) -> None:
-    staging = store.new_staging()
-    staging.hash_on_thread()
-    staging.write(os.urandom(4 * 1024 * 1024))
-    staging.abort()
-    assert not staging.path.exists()
-    hasher = staging._hasher
-    assert hasher is not None
-    await asyncio.wait_for(hasher.finish(), 10)  # the thread ran out and reported
-    with pytest.raises(StorageError):
-        hasher.update(b"late")
 
 
 def test_staging_abort(store: BlobStore) -> None:

@@ -56,6 +56,7 @@ from sigil.upstream import (
     parse_retry_after,
     parse_www_authenticate,
 )
+from sigil.upstream import client as upstream_client
 from tests.support.e2e import self_signed_cert
 
 USER, PASSWORD = "alice", "s3cret-pa55"
@@ -894,6 +895,45 @@ async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake:
         pieces = [c async for c in blob.iter_chunks()]
     assert b"".join(pieces) == data
     assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+
+
+async def test_raw_blob_pieces_stay_intact_while_held(make_fake: Any, clients: Any) -> None:
+    # A large body's pieces are views of receive buffers that are reused: a buffer is
+    # received into again only once no view of it is left, so the pieces a consumer keeps
+    # (a client's send in progress) still hold their bytes after the rest went by.
+    fake = await make_fake()
+    data = os.urandom(12 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    client = clients(fake.url)
+    kept: list[tuple[int, bytes | memoryview]] = []
+    offset = 0
+    async with client.open_blob(REPO, digest) as blob:
+        async for index, piece in _enumerate(blob.iter_chunks()):
+            if index % 3 == 0:
+                kept.append((offset, piece))
+            offset += len(piece)
+    assert offset == len(data) and len(kept) > 2
+    assert all(bytes(piece) == data[at:at + len(piece)] for at, piece in kept)
+
+
+async def _enumerate(pieces: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    index = 0
+    async for piece in pieces:
+        yield index, piece
+        index += 1
+
+
+def test_receive_buffers_are_reused_only_without_views() -> None:
+    pool = upstream_client._PiecePool()
+    first = pool.take()
+    view = memoryview(first)[10:20]
+    pool.give(first)
+    second = pool.take()
+    assert second is not first  # a view of it is alive
+    pool.give(second)
+    del view
+    assert pool.take() is first  # the first released buffer, no longer viewed
+    assert len(first) == upstream_client.RAW_PIECE + 1  # the probe left it as it was
 
 
 async def test_tls_blob_stream_and_the_next_request(make_fake: Any, clients: Any,

@@ -19,10 +19,8 @@ import asyncio
 import hashlib
 import io
 import os
-import queue
 import re
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,11 +34,6 @@ _HEX2 = re.compile(r"[a-f0-9]{2}")
 _CHUNK = 1024 * 1024
 # The name of a staging file (_open_staging): a uuid4 in hex.
 _STAGING_NAME = re.compile(r"[0-9a-f]{32}")
-#: StagingFile.write writes in slices of this size. On the bench VM's kernel (6.18, ext4) a
-#: buffered write of 512 KiB or more now and then stalls (a 256 MiB file took 0.3-0.4 s to
-#: write instead of 0.05 s, in about one file of three), which halved the cold pull; 128 KiB
-#: writes did not stall in any of the runs.
-WRITE_SLICE = 128 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,35 +66,13 @@ class StagingFile:
         self._store = store
         self._fh: io.FileIO | None = fh
         self._hash = hashlib.sha256()
-        self._hasher: HashThread | None = None
         self.path = path
         self.size = 0
 
     @property
     def digest(self) -> Digest:
-        """The digest of the bytes written so far (with :meth:`hash_on_thread`: of all the
-        bytes, once :meth:`settle` returned)."""
-        if self._hasher is not None:
-            return self._hasher.result()
+        """The digest of the bytes written so far."""
         return Digest(self._hash.hexdigest())
-
-    def hash_on_thread(self) -> None:
-        """Hash on a thread of its own from now on (before the first write): every
-        :meth:`write` then hands its ``data`` to the thread, so the caller must never change
-        that buffer afterwards; :meth:`settle` waits for the digest."""
-        if self.size or self._hasher is not None:
-            raise StorageError("hash_on_thread after the first write")
-        self._hasher = HashThread()
-
-    @property
-    def hash_lag(self) -> int:
-        """Bytes written but not hashed yet (0 without a hash thread)."""
-        return self._hasher.lag if self._hasher is not None else 0
-
-    async def settle(self) -> None:
-        """Wait until every byte written is hashed (nothing to wait for without a thread)."""
-        if self._hasher is not None:
-            await self._hasher.finish()
 
     @property
     def closed(self) -> bool:
@@ -109,24 +80,19 @@ class StagingFile:
         return self._fh is None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` (in WRITE_SLICE writes) and hash it.
+        """Append ``data`` and hash it.
 
         The file is unbuffered, so when this returns the bytes are visible to other readers
         of :attr:`path` (through the page cache); durability comes at :meth:`commit`.
         """
         if self._fh is None:
             raise StorageError("write to a closed staging file")
-        view = memoryview(data)
         try:
-            for at in range(0, len(view), WRITE_SLICE):
-                _write_all(self._fh, view[at:at + WRITE_SLICE])
+            _write_all(self._fh, data)
         except OSError as exc:
             raise StorageError(f"cannot write to the store: {exc}") from exc
-        if self._hasher is not None:
-            self._hasher.update(data)
-        else:
-            self._hash.update(data)
-        self.size += len(view)
+        self._hash.update(data)
+        self.size += len(data)
 
     def check(self, expected: Digest) -> None:
         """Raise :class:`DigestInvalid` unless the bytes written so far hash to ``expected``
@@ -146,7 +112,6 @@ class StagingFile:
         """
         if self._fh is None:
             raise StorageError("commit of a closed staging file")
-        await self.settle()
         try:
             self.check(expected)
         except DigestInvalid:
@@ -166,76 +131,9 @@ class StagingFile:
     def abort(self) -> None:
         """Close and remove the file (open readers keep their descriptors). Idempotent."""
         fh, self._fh = self._fh, None
-        if self._hasher is not None:
-            self._hasher.stop()
         if fh is not None:
             fh.close()
             self.path.unlink(missing_ok=True)
-
-
-class HashThread:
-    """sha256 on a thread of its own, fed from the event loop.
-
-    hashlib releases the GIL while it hashes a large buffer, so the loop can receive, write
-    and send the next pieces on one core while the digest advances on the other (the sha256
-    is ~40 % of a cold pull's CPU, bench/README.md "Cold path, third pass"). The pieces are
-    handed over without a copy: a caller must never change a buffer it gave to
-    :meth:`update`. :meth:`finish` waits for the digest of everything fed.
-    """
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._pieces: queue.SimpleQueue[bytes | bytearray | memoryview | None] = \
-            queue.SimpleQueue()
-        self._fed = 0       # written by the loop only
-        self._hashed = 0    # written by the thread only
-        self._stopped = False
-        self._done: asyncio.Future[str] = self._loop.create_future()
-        threading.Thread(target=self._run, name="sigil-sha256", daemon=True).start()
-
-    @property
-    def lag(self) -> int:
-        """Bytes fed but not hashed yet."""
-        return self._fed - self._hashed
-
-    def update(self, piece: bytes | bytearray | memoryview) -> None:
-        """Queue ``piece`` for hashing (it must not change afterwards)."""
-        if self._stopped:
-            raise StorageError("update of a finished hash")
-        self._fed += len(piece)
-        self._pieces.put(piece)
-
-    async def finish(self) -> None:
-        """Wait until everything fed is hashed; :meth:`result` is then the digest."""
-        self.stop()
-        await asyncio.shield(self._done)
-
-    def result(self) -> Digest:
-        """The digest of everything fed (StorageError before :meth:`finish` returned)."""
-        if not self._done.done():
-            raise StorageError("the hash thread has not finished")
-        return Digest(self._done.result())
-
-    def stop(self) -> None:
-        """No more pieces: the thread ends after the ones queued. Idempotent."""
-        if not self._stopped:
-            self._stopped = True
-            self._pieces.put(None)
-
-    def _run(self) -> None:
-        digest = hashlib.sha256()
-        while (piece := self._pieces.get()) is not None:
-            digest.update(piece)
-            self._hashed += len(piece)
-        try:
-            self._loop.call_soon_threadsafe(_resolve, self._done, digest.hexdigest())
-        except RuntimeError:  # the loop closed (shutdown): nobody waits any more
-            pass
-
-
-def _resolve(future: asyncio.Future[str], value: str) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _write_all(fh: io.FileIO, data: bytes | bytearray | memoryview) -> None:

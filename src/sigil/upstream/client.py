@@ -15,8 +15,8 @@ request goes through the same path:
 
 Bodies are read with explicit bounds; ``Content-Length`` is a hint, never trusted alone.
 A large blob body over plain TCP is read beside aiohttp once its head is parsed
-(:class:`_RawBody`: straight from the socket into fresh buffers, no parser, no copy), and its
-connection is closed afterwards instead of being reused.
+(:class:`_RawBody`: straight from the socket into reused 1 MiB buffers, no parser, no copy),
+and its connection is closed afterwards instead of being reused.
 """
 
 from __future__ import annotations
@@ -79,10 +79,11 @@ RCVLOWAT = 256 * 1024
 # Blob bodies of at least this size (known, identity-encoded, plain TCP) are read by _RawBody;
 # smaller ones stay on aiohttp's path and keep their connection alive for the next request.
 RAW_BODY_MIN = 256 * 1024
-# _RawBody receives into buffers of RAW_PIECE bytes (one read under a low-water mark of that
-# size fills one: 4x fewer reads, wake-ups and sends than 256 KiB pieces, 0.78x vs 0.63-0.69x
-# of distribution in the bench, bench/README.md "Cold path, third pass"), takes another when less than RAW_MIN_SPACE is left, keeps up to RAW_POOL released
-# buffers for reuse, and stops reading while more than RAW_QUEUE bytes wait for the consumer.
+# _RawBody receives into buffers of RAW_PIECE bytes: one read under a low-water mark of that
+# size fills one, 4x fewer reads, wake-ups, writes and sends than 256 KiB pieces (2-4 MiB
+# measured no better; bench/README.md "Cold path, third pass"). It takes another buffer when
+# less than RAW_MIN_SPACE is left, keeps up to RAW_POOL released buffers for reuse, and stops
+# reading while more than RAW_QUEUE bytes wait for the consumer.
 RAW_PIECE = 1024 * 1024
 RAW_MIN_SPACE = 64 * 1024
 RAW_POOL = 16
@@ -134,17 +135,18 @@ class UpstreamBlob:
         # Taken over at once, before the caller awaits anything: the longer aiohttp keeps
         # reading, the more of the body it copies (and its parser may hold bytes back once
         # its buffer is full, which the take-over refuses).
-        self._raw = _RawBody.take_over(response, self.size)
+        self._raw = _RawBody.take_over(response, self.size, client._raw_buffers)
 
     async def iter_chunks(self, chunk: int = BLOB_CHUNK) -> AsyncIterator[bytes | memoryview]:
         """Yield the body in pieces of at most ``chunk`` bytes, as they arrive.
 
-        A piece is never changed after it was yielded (a raw body's pieces are views of
-        buffers that are not reused), so a consumer may keep it.
+        A piece never changes while the consumer holds it (a raw body's pieces are views of
+        buffers that are received into again only once no view of them is left).
 
         Each piece is what the connection has buffered when the consumer asks (one socket
-        read of ~256 KiB, see :class:`_ReadLowWater`, or several joined when the consumer fell
-        behind); nothing waits for a piece to fill up (in isolation, ``readexactly`` of
+        read of ~256 KiB, or of RAW_PIECE for a raw body, see :class:`_ReadLowWater`, or
+        several joined when aiohttp's consumer fell behind); nothing waits for a piece to
+        fill up (in isolation, ``readexactly`` of
         512 KiB pieces took 0.164 s CPU per 256 MiB on the bench VM, this 0.096 s;
         bench/README.md). A transport failure raises :class:`UpstreamError`; it is
         not retried, because the caller may already have used the bytes it got. A body
@@ -218,7 +220,7 @@ class _PiecePool:
     A fresh buffer per read cost a page fault per 4 KiB inside ``recv`` (the kernel's copy
     touched new memory; ~10 % of a cold pull's CPU on the bench VM). A buffer is handed out
     again only when no piece of it is alive anywhere: not queued for the consumer, not held by
-    a client or the hash thread or a transport's send buffer."""
+    the download, a client or a transport's send buffer (Python 3.12+ keeps views there)."""
 
     def __init__(self) -> None:
         self._buffers: list[bytearray] = []
@@ -236,9 +238,6 @@ class _PiecePool:
             self._buffers.append(buffer)
 
 
-_PIECES = _PiecePool()  # one per process: only the event loop's thread uses it
-
-
 class _RawBody(asyncio.BufferedProtocol):
     """A blob body read straight from the upstream socket, beside aiohttp.
 
@@ -247,9 +246,11 @@ class _RawBody(asyncio.BufferedProtocol):
     bytes from :class:`_PiecePool`, and each read is a piece for the consumer, a
     ``memoryview`` of that buffer. aiohttp's way costs, per socket read, a parser call, a copy
     of the body bytes into another ``bytes``, the ``StreamReader``'s bookkeeping and a timer
-    re-arm (bench/README.md, "Cold path, third pass"). No byte of a buffer is written again
-    while any piece of it is alive (the next read goes after it, or into another buffer), so a
-    piece stays valid for whoever holds it (the clients, the hash thread).
+    re-arm: with it, sigil's CPU per cold 256 MiB pull came down to that of
+    ``bench/floor_proxy.py`` (bench/README.md, "Cold path, third pass"). No byte of a buffer
+    is written again while any piece of it is alive (the next read goes after it, or into
+    another buffer), so a piece stays valid for whoever holds it (the download's last chunk,
+    a client's send).
 
     Only where the framing is simple: plain TCP (with TLS the bytes on the socket are not
     the body), ``Content-Length`` known, no ``Transfer-Encoding``, identity encoding, and the
@@ -260,8 +261,10 @@ class _RawBody(asyncio.BufferedProtocol):
     :meth:`read`.
     """
 
-    def __init__(self, transport: asyncio.Transport, remaining: int, received: int) -> None:
+    def __init__(self, transport: asyncio.Transport, remaining: int, received: int,
+                 pool: _PiecePool) -> None:
         self._loop = asyncio.get_running_loop()
+        self._pool = pool
         self._transport = transport
         self._remaining = remaining          # body bytes still to come from the socket
         self.total_bytes = received          # body bytes received (those aiohttp read too)
@@ -274,9 +277,10 @@ class _RawBody(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
 
     @classmethod
-    def take_over(cls, response: aiohttp.ClientResponse, size: int | None) -> _RawBody | None:
-        """Switch the response's connection to a raw body reader, or None where aiohttp
-        keeps reading (see the class docstring)."""
+    def take_over(cls, response: aiohttp.ClientResponse, size: int | None,
+                  pool: _PiecePool) -> _RawBody | None:
+        """Switch the response's connection to a raw body reader receiving into ``pool``'s
+        buffers, or None where aiohttp keeps reading (see the class docstring)."""
         connection = response.connection
         content = response.content
         if size is None or size < RAW_BODY_MIN or connection is None:
@@ -294,7 +298,7 @@ class _RawBody(asyncio.BufferedProtocol):
         # Stops aiohttp's reading and its per-read timer (the watchdog takes over); the
         # bytes it already parsed are the body's first piece.
         protocol.pause_reading()
-        body = cls(transport, size - content.total_bytes, content.total_bytes)
+        body = cls(transport, size - content.total_bytes, content.total_bytes, pool)
         first = content.read_nowait()
         if first:
             body._pieces.append(first)
@@ -307,8 +311,8 @@ class _RawBody(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._buffer is None or RAW_PIECE - self._filled < RAW_MIN_SPACE:
             if self._buffer is not None:
-                _PIECES.give(self._buffer)
-            self._buffer = _PIECES.take()
+                self._pool.give(self._buffer)
+            self._buffer = self._pool.take()
             self._filled = 0
         # Never past the body: what follows it (nothing, from a correct upstream) stays unread.
         end = min(RAW_PIECE, self._filled + self._remaining)
@@ -337,7 +341,7 @@ class _RawBody(asyncio.BufferedProtocol):
             error.__cause__ = exc
             self._error = error
         if self._buffer is not None:
-            _PIECES.give(self._buffer)
+            self._pool.give(self._buffer)
             self._buffer = None
         self._wake()
 
@@ -389,8 +393,9 @@ class _ReadLowWater:
     256 MiB pull took ~3800 socket reads, most under 64 KiB, each a wake-up, a parser call
     and a piece for the consumer and every client. With a low-water mark the socket is
     reported readable once RCVLOWAT bytes are there (or the peer closed), so the reads come
-    in pieces of ~256 KiB (RAW_PIECE for a raw body). The mark never exceeds what is still to come of the body
-    (Content-Length minus what was read; with TLS the socket holds at least that many
+    in pieces of ~256 KiB (RAW_PIECE for a :class:`_RawBody`; Linux grows the receive buffer
+    to fit a mark since 4.18). The mark never exceeds what is still to come of the body
+    (Content-Length minus what was received; with TLS the socket holds at least that many
     encrypted bytes), so the last bytes cannot wait for data that will not arrive; it is set
     back to 1 when the body ends, before the connection can be reused, and whenever the
     read watchdog saw a quiet quarter of the read timeout (:meth:`relax`), so that an
@@ -663,6 +668,8 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                               sock_read=config.read_timeout)
         self._http: aiohttp.ClientSession | None = None
+        # Receive buffers of raw blob bodies (_RawBody), used on the session's loop only.
+        self._raw_buffers = _PiecePool()
         self._closed = False
         self.auth = Authenticator(config.name, self._base, resolve_credentials(config),
                                   self._fetch_token)
