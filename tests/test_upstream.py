@@ -56,6 +56,7 @@ from sigil.upstream import (
     parse_retry_after,
     parse_www_authenticate,
 )
+from sigil.upstream import client as upstream_client
 from tests.support.e2e import self_signed_cert
 
 USER, PASSWORD = "alice", "s3cret-pa55"
@@ -89,7 +90,7 @@ class FakeRegistry:
     to that path (after auth): ``("status", code, headers, body)``, ``("hang",)``,
     ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("trickle", piece, pause)``
     (the blob in ``piece``-byte writes ``pause`` seconds apart), ``("redirect", url)``,
-    ``("chunked",)``."""
+    ``("chunked",)``, ``("overlong", stray)`` (the blob, then ``stray`` bytes)."""
 
     auth: str | None = None              # None | "bearer" | "basic"
     expires_in: int | None = 300
@@ -283,6 +284,18 @@ class FakeRegistry:
             for at in range(0, len(data), piece):
                 await response.write(data[at:at + piece])
                 await asyncio.sleep(pause)
+            await response.write_eof()
+            return response
+        if what == "overlong":
+            # The blob, then bytes its Content-Length does not cover: on a reused connection
+            # they would be read as the next response.
+            _, stray = fault
+            data = self.blobs[rest]
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data)
+            assert request.transport is not None
+            request.transport.write(stray)
             await response.write_eof()
             return response
         if what == "chunked":
@@ -861,6 +874,85 @@ async def test_read_timeout_is_reset_for_the_next_request(make_fake: Any,
         async with asyncio.timeout(20):
             await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)
     assert _errors("reuse.test", "timeout") == 1
+
+
+async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake: Any,
+                                                                     clients: Any) -> None:
+    # A large blob body is read beside aiohttp, up to Content-Length and no further, and its
+    # connection is closed afterwards: what an upstream sends after the body (here a whole
+    # forged response) cannot become the answer to the next request.
+    fake = await make_fake()
+    data = os.urandom(1024 * 1024)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    forged = b"forged manifest"
+    stray = (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("overlong", stray))
+    client = clients(fake.url, retries=0)
+    async with client.open_blob(REPO, digest) as blob:
+        pieces = [c async for c in blob.iter_chunks()]
+    assert b"".join(pieces) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+
+
+async def test_raw_blob_pieces_stay_intact_while_held(make_fake: Any, clients: Any) -> None:
+    # A large body's pieces are views of receive buffers that are reused: a buffer is
+    # received into again only once no view of it is left, so the pieces a consumer keeps
+    # (a client's send in progress) still hold their bytes after the rest went by.
+    fake = await make_fake()
+    data = os.urandom(12 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    client = clients(fake.url)
+    kept: list[tuple[int, bytes | memoryview]] = []
+    offset = 0
+    async with client.open_blob(REPO, digest) as blob:
+        async for index, piece in _enumerate(blob.iter_chunks()):
+            if index % 3 == 0:
+                kept.append((offset, piece))
+            offset += len(piece)
+    assert offset == len(data) and len(kept) > 2
+    assert all(bytes(piece) == data[at:at + len(piece)] for at, piece in kept)
+
+
+async def _enumerate(pieces: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    index = 0
+    async for piece in pieces:
+        yield index, piece
+        index += 1
+
+
+def test_receive_buffers_are_reused_only_without_views() -> None:
+    pool = upstream_client._PiecePool()
+    first = pool.take()
+    view = memoryview(first)[10:20]
+    pool.give(first)
+    second = pool.take()
+    assert second is not first  # a view of it is alive
+    pool.give(second)
+    del view
+    assert pool.take() is first  # the first released buffer, no longer viewed
+    assert len(first) == upstream_client.RAW_PIECE + 1  # the probe left it as it was
+
+
+async def test_tls_blob_stream_and_the_next_request(make_fake: Any, clients: Any,
+                                                    tmp_path: Path) -> None:
+    # Over TLS the body stays on aiohttp's path (the socket carries records, not the body):
+    # a large blob arrives whole, and the connection serves the next request.
+    cert, key = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    fake = await make_fake(ssl_context=context)
+    data = os.urandom(2 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    client = clients(fake.url, ca_bundle=str(cert), retries=0)
+    async with client.open_blob(REPO, digest) as blob:
+        assert blob.size == len(data)
+        assert b"".join([c async for c in blob.iter_chunks()]) == data
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
 
 
 async def test_blob_redirect_drops_authorization(make_fake: Any, clients: Any) -> None:

@@ -56,7 +56,9 @@ from sigil.storage.lease import FetchLeases, LeaseInfo
 
 log = get_logger("sigil.downloads")
 
-READ_CHUNK = 512 * 1024
+# Largest piece a download takes from its source at once (a raw upstream body's pieces are
+# 1 MiB, upstream/client.py RAW_PIECE), and the pread size of a client behind the download.
+READ_CHUNK = 1024 * 1024
 # The number of bytes withheld from readers until the digest is confirmed. One byte is enough
 # to make an unverified body incomplete; a client that counts on Content-Length sees a short read.
 # With a known size it is the blob's last byte; without one, the last byte received so far.
@@ -89,7 +91,9 @@ class BlobSource(Protocol):
 
     size: int | None
 
-    def iter_chunks(self, chunk: int = ...) -> AsyncIterator[bytes]: ...
+    def iter_chunks(self, chunk: int = ...) -> AsyncIterator[bytes | memoryview]:
+        """Pieces that never change once yielded (clients are handed them from memory)."""
+        ...
 
 
 OpenBlob = Callable[[], AbstractAsyncContextManager[BlobSource]]
@@ -136,7 +140,7 @@ def _flush(path: Path) -> None:
         os.close(fd)
 
 
-def _write(staging: StagingFile, chunk: bytes) -> None:
+def _write(staging: StagingFile, chunk: bytes | memoryview) -> None:
     """Append and hash one chunk, in STAGING_WRITE slices (StagingFile.write takes any
     buffer: a raw file write and hashlib, while the slice is hot in the cache)."""
     view = memoryview(chunk)
@@ -183,7 +187,7 @@ class Download:
         self.finished = asyncio.Event()    # committed or failed
         # The chunk received last and its offset: clients that have caught up are given it from
         # memory; clients further behind read the staging file.
-        self._chunk = b""
+        self._chunk: bytes | memoryview = b""
         self._chunk_at = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None

@@ -14,11 +14,15 @@ request goes through the same path:
    this package; callers see :mod:`sigil.errors` classes, raised ``from`` the cause.
 
 Bodies are read with explicit bounds; ``Content-Length`` is a hint, never trusted alone.
+A large blob body over plain TCP is read beside aiohttp once its head is parsed
+(:class:`_RawBody`: straight from the socket into reused 1 MiB buffers, no parser, no copy),
+and its connection is closed afterwards instead of being reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import json
 import math
@@ -32,7 +36,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import aiohttp
 from yarl import URL
@@ -72,6 +76,18 @@ KIND_TOKEN = "token"
 BLOB_CHUNK = 1024 * 1024
 # SO_RCVLOWAT of an upstream socket while a blob body arrives (see _ReadLowWater).
 RCVLOWAT = 256 * 1024
+# Blob bodies of at least this size (known, identity-encoded, plain TCP) are read by _RawBody;
+# smaller ones stay on aiohttp's path and keep their connection alive for the next request.
+RAW_BODY_MIN = 256 * 1024
+# _RawBody receives into buffers of RAW_PIECE bytes: one read under a low-water mark of that
+# size fills one, 4x fewer reads, wake-ups, writes and sends than 256 KiB pieces (2-4 MiB
+# measured no better; bench/README.md "Cold path, third pass"). It takes another buffer when
+# less than RAW_MIN_SPACE is left, keeps up to RAW_POOL released buffers for reuse, and stops
+# reading while more than RAW_QUEUE bytes wait for the consumer.
+RAW_PIECE = 1024 * 1024
+RAW_MIN_SPACE = 64 * 1024
+RAW_POOL = 16
+RAW_QUEUE = 4 * RAW_PIECE
 #: Tag lists larger than this are refused (Docker Hub pages are far smaller).
 MAX_TAGS_BYTES = 16 * 1024 * 1024
 # Referrers pages followed per call (each up to MAX_MANIFEST_BYTES).
@@ -116,13 +132,21 @@ class UpstreamBlob:
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         self.size: int | None = response.content_length if encoding == "identity" else None
         self.received = 0
+        # Taken over at once, before the caller awaits anything: the longer aiohttp keeps
+        # reading, the more of the body it copies (and its parser may hold bytes back once
+        # its buffer is full, which the take-over refuses).
+        self._raw = _RawBody.take_over(response, self.size, client._raw_buffers)
 
-    async def iter_chunks(self, chunk: int = BLOB_CHUNK) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, chunk: int = BLOB_CHUNK) -> AsyncIterator[bytes | memoryview]:
         """Yield the body in pieces of at most ``chunk`` bytes, as they arrive.
 
+        A piece never changes while the consumer holds it (a raw body's pieces are views of
+        buffers that are received into again only once no view of them is left).
+
         Each piece is what the connection has buffered when the consumer asks (one socket
-        read of ~256 KiB, see :class:`_ReadLowWater`, or several joined when the consumer fell
-        behind); nothing waits for a piece to fill up (in isolation, ``readexactly`` of
+        read of ~256 KiB, or of RAW_PIECE for a raw body, see :class:`_ReadLowWater`, or
+        several joined when aiohttp's consumer fell behind); nothing waits for a piece to
+        fill up (in isolation, ``readexactly`` of
         512 KiB pieces took 0.164 s CPU per 256 MiB on the bench VM, this 0.096 s;
         bench/README.md). A transport failure raises :class:`UpstreamError`; it is
         not retried, because the caller may already have used the bytes it got. A body
@@ -130,14 +154,19 @@ class UpstreamBlob:
         read timeout (one watchdog for the whole body, see :class:`_IdleWatchdog`).
         """
         name = self._client.name
-        content = self._response.content
-        low_water = _ReadLowWater.start(self._response, self.size)
+        raw = self._raw
+        # Where the body comes from: the raw reader, or aiohttp's StreamReader. Both count
+        # ``total_bytes`` and take ``set_exception`` (the watchdog's timeout).
+        body: _BodySource = raw if raw is not None else self._response.content
+        low_water = _ReadLowWater.start(self._response, self.size, body,
+                                        RAW_PIECE if raw is not None else RCVLOWAT)
         watchdog = _IdleWatchdog.start(self._response, self._client.config.read_timeout,
-                                       lambda: self.received,
+                                       body, lambda: self.received,
                                        low_water.relax if low_water is not None else None)
         try:
             while True:
-                data = await content.read(chunk)
+                data = await (raw.read(chunk) if raw is not None
+                              else self._response.content.read(chunk))
                 if not data:
                     break
                 self.received += len(data)
@@ -162,6 +191,201 @@ class UpstreamBlob:
                                 f"{self.received} of {self.size} bytes")
 
 
+class _BodySource(Protocol):
+    """Where a blob body arrives: aiohttp's ``StreamReader`` or a :class:`_RawBody`."""
+
+    total_bytes: int
+
+    def set_exception(self, exc: BaseException) -> None: ...
+
+
+def _unshared(buffer: bytearray) -> bool:
+    """True when no view of ``buffer`` exists any more (so it may be written again).
+
+    CPython refuses to resize a ``bytearray`` while a buffer export (a ``memoryview``, or a
+    view of a view: they share one export) is alive, so a shrink by the spare last byte is
+    the test; the byte is put back at once (within the allocation: no copy)."""
+    try:
+        del buffer[-1]
+    except BufferError:
+        return False
+    buffer.append(0)
+    return True
+
+
+class _PiecePool:
+    """Receive buffers for :class:`_RawBody` (RAW_PIECE bytes and a spare byte, see
+    :func:`_unshared`), reused once nothing refers to them any more.
+
+    A fresh buffer per read cost a page fault per 4 KiB inside ``recv`` (the kernel's copy
+    touched new memory; ~10 % of a cold pull's CPU on the bench VM). A buffer is handed out
+    again only when no piece of it is alive anywhere: not queued for the consumer, not held by
+    the download, a client or a transport's send buffer (Python 3.12+ keeps views there)."""
+
+    def __init__(self) -> None:
+        self._buffers: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        """A buffer nobody refers to: a released one, else a new one."""
+        for at, buffer in enumerate(self._buffers):
+            if _unshared(buffer):
+                return self._buffers.pop(at)
+        return bytearray(RAW_PIECE + 1)
+
+    def give(self, buffer: bytearray) -> None:
+        """``buffer`` is no longer received into (its pieces may still be in use)."""
+        if len(self._buffers) < RAW_POOL:
+            self._buffers.append(buffer)
+
+
+class _RawBody(asyncio.BufferedProtocol):
+    """A blob body read straight from the upstream socket, beside aiohttp.
+
+    Once aiohttp parsed the response head, the connection's transport is switched to this
+    protocol for the rest of the body: the event loop ``recv_into``s a buffer of RAW_PIECE
+    bytes from :class:`_PiecePool`, and each read is a piece for the consumer, a
+    ``memoryview`` of that buffer. aiohttp's way costs, per socket read, a parser call, a copy
+    of the body bytes into another ``bytes``, the ``StreamReader``'s bookkeeping and a timer
+    re-arm: with it, sigil's CPU per cold 256 MiB pull came down to that of
+    ``bench/floor_proxy.py`` (bench/README.md, "Cold path, third pass"). No byte of a buffer
+    is written again while any piece of it is alive (the next read goes after it, or into
+    another buffer), so a piece stays valid for whoever holds it (the download's last chunk,
+    a client's send).
+
+    Only where the framing is simple: plain TCP (with TLS the bytes on the socket are not
+    the body), ``Content-Length`` known, no ``Transfer-Encoding``, identity encoding, and the
+    body not yet complete. Nothing past ``Content-Length`` is read; the connection is not
+    reused afterwards (aiohttp's parser still expects the body), the caller closes it
+    (``_finish``), so what an upstream sends after the body never reaches the next response.
+    A peer that closes early, or a watchdog timeout (:meth:`set_exception`), fails
+    :meth:`read`.
+    """
+
+    def __init__(self, transport: asyncio.Transport, remaining: int, received: int,
+                 pool: _PiecePool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pool = pool
+        self._transport = transport
+        self._remaining = remaining          # body bytes still to come from the socket
+        self.total_bytes = received          # body bytes received (those aiohttp read too)
+        self._buffer: bytearray | None = None
+        self._filled = 0                     # bytes of _buffer that pieces were made of
+        self._pieces: collections.deque[bytes | memoryview] = collections.deque()
+        self._queued = 0
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @classmethod
+    def take_over(cls, response: aiohttp.ClientResponse, size: int | None,
+                  pool: _PiecePool) -> _RawBody | None:
+        """Switch the response's connection to a raw body reader receiving into ``pool``'s
+        buffers, or None where aiohttp keeps reading (see the class docstring)."""
+        connection = response.connection
+        content = response.content
+        if size is None or size < RAW_BODY_MIN or connection is None:
+            return None
+        protocol, transport = connection.protocol, connection.transport
+        if (protocol is None or not isinstance(transport, asyncio.Transport)
+                or transport.is_closing() or transport.get_extra_info("socket") is None
+                or transport.get_extra_info("sslcontext") is not None
+                or "Transfer-Encoding" in response.headers
+                or content.is_eof() or content.exception() is not None
+                or content.total_bytes >= size
+                # Paused for a full buffer, aiohttp's parser may hold body bytes of its own.
+                or getattr(protocol, "_reading_paused", True)):
+            return None
+        # Stops aiohttp's reading and its per-read timer (the watchdog takes over); the
+        # bytes it already parsed are the body's first piece.
+        protocol.pause_reading()
+        body = cls(transport, size - content.total_bytes, content.total_bytes, pool)
+        first = content.read_nowait()
+        if first:
+            body._pieces.append(first)
+            body._queued = len(first)
+        transport.set_protocol(body)
+        transport.resume_reading()
+        return body
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._buffer is None or RAW_PIECE - self._filled < RAW_MIN_SPACE:
+            if self._buffer is not None:
+                self._pool.give(self._buffer)
+            self._buffer = self._pool.take()
+            self._filled = 0
+        # Never past the body: what follows it (nothing, from a correct upstream) stays unread.
+        end = min(RAW_PIECE, self._filled + self._remaining)
+        return memoryview(self._buffer)[self._filled:end]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._buffer is not None
+        piece = memoryview(self._buffer)[self._filled:self._filled + nbytes]
+        self._filled += nbytes
+        self._remaining -= nbytes
+        self.total_bytes += nbytes
+        self._pieces.append(piece)
+        self._queued += nbytes
+        if self._remaining <= 0 or self._queued >= RAW_QUEUE:
+            self._pause()  # at the end, get_buffer must not be asked for nothing
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost tells whether the body is whole
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._remaining > 0 and self._error is None:
+            error = aiohttp.ClientPayloadError(
+                f"connection closed after {self.total_bytes} body bytes "
+                f"({self._remaining} missing)")
+            error.__cause__ = exc
+            self._error = error
+        if self._buffer is not None:
+            self._pool.give(self._buffer)
+            self._buffer = None
+        self._wake()
+
+    # -- consumer side -----------------------------------------------------------------------
+    def set_exception(self, exc: BaseException) -> None:
+        """Fail the body (the read watchdog's timeout): the next :meth:`read` raises."""
+        self._error = exc
+        self._wake()
+
+    async def read(self, limit: int) -> bytes | memoryview:
+        """The next piece (at most ``limit`` bytes); empty once the whole body was read."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._pieces:
+                break
+            if self._remaining <= 0:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        piece = self._pieces.popleft()
+        if len(piece) > limit:
+            rest = memoryview(piece)[limit:]
+            piece = memoryview(piece)[:limit]
+            self._pieces.appendleft(rest)
+        self._queued -= len(piece)
+        if self._paused and self._remaining > 0 and self._queued < RAW_QUEUE:
+            self._paused = False
+            self._transport.resume_reading()
+        return piece
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class _ReadLowWater:
     """``SO_RCVLOWAT`` on the upstream socket while a blob body of known size arrives.
 
@@ -169,8 +393,9 @@ class _ReadLowWater:
     256 MiB pull took ~3800 socket reads, most under 64 KiB, each a wake-up, a parser call
     and a piece for the consumer and every client. With a low-water mark the socket is
     reported readable once RCVLOWAT bytes are there (or the peer closed), so the reads come
-    in pieces of ~256 KiB. The mark never exceeds what is still to come of the body
-    (Content-Length minus what was read; with TLS the socket holds at least that many
+    in pieces of ~256 KiB (RAW_PIECE for a :class:`_RawBody`; Linux grows the receive buffer
+    to fit a mark since 4.18). The mark never exceeds what is still to come of the body
+    (Content-Length minus what was received; with TLS the socket holds at least that many
     encrypted bytes), so the last bytes cannot wait for data that will not arrive; it is set
     back to 1 when the body ends, before the connection can be reused, and whenever the
     read watchdog saw a quiet quarter of the read timeout (:meth:`relax`), so that an
@@ -178,32 +403,34 @@ class _ReadLowWater:
     one (the next piece raises it again). A chunked body (no size) is read without it.
     """
 
-    def __init__(self, sock: Any, size: int, content: aiohttp.StreamReader) -> None:
+    def __init__(self, sock: Any, size: int, content: _BodySource, high: int) -> None:
         self._sock = sock
         self._size = size
         self._content = content
+        self._high = high
         self._mark = 1
 
     @classmethod
-    def start(cls, response: aiohttp.ClientResponse, size: int | None) -> _ReadLowWater | None:
-        """Set the mark on the response's socket; None when the size is unknown or the
-        socket cannot take it."""
+    def start(cls, response: aiohttp.ClientResponse, size: int | None,
+              content: _BodySource, high: int = RCVLOWAT) -> _ReadLowWater | None:
+        """Set the mark (at most ``high``) on the response's socket; None when the size is
+        unknown or the socket cannot take it. ``content`` counts the body bytes received."""
         connection = response.connection
         if size is None or connection is None or connection.transport is None:
             return None
         sock = connection.transport.get_extra_info("socket")
         if sock is None or not hasattr(socket, "SO_RCVLOWAT"):
             return None
-        low_water = cls(sock, size, response.content)
+        low_water = cls(sock, size, content, high)
         low_water.update()
         return low_water if low_water._mark > 1 else None
 
     def update(self) -> None:
         """Lower the mark as the end of the body comes near (cheap when it does not)."""
         remaining = self._size - self._content.total_bytes
-        if remaining >= self._mark and self._mark == RCVLOWAT:
+        if remaining >= self._mark and self._mark == self._high:
             return
-        self._set(max(1, min(RCVLOWAT, remaining)))
+        self._set(max(1, min(self._high, remaining)))
 
     def relax(self) -> None:
         """Let whatever arrived through (no data for a while); update() raises it again."""
@@ -235,11 +462,11 @@ class _IdleWatchdog:
     is paused): a slow consumer is not the upstream's fault.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, timeout: float,
+    def __init__(self, content: _BodySource, timeout: float,
                  consumed: Callable[[], int], on_quiet: Callable[[], None] | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_quiet = on_quiet
-        self._content = response.content
+        self._content = content
         self._timeout = timeout
         self._consumed = consumed
         self._seen = self._content.total_bytes
@@ -249,18 +476,18 @@ class _IdleWatchdog:
 
     @classmethod
     def start(cls, response: aiohttp.ClientResponse, timeout: float | None,
-              consumed: Callable[[], int],
+              content: _BodySource, consumed: Callable[[], int],
               on_quiet: Callable[[], None] | None = None) -> _IdleWatchdog | None:
         """Take the read timeout over from the connection; None when there is none to
-        enforce (no timeout configured, or the body is already complete). ``on_quiet`` runs
-        at every check that saw no progress."""
+        enforce (no timeout configured, or the body is already complete). ``content`` is
+        where the body arrives; ``on_quiet`` runs at every check that saw no progress."""
         connection = response.connection
         if not timeout or connection is None or connection.protocol is None:
             return None
         # The timer armed by the last read before this stays until the next read cancels it
         # (it would only fire on the same silence this watchdog detects).
         connection.protocol.read_timeout = None  # this response only: reset per request
-        return cls(response, timeout, consumed, on_quiet)
+        return cls(content, timeout, consumed, on_quiet)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -441,6 +668,8 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
                                               sock_read=config.read_timeout)
         self._http: aiohttp.ClientSession | None = None
+        # Receive buffers of raw blob bodies (_RawBody), used on the session's loop only.
+        self._raw_buffers = _PiecePool()
         self._closed = False
         self.auth = Authenticator(config.name, self._base, resolve_credentials(config),
                                   self._fetch_token)
