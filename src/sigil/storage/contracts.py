@@ -199,7 +199,12 @@ class AsyncIndex(Protocol):
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
                       media_type: str, checked_at: float) -> None: ...
     async def delete_tag(self, upstream: str, repo: str, tag: str) -> bool: ...
-    async def list_tags(self, upstream: str, repo: str) -> list[str]: ...
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
+        """Stored tags of the repository after ``last`` (code point order), at most
+        ``limit``: one page, cut by the index query."""
+        ...
+
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None
@@ -456,9 +461,10 @@ class SqliteAsyncIndex:
         """See Index.delete_tag."""
         return self.sync.delete_tag(upstream, repo, tag)
 
-    async def list_tags(self, upstream: str, repo: str) -> list[str]:
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
         """See Index.list_tags."""
-        return self.sync.list_tags(upstream, repo)
+        return self.sync.list_tags(upstream, repo, last=last, limit=limit)
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None) -> None:

@@ -310,10 +310,14 @@ class Index:
         return self._write("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?",
                            (upstream, repo, tag)) > 0
 
-    def list_tags(self, upstream: str, repo: str) -> list[str]:
-        """The stored tags of one repository, in lexical order (the offline tag list)."""
-        rows = self._query("SELECT tag FROM tags WHERE upstream = ? AND repo = ? ORDER BY tag",
-                           (upstream, repo))
+    def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                  limit: int | None = None) -> list[str]:
+        """The stored tags of one repository in lexical (code point) order, only those after
+        ``last`` and at most ``limit`` of them: one page of the offline tag list, cut by the
+        query (the primary key's order), so a repository with many tags is never read whole."""
+        rows = self._query("SELECT tag FROM tags WHERE upstream = ?1 AND repo = ?2 "
+                           "AND (?3 IS NULL OR tag > ?3) ORDER BY tag LIMIT ?4",
+                           (upstream, repo, last, -1 if limit is None else limit))
         return [str(r[0]) for r in rows]
 
     # --- manifests and references ----------------------------------------------------------

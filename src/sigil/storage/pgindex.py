@@ -249,10 +249,15 @@ class PgIndex:
         return TagRow(_d(rows[0]["digest"]), str(rows[0]["media_type"]),
                       float(rows[0]["checked_at"]))
 
-    async def list_tags(self, upstream: str, repo: str) -> list[str]:
-        """The stored tags of one repository, in lexical order (the offline tag list)."""
-        rows = await self._fetch("SELECT tag FROM tags WHERE upstream = $1 AND repo = $2 "
-                                 "ORDER BY tag", upstream, repo)
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
+        """One page of a repository's stored tags (after ``last``, at most ``limit``), cut
+        by the query. Compared and ordered by code point (``COLLATE "C"``), as SQLite and
+        distribution do, whatever the database's collation."""
+        rows = await self._fetch(
+            'SELECT tag FROM tags WHERE upstream = $1 AND repo = $2 AND ($3::text IS NULL '
+            'OR tag COLLATE "C" > $3::text) ORDER BY tag COLLATE "C" LIMIT $4',
+            upstream, repo, last, limit)
         return [str(row["tag"]) for row in rows]
 
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
