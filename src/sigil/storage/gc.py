@@ -171,7 +171,7 @@ def _collect(store: BlobStore, index: Index, max_bytes: int, *, now: float, grac
     stats.manifests_forgotten = len(forgotten)
 
     deleted: list[Digest] = []
-    # Unmarked objects: deleted unless the index says otherwise under its lock.
+    # Unmarked objects: deleted unless the index, in the deleting transaction, says otherwise.
     candidates = [(digest, info) for digest, info in objects.items()
                   if refcount[digest] <= 0 and digest not in spared]
     with progress.phase("deleting", len(candidates)) as step:

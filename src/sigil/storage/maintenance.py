@@ -182,14 +182,12 @@ async def _evict(objects: ObjectStore, index: AsyncIndex, root: Digest,
     stats.roots_evicted += 1
     stats.manifests_forgotten += len(forgotten)
     stats.tags_deleted += tags
-    deleted: list[Digest] = []
     for digest in sorted(members, key=str):
 
         async def delete(digest: Digest = digest) -> bool:
             return await objects.delete(digest)
 
         if await index.delete_unreferenced(digest, delete):
-            deleted.append(digest)
             stats.objects_deleted += 1
             stats.bytes_freed += sizes.get(digest, 0)
             metrics.EVICTIONS.labels(kind="manifest" if digest in forgotten else "blob").inc()
