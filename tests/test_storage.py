@@ -16,6 +16,7 @@ from sigil.errors import BlobUnknown, DigestInvalid, StorageError
 from sigil.oci.digest import Digest
 from sigil.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from sigil.storage import BlobStore, Index, ObjectInfo, collect, fsck
+from sigil.storage.index import SCHEMA_VERSION
 
 FP = "policy-fp-1"
 HOUR = 3600.0
@@ -199,7 +200,7 @@ def test_index_schema_wal_and_reopen(store: BlobStore, index: Index) -> None:
     index.put_tag("docker.io", "library/alpine", "3.20", digest, OCI_MANIFEST, 100.0)
     index.close()
     with sqlite3.connect(store.root / "index.sqlite") as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     raw.close()
     again = Index(store.root / "index.sqlite")

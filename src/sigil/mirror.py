@@ -567,12 +567,14 @@ class Mirror:
                      ) -> tuple[dict[str, Any], str | None]:
         """The offline tag list: stored tags in lexical order, paginated like distribution
         (``last`` excludes up to that tag, ``n`` bounds the page; a next page is signalled)."""
-        tags = await self.index.list_tags(route.upstream.name, route.repo)
-        if not tags:
+        upstream = route.upstream.name
+        # One page from the index (one more tag than asked tells whether a next page exists).
+        tags = await self.index.list_tags(upstream, route.repo, last=last,
+                                          limit=None if n is None else n + 1)
+        if not tags and (last is None or not await self.index.list_tags(
+                upstream, route.repo, limit=1)):
             raise NameUnknown(f"repository {route.client_name} is not in the store (sigil "
                               "serves offline)")
-        if last is not None:
-            tags = [t for t in tags if t > last]
         next_last = None
         if n is not None and len(tags) > n:
             tags = tags[:n]

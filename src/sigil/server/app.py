@@ -132,7 +132,9 @@ async def _cleanup_uploads(config: Config, backends: Backends, *, startup: bool)
         removed = await asyncio.to_thread(BlobStore(Path(config.storage.root)).cleanup_staging)
     if isinstance(backends.objects, FilesystemObjectStore):
         return removed
-    leases = backends.leases
+    # The table this process's downloads take their leases in (see _single_flight).
+    relaying = config.server.peer_listen is not None
+    leases = backends.leases if alone or relaying else backends.host_leases
 
     async def in_progress(digest: Digest) -> bool:
         return await leases.current(digest) is not None
@@ -153,7 +155,8 @@ async def _single_flight(config: Config, backends: Backends
     - replicas over a remote store with ``server.peer_listen``: the shared lease table,
       followers relay the holder's peer endpoint (a second site, started with the mirror);
     - replicas without a peer endpoint: none across replicas (each fetches on its own; a
-      staging path means nothing on another host)."""
+      staging path means nothing on another host), the host's lease file among the
+      ``--workers`` of each."""
     remote = not isinstance(backends.objects, FilesystemObjectStore)
     if not (remote and config.server.peer_listen is not None):
         if config.index.backend == "postgres":
@@ -161,9 +164,9 @@ async def _single_flight(config: Config, backends: Backends
             log.warning("fleet.no_peer_endpoint",
                         hint="without server.peer_listen each replica fetches cold blobs "
                              "on its own")
-            return None, None, None
-        # One host (the SQLite lease file): workers follow each other's staging files.
-        return (backends.leases if config.server.workers > 1 else None), None, None
+        # One host (its SQLite lease file, whatever the index): workers follow each other's
+        # staging files.
+        return (backends.host_leases if config.server.workers > 1 else None), None, None
     if not config.server.peer_secret:
         raise SigilError("server.peer_listen is set but no peer secret is configured "
                          "(server.peer_secret_env or server.peer_secret_file)")

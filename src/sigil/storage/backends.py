@@ -3,7 +3,9 @@
 
 ``storage.backend``: ``filesystem`` (default) or ``s3``; ``index.backend``: ``sqlite`` (default)
 or ``postgres``. Leases come with the index (the SQLite lease file beside the index, or the
-PostgreSQL ``leases`` table). The fleet backends import their client libraries only when chosen,
+PostgreSQL ``leases`` table); the processes of one host (``--workers N``) that follow each
+other's staging files use the host's lease file whatever the index
+(:attr:`Backends.host_leases`). The fleet backends import their client libraries only when chosen,
 so the base install needs neither aiobotocore nor asyncpg.
 """
 
@@ -45,11 +47,18 @@ class Backends:
     objects: ObjectStore
     index: AsyncIndex
     leases: Leases
+    #: Fetch leases among the processes of this host (the SQLite lease file under
+    #: ``storage.root``): what ``--workers N`` single-flight uses when the holder's location
+    #: is a staging path, which only this host can open. The same object as :attr:`leases`
+    #: over a SQLite index.
+    host_leases: Leases
 
     async def close(self) -> None:
-        """Close all three (each closes once; the PostgreSQL pool is shared)."""
+        """Close everything (each once; the PostgreSQL pool is shared)."""
         await self.objects.close()
         leases: object = self.leases
+        if self.host_leases is not self.leases:
+            await self.host_leases.close()
         if leases is not self.index:
             await self.leases.close()
         await self.index.close()
@@ -120,6 +129,7 @@ async def open_objects(config: Config) -> ObjectStore:
 async def open_backends(config: Config) -> Backends:
     """Open store, index and leases as configured (StorageError with the key at fault)."""
     objects = await open_objects(config)
+    root = Path(config.storage.root)
     try:
         if config.index.backend == "postgres":
             assert config.index.postgres_dsn is not None
@@ -130,11 +140,11 @@ async def open_backends(config: Config) -> Backends:
                                    ) from exc
             pg = await PgIndex.open(config.index.postgres_dsn, source=config.index.dsn_source,
                                     max_connections=config.index.max_connections)
-            return Backends(objects, pg, pg)
-        root = Path(config.storage.root)
+            return Backends(objects, pg, pg, _LazySqliteLeases(root))
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         path = root / "index.sqlite"
-        return Backends(objects, SqliteAsyncIndex(Index(path)), _LazySqliteLeases(root))
+        leases = _LazySqliteLeases(root)
+        return Backends(objects, SqliteAsyncIndex(Index(path)), leases, leases)
     except BaseException:
         await objects.close()
         raise

@@ -4,7 +4,9 @@ Layout under ``root`` (every path below ``blobs/`` and ``quarantine/`` is built 
 :class:`~sigil.oci.digest.Digest`, so no client-supplied text ever reaches the filesystem)::
 
     blobs/sha256/<2 hex>/<64 hex>   immutable content (manifests are blobs too)
-    staging/<uuid>                  in-progress writes; removed on start-up
+    staging/<pid>-<host>-<uuid>     in-progress writes of process <pid> on host <host> (a
+                                    hash tag of its name); removed on start-up, and once
+                                    their process is dead (:meth:`BlobStore.sweep_dead_staging`)
     quarantine/<64 hex>             objects fsck found corrupt
 
 Writes go to ``staging/`` first and appear under ``blobs/`` only through an atomic
@@ -21,6 +23,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,12 +31,19 @@ from pathlib import Path
 
 from sigil.errors import BlobUnknown, DigestInvalid, StorageError
 from sigil.oci.digest import Digest
+from sigil.storage.lease import pid_alive
 
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 _HEX2 = re.compile(r"[a-f0-9]{2}")
 _CHUNK = 1024 * 1024
-# The name of a staging file (_open_staging): a uuid4 in hex.
-_STAGING_NAME = re.compile(r"[0-9a-f]{32}")
+# The name of a staging file (_open_staging): the writer's pid and host tag, then a uuid4 in hex
+# (earlier versions wrote the uuid alone: such a file has no known owner).
+_STAGING_NAME = re.compile(r"(?:(?P<pid>[0-9]{1,10})-(?P<host>[0-9a-f]{8})-)?[0-9a-f]{32}")
+
+
+def _host_tag() -> str:
+    """This host in staging names: 8 hex digits of the hash of its name."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -249,7 +259,8 @@ class BlobStore:
         return path.parent == self.staging_dir and bool(_STAGING_NAME.fullmatch(path.name))
 
     def _open_staging(self) -> tuple[Path, io.FileIO]:
-        path = self.staging_dir / uuid.uuid4().hex
+        # The owner in the name: survivors can tell a dead process's leftovers (sweep).
+        path = self.staging_dir / f"{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex}"
         # "x": never clobber another writer's file; unbuffered so readers see every write.
         return path, open(path, "xb", buffering=0)
 
@@ -308,6 +319,26 @@ class BlobStore:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
+
+    def sweep_dead_staging(self) -> int:
+        """Remove the staging files whose writer is dead: named by this host and by a pid
+        that no longer exists (a worker SIGKILLed mid-download). Safe beside live writers
+        (of any process): a file is removed only when its owner cannot write, commit or
+        follow it any more; files of other hosts, of a pid in use (even reused), and names
+        without an owner are left (start-up removes those). Return how many were removed."""
+        mine, removed = _host_tag(), 0
+        for path in self.staging_entries():
+            match = _STAGING_NAME.fullmatch(path.name)
+            if match is None or match["pid"] is None or match["host"] != mine:
+                continue
+            if int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+                continue
+            try:
+                path.unlink()
             except FileNotFoundError:
                 continue
             removed += 1

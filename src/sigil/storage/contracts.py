@@ -41,7 +41,15 @@ from typing import Protocol
 from sigil.errors import BlobUnknown, RangeInvalid
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import BlobStore, ObjectInfo, StagingFile
-from sigil.storage.index import Graph, Index, ManifestRow, TagRow, VerdictRow
+from sigil.storage.index import (
+    Blocked,
+    Graph,
+    Index,
+    ManifestRow,
+    TagRow,
+    VerdictRow,
+    poll_delays,
+)
 
 #: Size of the chunks object readers yield.
 READ_CHUNK = 1024 * 1024
@@ -191,7 +199,12 @@ class AsyncIndex(Protocol):
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
                       media_type: str, checked_at: float) -> None: ...
     async def delete_tag(self, upstream: str, repo: str, tag: str) -> bool: ...
-    async def list_tags(self, upstream: str, repo: str) -> list[str]: ...
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
+        """Stored tags of the repository after ``last`` (code point order), at most
+        ``limit``: one page, cut by the index query."""
+        ...
+
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None
@@ -226,8 +239,13 @@ class AsyncIndex(Protocol):
     async def delete_unreferenced(self, digest: Digest,
                                   delete: Callable[[], Awaitable[bool]]) -> bool:
         """Run ``delete()`` only if nothing stored references ``digest``, atomically with
-        respect to every writer of this index (a manifest recorded meanwhile, by any process,
-        keeps the object). Return what ``delete()`` returned, or False if it was kept."""
+        respect to every writer of this index, in any process: a manifest recorded before the
+        check keeps the object; a ``put_manifest``/``add_referrer`` naming it during the
+        delete waits until it is over (the caller then finds it gone, and stores it again);
+        a ``put_blob`` of it during the delete waits and records nothing. The object's
+        manifest and blob rows are dropped before ``delete()`` starts, so no row ever claims
+        an object that may be gone (not even after a crash midway). Return what ``delete()``
+        returned, or False if it was kept."""
         ...
 
     async def gc_candidates(self, accessed_before: float, limit: int) -> list[ManifestRow]:
@@ -443,14 +461,18 @@ class SqliteAsyncIndex:
         """See Index.delete_tag."""
         return self.sync.delete_tag(upstream, repo, tag)
 
-    async def list_tags(self, upstream: str, repo: str) -> list[str]:
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
         """See Index.list_tags."""
-        return self.sync.list_tags(upstream, repo)
+        return self.sync.list_tags(upstream, repo, last=last, limit=limit)
 
     async def put_manifest(self, digest: Digest, media_type: str, size: int,
                            references: Iterable[Digest], *, now: float | None = None) -> None:
-        """See Index.put_manifest."""
-        self.sync.put_manifest(digest, media_type, size, references, now=now)
+        """See Index.put_manifest (waiting asynchronously while a digest it names is being
+        deleted)."""
+        refs = list(references)
+        await _retry_blocked(
+            lambda: self.sync.try_put_manifest(digest, media_type, size, refs, now=now))
 
     async def get_manifest(self, digest: Digest) -> ManifestRow | None:
         """See Index.get_manifest."""
@@ -465,16 +487,23 @@ class SqliteAsyncIndex:
         self.sync.touch(digest, now)
 
     async def add_referrer(self, subject: Digest, referrer: Digest) -> None:
-        """See Index.add_referrer."""
-        self.sync.add_referrer(subject, referrer)
+        """See Index.add_referrer (waiting asynchronously like put_manifest)."""
+        await _retry_blocked(lambda: self.sync.try_add_referrer(subject, referrer))
 
     async def get_referrers(self, subject: Digest) -> list[Digest]:
         """See Index.get_referrers."""
         return self.sync.get_referrers(subject)
 
     async def put_blob(self, digest: Digest, size: int) -> None:
-        """See Index.put_blob."""
-        self.sync.put_blob(digest, size)
+        """See Index.put_blob: while the digest is being deleted, wait for that and write no
+        row (the object just stored may have gone with the delete)."""
+        try:
+            self.sync.try_put_blob(digest, size)
+        except Blocked:
+            for delay in poll_delays():
+                if not self.sync.deleting([digest]):
+                    return
+                await asyncio.sleep(delay)
 
     async def blob_size(self, digest: Digest) -> int | None:
         """See Index.blob_size."""
@@ -531,14 +560,16 @@ class SqliteAsyncIndex:
 
     async def delete_unreferenced(self, digest: Digest,
                                   delete: Callable[[], Awaitable[bool]]) -> bool:
-        """Check and delete under Index.locked(), as the local gc does. The index lock keeps
-        out gc threads and other processes' writes (SQLite's write lock is taken by every
-        put_manifest); coroutines of this thread cannot run in between as long as ``delete``
-        does not really suspend, which holds for the filesystem store's unlink."""
-        with self.sync.locked():
-            if self.sync.is_referenced(digest):
-                return False
+        """Mark, delete, unmark (Index.begin_delete / end_delete). No lock is held while
+        ``delete()`` waits (an S3 DELETE), so neither the event loop nor another process
+        stalls on it; writers of this and every other process that name the digest wait on
+        the mark instead, and the object's rows went with the mark."""
+        if not self.sync.begin_delete(digest):
+            return False
+        try:
             return await delete()
+        finally:
+            self.sync.end_delete(digest)
 
     async def gc_candidates(self, accessed_before: float, limit: int) -> list[ManifestRow]:
         """Computed from the graph snapshot: on one box the whole index is local and small."""
@@ -559,6 +590,16 @@ class SqliteAsyncIndex:
     async def close(self) -> None:
         """Close the SQLite connection."""
         self.sync.close()
+
+
+async def _retry_blocked(attempt: Callable[[], None]) -> None:
+    """Run a write that raises :class:`~sigil.storage.index.Blocked` while a digest it names
+    is being deleted, sleeping (on the loop, never blocking it) between attempts."""
+    for delay in poll_delays():
+        try:
+            return attempt()
+        except Blocked:
+            await asyncio.sleep(delay)
 
 
 async def hash_stream(chunks: AsyncIterator[bytes]) -> Digest:

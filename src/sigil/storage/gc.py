@@ -8,8 +8,10 @@ their own: a blob goes only when no retained manifest keeps it, so an image in u
 left half-deleted (the distribution TTL-proxy failure mode).
 
 Both functions are synchronous and may run in a worker thread beside the server: every deletion
-is re-checked against the index under its lock (:meth:`Index.locked`), so a manifest recorded
-while gc was planning still protects what it references.
+is re-checked against the index inside the SQLite write transaction that unlinks the file
+(:meth:`Index.delete_if_unreferenced`), so a manifest recorded while gc was planning, by this
+process or by any other sharing the index (``--workers``, ``sigil gc``), still protects what
+it references.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -114,6 +117,8 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
 
 def _collect(store: BlobStore, index: Index, max_bytes: int, *, now: float, grace: float,
              progress: ProgressReporter) -> GcStats:
+    # Downloads a killed worker left half done (the periodic pass of every worker runs here).
+    store.sweep_dead_staging()
     with progress.phase("reading index", unit="manifests") as step:
         graph = index.graph()  # snapshot first: an object committed after it is young: spared
         step.advance(len(graph.manifests))
@@ -166,22 +171,21 @@ def _collect(store: BlobStore, index: Index, max_bytes: int, *, now: float, grac
     stats.manifests_forgotten = len(forgotten)
 
     deleted: list[Digest] = []
-    # Unmarked objects: deleted unless the index says otherwise under its lock.
+    # Unmarked objects: deleted unless the index, in the deleting transaction, says otherwise.
     candidates = [(digest, info) for digest, info in objects.items()
                   if refcount[digest] <= 0 and digest not in spared]
     with progress.phase("deleting", len(candidates)) as step:
         for digest, info in candidates:
             step.advance()
-            with index.locked():  # check and delete as one step against concurrent writers
-                if index.is_referenced(digest) or not store.delete(digest):
-                    continue
+            # Check, unlink and drop the rows as one step against every writer of the index.
+            if not index.delete_if_unreferenced(digest, partial(store.delete, digest)):
+                continue
             deleted.append(digest)
             stats.objects_deleted += 1
             stats.bytes_freed += info.size
             kind = "manifest" if digest in graph.manifests else "blob"
             metrics.EVICTIONS.labels(kind=kind).inc()
             metrics.GC_FREED_BYTES.inc(info.size)
-    index.forget_objects(deleted)
     # Allows of what is gone for good: the deleted objects, and what evicted manifests
     # referenced without it ever being stored (other platforms' manifests, unpulled layers).
     dead = set(deleted) | forgotten | {c for m in forgotten for c in _edges(graph, m)}

@@ -4,8 +4,28 @@ referrers, the blob gate, and cached policy verdicts.
 One connection in WAL mode with ``synchronous=NORMAL``: a crash can lose only the last
 transactions, never corrupt the file (everything here can be re-learned from the upstream).
 Calls are short and made from the event loop thread; a lock serialises them with a gc running
-in a worker thread, whose check-then-delete steps hold it through :meth:`Index.locked`. gc's
-whole-graph snapshot alone uses a second, read-only connection, so it never holds that lock.
+in a worker thread. gc's whole-graph snapshot alone uses a second, read-only connection, so it
+never holds that lock.
+
+Deleting an object is atomic against every writer of the file, in every process
+(``--workers N`` and ``sigil gc`` share it):
+
+- a synchronous delete (the local gc's unlink) runs inside one ``BEGIN IMMEDIATE`` transaction
+  with its "is it referenced?" check (:meth:`Index.delete_if_unreferenced`): SQLite's write
+  lock keeps every other writer out for those microseconds;
+- a delete that really waits (an S3 ``DELETE``) cannot hold that lock, so it leaves a mark in
+  the ``deleting`` table instead (:meth:`Index.begin_delete`, committed together with the
+  check and with dropping the object's rows), runs with no lock held, and clears the mark
+  (:meth:`Index.end_delete`). Writers that would reference or record a marked digest
+  (``put_manifest``, ``add_referrer``, ``put_blob``) wait until the mark is gone: so when
+  ``put_manifest`` returns, each reference is either protected (the check comes later and
+  sees it) or already deleted with its rows gone (the mirror fetches it again). A
+  ``put_blob`` that had to wait records nothing: its upload may have landed before the
+  delete did.
+- A mark outlives its deleter only by a crash; a mark whose holder process is gone (same
+  host, dead pid) or older than :data:`DELETE_MARK_TTL` is dropped by the next writer that
+  meets it. Nothing is lost by that: the rows went with the mark, so the object is at worst
+  stored without an index row (fetched again, or swept by the local gc).
 
 Digests are stored as their ``sha256:<hex>`` text, which the :class:`Digest` type validates on the
 way in and on the way out.
@@ -17,7 +37,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +45,18 @@ from typing import Any
 
 from sigil.errors import StorageError
 from sigil.oci.digest import Digest
+from sigil.storage.lease import holder_alive, process_holder_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # touch() writes a manifest's last access only when it is older than this: LRU eviction needs
 # minutes of precision, not a write per request.
 TOUCH_PRECISION = 60.0
+# A deletion mark older than this is a crashed deleter's (an S3 DELETE with its retries takes
+# seconds at most); the writer that meets it drops it.
+DELETE_MARK_TTL = 300.0
+# How often a writer blocked by a deletion mark looks again (doubling up to the maximum).
+MARK_POLL_FIRST = 0.005
+MARK_POLL_MAX = 0.2
 
 _SCHEMA_V1 = """
 CREATE TABLE tags (
@@ -95,8 +122,17 @@ CREATE TABLE verdicts (
 ) WITHOUT ROWID;
 """
 
+# v2: objects being deleted right now (see the module docstring); holder is "host:pid:random".
+_SCHEMA_V2 = """
+CREATE TABLE deleting (
+    digest     TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    started_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 # Index i upgrades a database from user_version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +177,32 @@ def _d(text: str) -> Digest:
     return Digest.parse(text)
 
 
+def poll_delays() -> Iterator[float]:
+    """Pauses between the attempts of a writer that a deletion mark blocks: short at first
+    (a delete takes milliseconds), doubling up to :data:`MARK_POLL_MAX`; endless (the mark
+    ends with its deletion, or goes stale)."""
+    delay = MARK_POLL_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, MARK_POLL_MAX)
+
+
+class Blocked(Exception):
+    """Internal: a write met deletion marks (rolled back; the caller waits and retries)."""
+
+    def __init__(self, digests: set[Digest]) -> None:
+        super().__init__(f"{len(digests)} digest(s) being deleted")
+        self.digests = digests
+
+
 class Index:
     """The sigil index database (see module docstring)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        # Who this Index is in the deletion marks it leaves (a crash is recognised by the pid).
+        self.holder = process_holder_id()
         try:
             # isolation_level=None: autocommit; multi-statement writes use explicit transactions.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -254,10 +310,14 @@ class Index:
         return self._write("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?",
                            (upstream, repo, tag)) > 0
 
-    def list_tags(self, upstream: str, repo: str) -> list[str]:
-        """The stored tags of one repository, in lexical order (the offline tag list)."""
-        rows = self._query("SELECT tag FROM tags WHERE upstream = ? AND repo = ? ORDER BY tag",
-                           (upstream, repo))
+    def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                  limit: int | None = None) -> list[str]:
+        """The stored tags of one repository in lexical (code point) order, only those after
+        ``last`` and at most ``limit`` of them: one page of the offline tag list, cut by the
+        query (the primary key's order), so a repository with many tags is never read whole."""
+        rows = self._query("SELECT tag FROM tags WHERE upstream = ?1 AND repo = ?2 "
+                           "AND (?3 IS NULL OR tag > ?3) ORDER BY tag LIMIT ?4",
+                           (upstream, repo, last, -1 if limit is None else limit))
         return [str(r[0]) for r in rows]
 
     # --- manifests and references ----------------------------------------------------------
@@ -265,14 +325,30 @@ class Index:
     def put_manifest(self, digest: Digest, media_type: str, size: int,
                      references: Iterable[Digest], *, now: float | None = None) -> None:
         """Record a stored manifest and the digests it points at (index children, config,
-        layers). ``now`` (wall-clock seconds) is its first access time."""
+        layers). ``now`` (wall-clock seconds) is its first access time. Waits (sleeping) while
+        any of them is being deleted: see the module docstring."""
+        refs = list(references)
+        for delay in poll_delays():
+            try:
+                return self.try_put_manifest(digest, media_type, size, refs, now=now)
+            except Blocked:
+                time.sleep(delay)
+
+    def try_put_manifest(self, digest: Digest, media_type: str, size: int,
+                         references: Iterable[Digest], *, now: float | None = None) -> None:
+        """:meth:`put_manifest`, or :class:`Blocked` (nothing written) if the manifest or a
+        digest it references is being deleted."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        refs = list(references)
+
+        def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE "
                        "SET last_access = max(last_access, excluded.last_access)",
                        (str(digest), media_type, size, now))
             db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
-                           [(str(digest), str(child)) for child in references])
+                           [(str(digest), str(child)) for child in refs])
+
+        self._write_unless_deleting([digest, *refs], write)
 
     def get_manifest(self, digest: Digest) -> ManifestRow | None:
         """The manifest row, or None if the manifest is not stored."""
@@ -302,8 +378,18 @@ class Index:
 
     def add_referrer(self, subject: Digest, referrer: Digest) -> None:
         """Record that manifest ``referrer`` (a signature, attestation...) refers to
-        ``subject``; gc keeps it for as long as it keeps the subject."""
-        self._write("INSERT OR IGNORE INTO referrers VALUES (?, ?)", (str(subject), str(referrer)))
+        ``subject``; gc keeps it for as long as it keeps the subject. Waits while the
+        referrer is being deleted."""
+        for delay in poll_delays():
+            try:
+                return self.try_add_referrer(subject, referrer)
+            except Blocked:
+                time.sleep(delay)
+
+    def try_add_referrer(self, subject: Digest, referrer: Digest) -> None:
+        """:meth:`add_referrer`, or :class:`Blocked` if the referrer is being deleted."""
+        self._write_unless_deleting([referrer], lambda db: db.execute(
+            "INSERT OR IGNORE INTO referrers VALUES (?, ?)", (str(subject), str(referrer))))
 
     def get_referrers(self, subject: Digest) -> list[Digest]:
         """The recorded referrers of ``subject``."""
@@ -314,9 +400,22 @@ class Index:
     # --- blobs -----------------------------------------------------------------------------
 
     def put_blob(self, digest: Digest, size: int) -> None:
-        """Record a stored non-manifest object."""
-        self._write("INSERT INTO blobs VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
-                    "SET size = excluded.size", (str(digest), size))
+        """Record a stored non-manifest object. If the digest is being deleted, wait for that
+        to finish and write nothing (the object the caller stored may have gone with it;
+        without a row it is fetched again)."""
+        try:
+            self.try_put_blob(digest, size)
+        except Blocked:
+            for delay in poll_delays():
+                if not self.deleting([digest]):
+                    return
+                time.sleep(delay)
+
+    def try_put_blob(self, digest: Digest, size: int) -> None:
+        """Write the blob row, or raise :class:`Blocked` if the digest is being deleted."""
+        self._write_unless_deleting([digest], lambda db: db.execute(
+            "INSERT INTO blobs VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
+            "SET size = excluded.size", (str(digest), size)))
 
     def blob_size(self, digest: Digest) -> int | None:
         """The recorded size of a stored non-manifest object, or None."""
@@ -403,17 +502,89 @@ class Index:
             reader.close()
         return Graph(manifests, refs, referrers, blobs)
 
+    _REFERENCED = (
+        "SELECT 1 FROM manifests WHERE digest = ?1 "
+        "UNION ALL SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.parent "
+        "WHERE r.child = ?1 "
+        "UNION ALL SELECT 1 FROM referrers x JOIN manifests m ON m.digest = x.subject "
+        "WHERE x.referrer = ?1 LIMIT 1")
+
     def is_referenced(self, digest: Digest) -> bool:
         """True if ``digest`` is a stored manifest, or a stored manifest points at it (as a
-        reference, or as a referrer of it as subject). gc checks this under :meth:`locked`
-        right before deleting, so a manifest recorded while gc was planning still protects
-        what it references."""
-        return bool(self._query(
-            "SELECT 1 FROM manifests WHERE digest = ?1 "
-            "UNION ALL SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.parent "
-            "WHERE r.child = ?1 "
-            "UNION ALL SELECT 1 FROM referrers x JOIN manifests m ON m.digest = x.subject "
-            "WHERE x.referrer = ?1 LIMIT 1", (str(digest),)))
+        reference, or as a referrer of it as subject). gc's deletions check this in the
+        transaction that deletes (or marks for deletion), so a manifest recorded while gc was
+        planning still protects what it references."""
+        return bool(self._query(self._REFERENCED, (str(digest),)))
+
+    # --- deletion (see the module docstring) -----------------------------------------------
+
+    def _marked(self, db: sqlite3.Connection, digests: Iterable[Digest]) -> set[Digest]:
+        """Which of ``digests`` a live deletion mark covers (inside a write transaction);
+        stale marks met on the way (a crashed deleter's) are dropped."""
+        now, live = time.time(), set[Digest]()
+        if db.execute("SELECT 1 FROM deleting LIMIT 1").fetchone() is None:
+            return live  # the usual case: nothing is being deleted
+        for key in sorted({str(d) for d in digests}):
+            row = db.execute("SELECT holder, started_at FROM deleting WHERE digest = ?",
+                             (key,)).fetchone()
+            if row is None:
+                continue
+            if float(row[1]) < now - DELETE_MARK_TTL or not holder_alive(str(row[0])):
+                db.execute("DELETE FROM deleting WHERE digest = ?", (key,))
+            else:
+                live.add(_d(key))
+        return live
+
+    def _write_unless_deleting(self, digests: Iterable[Digest],
+                               write: Callable[[sqlite3.Connection], object]) -> None:
+        """Run ``write`` in a write transaction unless one of ``digests`` is being deleted
+        (then roll back and raise :class:`Blocked`)."""
+        with self._tx() as db:
+            marked = self._marked(db, digests)
+            if marked:
+                raise Blocked(marked)
+            write(db)
+
+    def deleting(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Which of ``digests`` are being deleted right now (live marks)."""
+        with self._tx() as db:
+            return self._marked(db, digests)
+
+    @staticmethod
+    def _drop_rows(db: sqlite3.Connection, key: str) -> None:
+        db.execute("DELETE FROM manifests WHERE digest = ?", (key,))
+        db.execute("DELETE FROM blobs WHERE digest = ?", (key,))
+
+    def begin_delete(self, digest: Digest) -> bool:
+        """Start deleting ``digest`` unless something stored references it or another
+        deletion of it is under way: in one transaction, drop its manifest and blob rows
+        (nothing may claim it stored from now on) and mark it. Return whether it was marked;
+        the caller then deletes the object and calls :meth:`end_delete`, whatever happened."""
+        key = str(digest)
+        with self._tx() as db:
+            if db.execute(self._REFERENCED, (key,)).fetchall() or self._marked(db, [digest]):
+                return False
+            self._drop_rows(db, key)
+            db.execute("INSERT INTO deleting VALUES (?, ?, ?)", (key, self.holder, time.time()))
+        return True
+
+    def end_delete(self, digest: Digest) -> None:
+        """Clear this Index's deletion mark of ``digest`` (writers waiting on it go on)."""
+        self._write("DELETE FROM deleting WHERE digest = ? AND holder = ?",
+                    (str(digest), self.holder))
+
+    def delete_if_unreferenced(self, digest: Digest, delete: Callable[[], bool]) -> bool:
+        """Run the blocking ``delete()`` (an unlink) inside the write transaction that finds
+        ``digest`` unreferenced and unmarked, and drop its rows in it: every writer of the
+        file, in any process, is kept out for that instant. Return what ``delete()``
+        returned, or False if the object was kept."""
+        key = str(digest)
+        with self._tx() as db:
+            if db.execute(self._REFERENCED, (key,)).fetchall() or self._marked(db, [digest]):
+                return False
+            deleted = delete()
+            self._drop_rows(db, key)
+        return deleted
 
     def forget_manifests(self, digests: Iterable[Digest]) -> tuple[set[Digest], int]:
         """Drop manifests that gc evicted: their rows, outgoing references, referrer links to

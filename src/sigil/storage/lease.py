@@ -16,10 +16,47 @@ same contract tests.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from sigil.oci.digest import Digest
+
+
+def process_holder_id() -> str:
+    """A lease (or deletion mark) holder id unique to this process: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Does process ``pid`` of this host (pid namespace) exist, and is it not a zombie (a
+    killed process its parent has not reaped yet)? A reused pid counts as alive: callers only
+    ever spare things for it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:  # Linux: the state follows the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def holder_alive(holder: str) -> bool:
+    """False only if ``holder`` (:func:`process_holder_id`) names a process of this host that
+    no longer exists. Another host's (or an unparsable) holder counts as alive: what it
+    holds then ends by expiry only."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    return pid_alive(int(pid_text))
 
 
 @dataclass(frozen=True)

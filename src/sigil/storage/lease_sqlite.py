@@ -9,6 +9,12 @@ all the processes share, so there is no skew to reason about.
 
 The calls are short but may wait on the file lock of another process (``busy_timeout``), so
 they run in a thread, never on the event loop.
+
+A worker SIGKILLed mid-download leaves its staging file behind. The survivors remove it
+(:meth:`~sigil.storage.blobs.BlobStore.sweep_dead_staging`: staging names carry the writer's
+pid) when one of them takes an expired lease over, and otherwise at most every
+:data:`SWEEP_EVERY` seconds on a lease acquire, so the space is back long before the next
+start-up.
 """
 
 from __future__ import annotations
@@ -21,14 +27,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sigil.errors import StorageError
+from sigil.logs import get_logger
 from sigil.oci.digest import Digest
+from sigil.storage.blobs import BlobStore
 from sigil.storage.lease import LeaseInfo
+
+log = get_logger("sigil.storage.lease_sqlite")
 
 FILE_NAME = "leases.sqlite"
 # The row of the gc lease (one gc at a time); fetch lease rows are keyed by digest.
 GC_LEASE = "gc"
 # How long a call waits for another process holding the write lock (a few ms in practice).
 BUSY_TIMEOUT = 5.0
+# At most this often (seconds) an acquire also sweeps the staging files of dead processes.
+SWEEP_EVERY = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fetch_leases (
@@ -72,8 +84,10 @@ class SqliteFetchLeases:
 
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(root) / FILE_NAME
+        self._root = Path(root)
         self._db = _connect(self.path)
         self._clock = clock
+        self._swept_at = float("-inf")  # monotonic time of the last staging sweep
         # One connection per process, used from worker threads one call at a time.
         self._lock = threading.Lock()
         self._closed = False
@@ -149,21 +163,38 @@ class SqliteFetchLeases:
         key = str(digest)
         with self._lock:
             self._check_open()
-            return self._acquire_locked(key, digest, holder, location, ttl)
+            lease, took_over = self._acquire_locked(key, digest, holder, location, ttl)
+        if took_over or time.monotonic() - self._swept_at >= SWEEP_EVERY:
+            self._sweep()
+        return lease
 
     def _acquire_locked(self, key: str, digest: Digest, holder: str, location: str,
-                        ttl: float) -> LeaseInfo:
+                        ttl: float) -> tuple[LeaseInfo, bool]:
+        """The lease (ours or the live holder's), and whether we took it over from another
+        holder whose lease had expired (it may have died: its staging file is then swept)."""
         with self._transaction():
             now = self._clock()
             row = self._db.execute(
                 "SELECT holder, location, expires_at, size FROM fetch_leases WHERE digest = ?",
                 (key,)).fetchone()
             if row is not None and row[0] != holder and row[2] > now:
-                return LeaseInfo(digest, row[0], row[1], row[2], row[3])
+                return LeaseInfo(digest, row[0], row[1], row[2], row[3]), False
             self._db.execute(
                 "INSERT OR REPLACE INTO fetch_leases (digest, holder, location, expires_at, size)"
                 " VALUES (?, ?, ?, ?, NULL)", (key, holder, location, now + ttl))
-            return LeaseInfo(digest, holder, location, now + ttl, None)
+            return (LeaseInfo(digest, holder, location, now + ttl, None),
+                    row is not None and row[0] != holder)
+
+    def _sweep(self) -> None:
+        """Remove dead processes' staging files (best effort: a failure is only logged)."""
+        self._swept_at = time.monotonic()
+        try:
+            removed = BlobStore(self._root).sweep_dead_staging()
+        except OSError as exc:
+            log.warning("staging.sweep_failed", error=str(exc))
+            return
+        if removed:
+            log.info("staging.swept", removed=removed)
 
     def _renew(self, digest: Digest, holder: str, ttl: float, size: int | None) -> bool:
         with self._lock:

@@ -8,7 +8,8 @@
   driven by the index (least recently used root manifests first, via
   :meth:`~sigil.storage.contracts.AsyncIndex.gc_candidates`), never listing the bucket, and
   deleting each object only through :meth:`~sigil.storage.contracts.AsyncIndex.delete_unreferenced`
-  so a manifest any replica records meanwhile keeps what it references.
+  so a manifest any replica records meanwhile keeps what it references, and a writer that
+  names an object while its delete is under way waits for it and then finds it gone.
 
 The local :func:`sigil.storage.gc.collect` (mark and sweep over a directory walk) stays what a
 single box runs; these are what replicas run.
@@ -181,16 +182,15 @@ async def _evict(objects: ObjectStore, index: AsyncIndex, root: Digest,
     stats.roots_evicted += 1
     stats.manifests_forgotten += len(forgotten)
     stats.tags_deleted += tags
-    deleted: list[Digest] = []
     for digest in sorted(members, key=str):
 
         async def delete(digest: Digest = digest) -> bool:
             return await objects.delete(digest)
 
         if await index.delete_unreferenced(digest, delete):
-            deleted.append(digest)
             stats.objects_deleted += 1
             stats.bytes_freed += sizes.get(digest, 0)
             metrics.EVICTIONS.labels(kind="manifest" if digest in forgotten else "blob").inc()
-    await index.forget_objects(deleted)
+    # Their rows went with each delete (delete_unreferenced): not again here, where a row a
+    # writer recorded after the delete, for an object it stored again, would be lost.
     await index.drop_allows([d for d in members if not await index.is_referenced(d)])

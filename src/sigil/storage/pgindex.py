@@ -10,12 +10,13 @@ fingerprint), access times, the gc graph), plus what several replicas sharing it
   the row lock PostgreSQL takes for the conflict; expiry is judged by the database server's
   ``now()`` only, never by a replica's clock, so clock skew between replicas cannot give two
   holders at once.
-- **Check-and-delete** for gc (:meth:`PgIndex.delete_unreferenced`): transaction-scoped
-  advisory locks keyed on the digest. Writers that create references (``put_manifest``,
-  ``add_referrer``) take them shared for every digest they protect; gc takes the one digest it
-  is about to delete exclusive, and ``forget_manifests`` a global key exclusive. A writer holds
-  only shared locks and the deleters one exclusive lock each, so no two of them can wait on
-  each other in a cycle.
+- **Check-and-delete** for gc (:meth:`PgIndex.delete_unreferenced`): advisory locks keyed on
+  the digest. Writers that create references (``put_manifest``, ``add_referrer``) or record a
+  blob (``put_blob``) take them shared (transaction-scoped) for every digest they protect; gc
+  takes the one digest it is deleting exclusive (session-scoped, across the row drop and the
+  object delete), and ``forget_manifests`` a global key exclusive. A writer holds only shared
+  locks and the deleters one exclusive lock each, so no two of them can wait on each other in
+  a cycle.
 - **Index-driven gc queries** (:meth:`PgIndex.gc_candidates`, :meth:`PgIndex.stored_bytes`),
   so a gc pass never lists the whole bucket.
 
@@ -248,10 +249,15 @@ class PgIndex:
         return TagRow(_d(rows[0]["digest"]), str(rows[0]["media_type"]),
                       float(rows[0]["checked_at"]))
 
-    async def list_tags(self, upstream: str, repo: str) -> list[str]:
-        """The stored tags of one repository, in lexical order (the offline tag list)."""
-        rows = await self._fetch("SELECT tag FROM tags WHERE upstream = $1 AND repo = $2 "
-                                 "ORDER BY tag", upstream, repo)
+    async def list_tags(self, upstream: str, repo: str, *, last: str | None = None,
+                        limit: int | None = None) -> list[str]:
+        """One page of a repository's stored tags (after ``last``, at most ``limit``), cut
+        by the query. Compared and ordered by code point (``COLLATE "C"``), as SQLite and
+        distribution do, whatever the database's collation."""
+        rows = await self._fetch(
+            'SELECT tag FROM tags WHERE upstream = $1 AND repo = $2 AND ($3::text IS NULL '
+            'OR tag COLLATE "C" > $3::text) ORDER BY tag COLLATE "C" LIMIT $4',
+            upstream, repo, last, limit)
         return [str(row["tag"]) for row in rows]
 
     async def put_tag(self, upstream: str, repo: str, tag: str, digest: Digest,
@@ -328,9 +334,19 @@ class PgIndex:
     # --- blobs -----------------------------------------------------------------------------
 
     async def put_blob(self, digest: Digest, size: int) -> None:
-        """Record a stored non-manifest object."""
-        await self._execute("INSERT INTO blobs VALUES ($1, $2) ON CONFLICT (digest) DO UPDATE "
-                            "SET size = excluded.size", str(digest), size)
+        """Record a stored non-manifest object, under a shared advisory lock on it. If gc is
+        deleting it right now (the exclusive lock is held), wait for the delete to end and
+        record nothing: the object this caller stored may have been deleted after it landed,
+        and without a row it is simply fetched again."""
+        key = str(digest)
+        async with self._tx() as conn:
+            if not await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0))", key):
+                await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
+                                   key)
+                return
+            await conn.execute("INSERT INTO blobs VALUES ($1, $2) ON CONFLICT (digest) DO UPDATE "
+                               "SET size = excluded.size", key, size)
 
     async def blob_size(self, digest: Digest) -> int | None:
         """The recorded size of a stored blob, or None."""
@@ -465,14 +481,24 @@ class PgIndex:
     async def delete_unreferenced(self, digest: Digest,
                                   delete: Callable[[], Awaitable[bool]]) -> bool:
         """``delete()`` under an exclusive advisory lock on the digest, if nothing references
-        it: a replica's put_manifest naming it waits for the lock, then sees the object gone
-        (and fetches it again) or finds it kept."""
-        async with self._tx() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                               str(digest))
-            if await conn.fetch(self._REFERENCED, str(digest)):
-                return False
-            return await delete()
+        it. The lock is session-level, held across two steps: a committed transaction that
+        checks and drops the object's rows (so no row claims it from then on, even if this
+        replica dies midway), then ``delete()``. A replica's put_manifest naming the digest
+        waits for the lock, then sees the object gone (and fetches it again) or finds it
+        kept; a put_blob that waits records nothing (see put_blob). If the session dies, so
+        does its lock; asyncpg's pool also unlocks all on release."""
+        key = str(digest)
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+            try:
+                async with conn.transaction():
+                    if await conn.fetch(self._REFERENCED, key):
+                        return False
+                    await conn.execute("DELETE FROM manifests WHERE digest = $1", key)
+                    await conn.execute("DELETE FROM blobs WHERE digest = $1", key)
+                return await delete()
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def gc_candidates(self, accessed_before: float, limit: int) -> list[ManifestRow]:
         """Root manifests least recently used first (uses ``manifests_by_access``)."""
