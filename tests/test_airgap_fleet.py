@@ -17,12 +17,14 @@ its own test.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import io
 import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,20 @@ from typing import Any
 import pytest
 import yaml
 
+from sigil.airgap import importer
+from sigil.config import load_config
+from sigil.errors import Denied, ManifestUnknown
+from sigil.mirror import Mirror
 from sigil.oci.digest import Digest
+from sigil.progress import LineProgress
+from sigil.routing import Route
+from sigil.storage.backends import Backends
 from sigil.storage.index import Graph
 from sigil.storage.pgindex import PgIndex
 from sigil.storage.s3 import S3ObjectStore
+from sigil.upstream.offline import offline_clients, offline_config
+from sigil.verify.engine import Verifier
+from sigil.verify.policy import load_policy
 from tests.realparts import RealRegistry, RegistryPusher, skopeo_copy
 from tests.realparts.fleet import TEST_BUCKET, s3_config_for
 from tests.realparts.postgres import RealPostgres
@@ -445,3 +457,116 @@ def test_unreachable_backends_exit_2_naming_the_config_key(world: World,
         assert "Traceback" not in result.stderr
         assert world.seaweed.secret_key not in result.stderr and password not in result.stderr
     assert not (side.sigil.workdir / "x.tar.sigil-work").exists()   # nothing left behind
+
+
+async def _import_in_process(monkeypatch: pytest.MonkeyPatch, config: Path, archive: Path,
+                             instrument: Callable[[Backends], None]) -> dict[str, Any]:
+    """``sigil import`` in this process, on backends ``instrument`` may hook into (to land
+    another process's step between two of the import's)."""
+    opened = importer.open_backends
+
+    async def open_instrumented(cfg: Any) -> Backends:
+        backends = await opened(cfg)
+        instrument(backends)
+        return backends
+
+    monkeypatch.setattr(importer, "open_backends", open_instrumented)
+    quiet = LineProgress(io.StringIO(), "sigil")
+    return await importer.Importer(load_config(str(config)), progress=quiet).run([archive])
+
+
+def _member(archive: Path, digest: str) -> bytes:
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(f"blobs/sha256/{digest[7:]}")
+        assert member is not None
+        return member.read()
+
+
+async def test_a_blob_gc_removes_after_the_import_checked_it_is_never_tagged(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    side = world.side("gc-race", world.dead_url)
+    layer = Digest.parse(world.single.blobs[-1])
+    # The far store already holds that layer, unreferenced (an evicted image's, or a killed
+    # import's leftover): the import hashes it from the archive and reuses the stored one.
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(layer, _member(carried.archive, str(layer)))
+    finally:
+        await store.close()
+    removed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        put_manifest = backends.index.put_manifest
+
+        async def gc_first(*args: Any, **kwargs: Any) -> None:
+            if not removed:  # a fleet gc pass lands after the check, before the first row
+                removed.append(await backends.index.delete_unreferenced(
+                    layer, functools.partial(backends.objects.delete, layer)))
+            await put_manifest(*args, **kwargs)
+
+        backends.index.put_manifest = gc_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert removed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] != "loaded" and not report["ok"]
+    assert str(layer) in archive["error"] and "vanished" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert str(layer) not in stored.objects
+    # No tag names the image whose layer is gone (a tag names only complete content).
+    assert (world.repos[0], "v1") not in stored.tags
+    assert (world.repos[1], "v1") not in stored.tags
+
+
+async def test_a_replica_serving_during_the_load_never_sees_a_partial_image(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before every row the import writes, another replica (its own connections) pulls both
+    images by tag and by digest: each is either absent or served verified, never denied
+    (a deny would be cached fleet-wide) and never incomplete."""
+    side = world.side("watched", world.dead_url)
+    config = offline_config(load_config(str(side.sigil.config_path)))
+    upstream = config.upstreams[0]
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    index = await PgIndex.open(side.backend.dsn)
+    seen: list[tuple[str, str]] = []
+
+    async def pull_everything() -> None:
+        mirror = Mirror(config, store, index, offline_clients(config),
+                        Verifier(load_policy(str(world.policy))))
+        for repo, digest in ((world.repos[0], world.single.digest),
+                             (world.repos[1], world.multi.index.digest)):
+            for reference in ("v1", digest):
+                route = Route(upstream, repo, f"{upstream.name}/{repo}")
+                try:
+                    served = await mirror.manifest(route, reference)
+                except ManifestUnknown:
+                    seen.append((reference, "absent"))
+                    continue
+                except Denied as exc:
+                    seen.append((reference, f"denied: {exc}"))
+                    continue
+                assert str(served.digest) == digest
+                seen.append((reference, "served"))
+
+    def instrument(backends: Backends) -> None:
+        for name in ("put_manifest", "add_referrer", "put_tag"):
+            write = getattr(backends.index, name)
+
+            async def watched(*args: Any, _write: Any = write, **kwargs: Any) -> None:
+                await pull_everything()
+                await _write(*args, **kwargs)
+
+            setattr(backends.index, name, watched)
+
+    try:
+        report = await _import_in_process(monkeypatch, side.sigil.config_path,
+                                          carried.archive, instrument)
+        assert report["ok"], report
+        await pull_everything()
+    finally:
+        await index.close()
+        await store.close()
+    assert [s for s in seen if s[1] not in ("absent", "served")] == []
+    assert seen[-4:] == [("v1", "served"), (world.single.digest, "served"),
+                         ("v1", "served"), (world.multi.index.digest, "served")]

@@ -658,7 +658,17 @@ class Importer:
         and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
         theirs. The contents document is data from the other side; anything else it lists
         under the image is ignored (the count is returned) rather than loaded unverified.
-        What is loaded is added to ``loaded``."""
+        What is loaded is added to ``loaded``.
+
+        The order is what keeps a replica serving meanwhile from ever seeing a partial
+        image: manifest rows go in depth first, each after everything reached from it (its
+        children, its referrers, the artifacts its ``sha256-<hex>`` tags name, and those
+        tags), so a manifest visible by digest already has the signatures its verification
+        looks for (a pull in between would otherwise be denied, and the deny cached); the
+        image's own tags come last. Every object is looked for again *after* the row that
+        protects it from a check-and-delete (gc, another import's rollback) is written and
+        before any tag names it: an object removed in between is never indexed as part of a
+        tagged image (StorageError, the rest of the archive is refused)."""
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
         listed_manifests = set(image["manifests"])
@@ -672,7 +682,9 @@ class Importer:
             elif d == image["digest"]:
                 own_tags.append((repo, tag, d, media_type))
         reached: set[str] = set()
-        tags = list(own_tags)
+        successors: dict[str, list[str]] = {}
+        # Subject tags to write once the artifact they name is in: artifact -> tag rows.
+        tags_of: dict[str, list[tuple[str, str, str, str]]] = {}
         frontier = [image["digest"]]
         while frontier:
             d = frontier.pop()
@@ -683,8 +695,9 @@ class Importer:
             nxt = [str(c) for c in windex.get_references(digest) if str(c) in manifests]
             nxt += [str(r) for r in windex.get_referrers(digest)]
             for row in subject_tags.get(d, []):
-                tags.append(row)
+                tags_of.setdefault(row[2], []).append(row)
                 nxt.append(row[2])
+            successors[d] = nxt
             frontier.extend(nxt)
         blobs: set[str] = set()
         for d in reached:
@@ -700,23 +713,58 @@ class Importer:
                 if not target.blobs.has(digest):
                     _link(work.blobs.path(digest), target.blobs.path(digest))
             elif not await target.has(digest):  # a remote store: committed in step 1
-                raise StorageError(f"{digest} vanished from the store during the import")
+                raise _vanished(digest)
             loaded.add(digest)
         for d in sorted(blobs):
             await index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
-        for d in sorted(reached):
+        checked: set[str] = set()
+        for d in _depth_first(image["digest"], successors):
             digest = Digest.parse(d)
             parsed = parse_manifest(await target.read_bytes(digest), manifests[d])
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
             await index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
             if parsed.subject is not None:
                 await index.add_referrer(parsed.subject.digest, digest)
+            # The row now protects the manifest and what it references: look again.
+            for ref in [digest, *(r for r in refs if str(r) in blobs)]:
+                if str(ref) not in checked:
+                    if not await target.has(ref):
+                        raise _vanished(ref)
+                    checked.add(str(ref))
+            now = time.time()
+            for repo, tag, _, media_type in tags_of.get(d, []):
+                await index.put_tag(image["upstream"], repo, tag, digest, media_type, now)
         now = time.time()
-        for repo, tag, d, media_type in tags:
+        for repo, tag, d, media_type in own_tags:
             if d in reached:
                 await index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type,
                                     now)
         return ignored
+
+
+def _depth_first(root: str, successors: dict[str, list[str]]) -> list[str]:
+    """The manifests reached from ``root``, each after everything reached from it (a cycle,
+    possible only through tags, is cut where it closes)."""
+    if root not in successors:
+        return []
+    order: list[str] = []
+    done: set[str] = {root}
+    stack: list[tuple[str, Iterator[str]]] = [(root, iter(successors.get(root, [])))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            order.append(node)
+        elif child not in done and child in successors:
+            done.add(child)
+            stack.append((child, iter(successors[child])))
+    return order
+
+
+def _vanished(digest: Digest) -> StorageError:
+    return StorageError(f"{digest} vanished from the store during the import (removed by a "
+                        "gc or by another import's rollback); re-run the import")
 
 
 async def _discard(objects: ObjectStore, index: AsyncIndex, created: set[Digest]) -> None:
