@@ -570,3 +570,75 @@ async def test_a_replica_serving_during_the_load_never_sees_a_partial_image(
     assert [s for s in seen if s[1] not in ("absent", "served")] == []
     assert seen[-4:] == [("v1", "served"), (world.single.digest, "served"),
                          ("v1", "served"), (world.multi.index.digest, "served")]
+
+
+async def test_a_refused_import_never_removes_a_manifest_a_replica_is_storing(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """A replica pulls every manifest of the archive through (the real
+    ``Mirror._store_manifest``: is the object there? store it if not; record the row) while
+    a refused import rolls back: the import's rollback runs between the replica's look at
+    the bucket and its row. Every manifest the replica recorded must still be stored."""
+    meta = await importer.read_metadata(carried.archive)
+    manifests: dict[str, str] = meta.contents["manifests"]
+    tampered = tmp_path / "tampered.tar"
+    shutil.copy(carried.archive, tampered)
+    with tarfile.open(tampered) as tar:
+        held = [m for m in tar.getmembers() if m.isfile() and m.size > 0
+                and f"sha256:{m.name.rsplit('/', 1)[-1]}" in meta.contents["held"]]
+    last = max(held, key=lambda m: m.offset_data)   # everything before it is committed first
+    with open(tampered, "r+b") as fh:
+        fh.seek(last.offset_data + last.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 1]))
+    side = world.side("replica-race", world.dead_url)
+    config = offline_config(load_config(str(side.sigil.config_path)))
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    index = await PgIndex.open(side.backend.dsn)
+    at_row = asyncio.Semaphore(0)
+    rolled_back = asyncio.Event()
+    record = index.put_manifest
+
+    async def record_after_rollback(*args: Any, **kwargs: Any) -> None:
+        at_row.release()           # the replica looked at the bucket (and stored if absent)
+        await rolled_back.wait()
+        await record(*args, **kwargs)
+
+    index.put_manifest = record_after_rollback  # type: ignore[method-assign]
+    mirror = Mirror(config, store, index, offline_clients(config))
+    replica: list[asyncio.Task[Any]] = []
+
+    def instrument(backends: Backends) -> None:
+        delete_unreferenced = backends.index.delete_unreferenced
+
+        async def replica_first(*args: Any, **kwargs: Any) -> bool:
+            if not replica:   # the rollback begins: the replica is pulling the same content
+                replica.append(asyncio.ensure_future(asyncio.gather(*(
+                    mirror._store_manifest(Digest.parse(d), _member(carried.archive, d), t)
+                    for d, t in manifests.items()))))
+                for _ in manifests:
+                    await at_row.acquire()
+            return await delete_unreferenced(*args, **kwargs)
+
+        backends.index.delete_unreferenced = replica_first  # type: ignore[method-assign]
+
+    try:
+        report = await _import_in_process(monkeypatch, side.sigil.config_path, tampered,
+                                          instrument)
+        rolled_back.set()
+        assert replica, "the import rolled nothing back"
+        await replica[0]
+        [archive] = report["archives"]
+        assert archive["result"] == "refused" and "does not match its digest" in \
+            archive["error"]
+        rows = (await index.graph()).manifests
+        assert {str(d) for d in rows} == set(manifests)
+        missing = [d for d in manifests if not await store.has(Digest.parse(d))]
+        assert missing == [], "indexed by the replica, deleted by the import's rollback"
+    finally:
+        await index.close()
+        await store.close()
+    # The import's own objects are gone again: what is left is what the replica stored.
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert stored.objects == set(manifests) and not stored.pending

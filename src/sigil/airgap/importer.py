@@ -44,7 +44,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,15 @@ from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
 from sigil.storage.backends import open_backends
+from sigil.storage.blobs import ObjectInfo
 from sigil.storage.contracts import (
     AsyncIndex,
     FilesystemObjectStore,
+    ObjectReader,
     ObjectStore,
+    PendingUpload,
     SqliteAsyncIndex,
+    UploadSession,
 )
 from sigil.upstream.offline import offline_clients, offline_config
 
@@ -115,6 +120,103 @@ class Metadata:
     small: dict[str, bytes] = field(default_factory=dict)   # metadata blobs by digest
 
 
+class _StagedManifests:
+    """The working store of an import into a remote store: blobs go into the bucket itself
+    (each committed only once its sha256 matched; invisible until indexed), the archive's
+    *manifests* into a private local store until step 3 publishes each right before its
+    row. A replica's pull-through of a manifest checks the bucket and then writes the row
+    (``Mirror._store_manifest``), and no check-and-delete can come between the two: had a
+    refused import committed the manifest, its rollback could delete the object the replica
+    had just found and leave that replica's row without it. A replica commits a blob only
+    once a recorded manifest references it, so the rollback's check-and-delete keeps those.
+
+    Reads look in the private store first, then the bucket (a delta's base, content the
+    bucket held already)."""
+
+    def __init__(self, target: ObjectStore, local: FilesystemObjectStore) -> None:
+        self.target = target
+        self.local = local
+        self.manifests: set[str] = set()   # set once the contents document is read
+
+    def staged(self, digest: Digest) -> bool:
+        """True if ``digest`` is written to the private store rather than the bucket."""
+        return str(digest) in self.manifests
+
+    async def _holder(self, digest: Digest) -> ObjectStore:
+        return self.local if await self.local.has(digest) else self.target
+
+    async def has(self, digest: Digest) -> bool:
+        """True if stored privately or in the bucket."""
+        return await self.local.has(digest) or await self.target.has(digest)
+
+    async def size(self, digest: Digest) -> int | None:
+        """The size from whichever store holds the object."""
+        return await (await self._holder(digest)).size(digest)
+
+    @asynccontextmanager
+    async def open_range(self, digest: Digest, offset: int = 0,
+                         length: int | None = None) -> AsyncIterator[ObjectReader]:
+        """A stream from whichever store holds the object."""
+        async with (await self._holder(digest)).open_range(digest, offset, length) as reader:
+            yield reader
+
+    async def read_bytes(self, digest: Digest) -> bytes:
+        """The bytes from whichever store holds the object."""
+        return await (await self._holder(digest)).read_bytes(digest)
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """A manifest into the private store, anything else into the bucket."""
+        await (self.local if self.staged(digest) else self.target).put_bytes(digest, data)
+
+    async def begin_upload(self, expected: Digest) -> UploadSession:
+        """A manifest into the private store, anything else into the bucket."""
+        return await (self.local if self.staged(expected) else self.target).begin_upload(
+            expected)
+
+    async def publish(self, digest: Digest, raw: bytes) -> None:
+        """Put a verified manifest into the bucket (step 3, right before its row)."""
+        if not await self.target.has(digest):
+            await self.target.put_bytes(digest, raw)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """The private file of a staged manifest (nothing else is local)."""
+        return self.local.local_path(digest)
+
+    # The rest of the ObjectStore contract: the bucket's (the import does not use it).
+    async def delete(self, digest: Digest) -> bool:
+        """Delete from the bucket."""
+        return await self.target.delete(digest)
+
+    def iter_objects(self) -> AsyncIterator[ObjectInfo]:
+        """The bucket's objects."""
+        return self.target.iter_objects()
+
+    async def hash_object(self, digest: Digest) -> Digest | None:
+        """Re-hash from whichever store holds the object."""
+        return await (await self._holder(digest)).hash_object(digest)
+
+    async def quarantine(self, digest: Digest) -> bool:
+        """Quarantine in the bucket."""
+        return await self.target.quarantine(digest)
+
+    async def pending_uploads(self) -> list[PendingUpload]:
+        """The bucket's pending uploads."""
+        return await self.target.pending_uploads()
+
+    async def cleanup_abandoned(self, older_than: float,
+                                keep: Callable[[Digest], Awaitable[bool]] | None = None) -> int:
+        """Nothing: the bucket's abandoned uploads are the fleet's cleanup's business."""
+        return 0
+
+    async def presign_url(self, digest: Digest, expires: float) -> str | None:
+        """No direct URLs for a working store."""
+        return None
+
+    async def close(self) -> None:
+        """Nothing: the bucket is closed with the backends, the private store with the
+        working directory."""
+
+
 class _Checker:
     """Checks an archive member by member (see the module docstring, step 1)."""
 
@@ -126,8 +228,8 @@ class _Checker:
         self.work = work
         self.target = target
         self.progress = progress
-        # Objects this import committed to a shared ``target`` (work is target) that were not
-        # there before: deleted again unless an image loads them.
+        # Objects this import committed to a shared ``target`` (blobs: manifests are staged
+        # privately) that were not there before: deleted again unless an image loads them.
         self.created: set[Digest] = set()
         self.meta = Metadata()
         self.seen: set[str] = set()
@@ -239,6 +341,8 @@ class _Checker:
         except (ValueError, AttributeError, TypeError, SigilError) as exc:
             raise self.refuse(f"contents document is malformed ({exc})") from exc
         self.meta.contents = contents
+        if isinstance(self.work, _StagedManifests):
+            self.work.manifests = set(contents["manifests"])
         self._check_space()
 
     async def _adopt_small(self) -> None:
@@ -258,8 +362,8 @@ class _Checker:
         return self.target is not None and await self.target.has(digest)
 
     def _note_created(self, digest: Digest) -> None:
-        if self.work is self.target:
-            self.created.add(digest)
+        if isinstance(self.work, _StagedManifests) and not self.work.staged(digest):
+            self.created.add(digest)   # committed to the shared bucket
 
     def _check_space(self) -> None:
         if self.work is None:
@@ -473,10 +577,12 @@ class Importer:
         result: dict[str, Any] = {"archive": str(path), "result": "refused", "images": []}
         # Under the store root: the same filesystem, so loading a blob is a hard link; the
         # name starts with a dot so no store walk (gc, fsck: blobs/ only) ever looks at it.
-        # Over a remote store it holds only the private index of step 2.
+        # Over a remote store it holds the private index of step 2 and the archive's
+        # manifests until step 3 publishes them (_StagedManifests).
         work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        local = isinstance(target, FilesystemObjectStore)
-        work: ObjectStore = FilesystemObjectStore(BlobStore(work_dir)) if local else target
+        private = FilesystemObjectStore(BlobStore(work_dir))
+        work: ObjectStore = private if isinstance(
+            target, FilesystemObjectStore) else _StagedManifests(target, private)
         work_dir.mkdir(parents=True, exist_ok=True)
         windex = Index(work_dir / "index.sqlite")
         loaded: set[Digest] = set()
@@ -712,7 +818,7 @@ class Importer:
                     target, FilesystemObjectStore) and work is not target:
                 if not target.blobs.has(digest):
                     _link(work.blobs.path(digest), target.blobs.path(digest))
-            elif not await target.has(digest):  # a remote store: committed in step 1
+            elif not await work.has(digest):  # a remote store: committed (staged) in step 1
                 raise _vanished(digest)
             loaded.add(digest)
         for d in sorted(blobs):
@@ -720,7 +826,9 @@ class Importer:
         checked: set[str] = set()
         for d in _depth_first(image["digest"], successors):
             digest = Digest.parse(d)
-            parsed = parse_manifest(await target.read_bytes(digest), manifests[d])
+            parsed = parse_manifest(await work.read_bytes(digest), manifests[d])
+            if isinstance(work, _StagedManifests):
+                await work.publish(digest, parsed.raw)
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
             await index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
             if parsed.subject is not None:
