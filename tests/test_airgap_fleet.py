@@ -642,3 +642,78 @@ async def test_a_refused_import_never_removes_a_manifest_a_replica_is_storing(
     # The import's own objects are gone again: what is left is what the replica stored.
     stored = await side.backend.contents(world.seaweed, world.repos)
     assert stored.objects == set(manifests) and not stored.pending
+
+
+def _forge(src: Path, dst: Path, extra: dict[str, bytes],
+           edit: Callable[[dict[str, Any]], None]) -> None:
+    """``src`` with ``extra`` blobs added and its contents document changed by ``edit``,
+    re-digested all the way up (the archive manifest, index.json) as an attacker can."""
+    from sigil.airgap.layout import canonical_json
+
+    with tarfile.open(src) as tar:
+        files = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+                 for m in tar.getmembers() if m.isfile()}
+    index = json.loads(files["index.json"])
+    ours = next(m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"])
+    manifest = json.loads(files.pop(f"blobs/sha256/{ours['digest'][7:]}"))
+    contents = json.loads(files.pop(f"blobs/sha256/{manifest['layers'][0]['digest'][7:]}"))
+    edit(contents)
+    new_contents = canonical_json(contents)
+    manifest["layers"][0].update(digest=str(Digest.of(new_contents)), size=len(new_contents))
+    new_manifest = canonical_json(manifest)
+    ours.update(digest=str(Digest.of(new_manifest)), size=len(new_manifest))
+    files["index.json"] = canonical_json(index)
+    files[f"blobs/sha256/{Digest.of(new_manifest).hex}"] = new_manifest
+    files[f"blobs/sha256/{Digest.of(new_contents).hex}"] = new_contents
+    files.update(extra)
+    order = ["oci-layout", "index.json", f"blobs/sha256/{Digest.of(new_manifest).hex}",
+             f"blobs/sha256/{Digest.of(new_contents).hex}"]
+    with tarfile.open(dst, "w") as tar:
+        for name in order + sorted(set(files) - set(order)):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            tar.addfile(info, io.BytesIO(files[name]))
+
+
+async def test_an_oversized_manifest_is_refused_before_it_is_written(
+        world: World, carried: Carried, tmp_path: Path) -> None:
+    big = os.urandom(4 * 1024 * 1024 + 1)   # one byte over MAX_MANIFEST_BYTES
+    digest = _sha(big)
+
+    def list_as_manifest(contents: dict[str, Any]) -> None:
+        contents["held"].append(digest)
+        contents["sizes"][digest] = len(big)
+        contents["manifests"][digest] = "application/vnd.oci.image.manifest.v1+json"
+
+    forged = tmp_path / "big-manifest.tar"
+    _forge(carried.archive, forged, {f"blobs/sha256/{digest[7:]}": big}, list_as_manifest)
+    side = world.side("big-manifest", world.dead_url)
+    code, report, output = _import(side.sigil.config_path, forged)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert f"manifest {digest} is {len(big)} bytes (at most {len(big) - 1})" in \
+        archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
+
+
+async def test_too_little_local_space_for_the_staged_manifests_is_refused(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a bucket only the manifests (and the private index) land on local disk; that
+    still needs room, and is refused before anything is written when it is missing."""
+    real = shutil.disk_usage
+
+    def tiny(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1000, 1000)
+
+    monkeypatch.setattr(importer.shutil, "disk_usage", tiny)
+    side = world.side("no-room", world.dead_url)
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      lambda backends: None)
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert "only 1000 free" in archive["error"] and "needs" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())

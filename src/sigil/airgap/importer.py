@@ -83,7 +83,7 @@ from sigil.errors import (
 )
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
-from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
+from sigil.oci.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, Manifest, parse_manifest
 from sigil.oci.reference import validate_name, validate_tag
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
@@ -369,10 +369,15 @@ class _Checker:
         if self.work is None:
             return
         sizes = self.meta.contents["sizes"]
-        # A remote store: blobs stream into the bucket, nothing of them on local disk.
+        held: list[str] = self.meta.contents["held"]
         work, target = self.work, self.target
+        if isinstance(work, _StagedManifests):
+            # A remote store: blobs stream into the bucket, nothing of them on local disk;
+            # only the manifests are staged there (and the private index).
+            held = [d for d in held if work.staged(Digest.parse(d))]
+            work, target = work.local, None
         if isinstance(work, FilesystemObjectStore):
-            needed = sum(int(sizes.get(d, 0)) for d in self.meta.contents["held"]
+            needed = sum(int(sizes.get(d, 0)) for d in held
                          if not isinstance(target, FilesystemObjectStore)
                          or not target.blobs.has(Digest.parse(d)))
             free = shutil.disk_usage(work.blobs.root).free
@@ -394,6 +399,10 @@ class _Checker:
         if member.size != expected_size:
             raise self.refuse(f"blob {digest} is {member.size} bytes, the contents say "
                               f"{expected_size}")
+        if digest in contents["manifests"] and expected_size > MAX_MANIFEST_BYTES:
+            # Refused before a byte of it is written: a manifest is read whole later.
+            raise self.refuse(f"manifest {digest} is {expected_size} bytes (at most "
+                              f"{MAX_MANIFEST_BYTES})")
         parsed = Digest.parse(digest)
         if self.work is None:
             return
