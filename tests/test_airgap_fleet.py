@@ -717,3 +717,37 @@ async def test_too_little_local_space_for_the_staged_manifests_is_refused(
     assert "only 1000 free" in archive["error"] and "needs" in archive["error"]
     stored = await side.backend.contents(world.seaweed, world.repos)
     assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
+
+
+async def test_a_reused_object_removed_before_it_is_read_refuses_the_archive(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far bucket already holds the image's manifest, unindexed (a killed import's
+    leftover): the import reuses it. A gc removing it just before the import reads it makes
+    a clear refusal in the report, not an exception out of ``sigil import``."""
+    side = world.side("gone-before-read", world.dead_url)
+    manifest = Digest.parse(world.single.digest)
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
+    finally:
+        await store.close()
+    removed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        read_bytes = backends.objects.read_bytes
+
+        async def gc_first(digest: Digest) -> bytes:
+            if digest == manifest and not removed:
+                removed.append(await backends.objects.delete(digest))
+            return await read_bytes(digest)
+
+        backends.objects.read_bytes = gc_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert removed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] == "refused" and not report["ok"]
+    assert str(manifest) in archive["error"] and "vanished" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert stored.tags == set() and not stored.graph.manifests

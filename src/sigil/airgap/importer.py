@@ -73,6 +73,7 @@ from sigil.airgap.layout import (
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
 from sigil.errors import (
+    BlobUnknown,
     Denied,
     DigestInvalid,
     ManifestInvalid,
@@ -603,9 +604,13 @@ class Importer:
                                               policy, loaded, work_dir)
         except ArchiveError as exc:
             result["error"] = str(exc)
-        except (Unavailable, StorageError) as exc:
-            # The store or the index failed under us: images loaded before stay (each is
-            # complete); the rest of the archive is not loaded.
+        except (Unavailable, StorageError, BlobUnknown) as exc:
+            # The store or the index failed under us (or an object it held went away: a gc,
+            # another import's rollback): images loaded before stay (each is complete); the
+            # rest of the archive is not loaded.
+            if isinstance(exc, BlobUnknown):
+                detail = exc.detail if isinstance(exc.detail, dict) else {}
+                exc = _vanished(str(detail.get("digest", "an object")))
             result["error"] = f"{path}: {exc}; the archive was not (fully) loaded"
             if result["images"] and any(i["result"] == "loaded" for i in result["images"]):
                 result["result"] = "partial"
@@ -879,7 +884,7 @@ def _depth_first(root: str, successors: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def _vanished(digest: Digest) -> StorageError:
+def _vanished(digest: Digest | str) -> StorageError:
     return StorageError(f"{digest} vanished from the store during the import (removed by a "
                         "gc or by another import's rollback); re-run the import")
 
