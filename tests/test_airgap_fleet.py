@@ -751,3 +751,24 @@ async def test_a_reused_object_removed_before_it_is_read_refuses_the_archive(
     assert str(manifest) in archive["error"] and "vanished" in archive["error"]
     stored = await side.backend.contents(world.seaweed, world.repos)
     assert stored.tags == set() and not stored.graph.manifests
+
+
+async def test_export_indexes_an_unindexed_stored_object_only_if_it_hashes_right(
+        world: World) -> None:
+    """An object in the bucket that the index does not know (what a killed import or
+    download left, or anything written there behind sigil's back) is not taken on trust:
+    ``export --to-store`` re-hashes it, and fetches it again when it does not match."""
+    side = world.side("relic", world.registry.url)
+    layer = Digest.parse(world.single.blobs[-1])
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.client.put_object(Bucket=TEST_BUCKET, Key=store.key(layer),
+                                      Body=b"not the layer")
+        result = run_sigil("export", "--config", str(side.sigil.config_path), "--plan",
+                           str(world.plan), "--to-store", "--json")
+        assert result.returncode == 0, result.stderr
+        stored = await side.backend.contents(world.seaweed, world.repos)
+        assert layer in stored.graph.blobs
+        assert await store.hash_object(layer) == layer   # what the index lists is right
+    finally:
+        await store.close()
