@@ -15,20 +15,22 @@
    The archive's policy and trust files are only compared with the local ones (a diff in the
    report).
 3. **Load per image.** For each image that passed: blobs, then manifest rows and referrer
-   links, then tags last, so a tag never names an incomplete image, even after a crash.
+   links depth first (each after what it reaches, signature tags included), then its own
+   tags last, so a tag never names an incomplete image, even after a crash.
    Verdicts and allows are *not* copied: the serving mirror decides again from stored
    artifacts under its own policy.
 
 The store and index are the configured backends, opened as ``sigil serve`` opens them. On a
 remote object store (``storage.backend: s3``) step 1 streams each blob straight into an upload
-of the bucket, committed only once its sha256 matched (nothing is staged on local disk, so
-there is no local free-space check: the scratch is the upload's few in-memory parts), and the
-private working store is the bucket plus a private SQLite index that lists only the archive's
-content: the offline mirror of step 2 reads nothing else. Objects committed that way are
-invisible (no index row: a remote store is asked through its index) until step 3 writes the
-rows into the configured index (PostgreSQL); whatever this import committed and did not load
-(a refused archive, a denied image) is deleted again when the archive is done, through the
-index's check-and-delete, so a refused archive leaves the bucket as it found it.
+of the bucket, committed only once its sha256 matched (nothing of it is staged on local disk:
+the scratch is the upload's few in-memory parts); the archive's manifests are staged in the
+private working directory and reach the bucket only in step 3, each right before its row
+(:class:`_StagedManifests` says why). The offline mirror of step 2 reads through a private
+SQLite index that lists only the archive's content. Committed blobs are invisible (no index
+row: a remote store is asked through its index) until step 3 writes the rows into the
+configured index (PostgreSQL); the blobs this import committed and did not load (a refused
+archive, a denied image) are deleted again when the archive is done, through the index's
+check-and-delete, so a refused archive leaves the bucket as it found it.
 """
 
 from __future__ import annotations
