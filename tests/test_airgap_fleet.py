@@ -772,3 +772,42 @@ async def test_export_indexes_an_unindexed_stored_object_only_if_it_hashes_right
         assert await store.hash_object(layer) == layer   # what the index lists is right
     finally:
         await store.close()
+
+
+async def test_a_reused_manifest_changed_after_verification_is_never_indexed(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far bucket already holds the image's manifest (the import reuses it). If its
+    object changes between the offline verification and the rows, the row is not written
+    from the changed bytes: the archive is refused in the report."""
+    side = world.side("changed-manifest", world.dead_url)
+    manifest = Digest.parse(world.single.digest)
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
+    finally:
+        await store.close()
+    changed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        put_blob = backends.index.put_blob
+        objects = backends.objects
+        assert isinstance(objects, S3ObjectStore)
+
+        async def change_first(*args: Any, **kwargs: Any) -> None:
+            if not changed:   # step 3 begins: the stored manifest is overwritten
+                await objects.client.put_object(Bucket=TEST_BUCKET, Key=objects.key(manifest),
+                                                Body=b'{"schemaVersion": 2, "layers": []}')
+                changed.append(True)
+            await put_blob(*args, **kwargs)
+
+        backends.index.put_blob = change_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert changed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] == "refused" and not report["ok"]
+    assert f"{manifest} changed in the store" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert manifest not in stored.graph.manifests
+    assert (world.repos[0], "v1") not in stored.tags

@@ -842,7 +842,12 @@ class Importer:
         checked: set[str] = set()
         for d in _depth_first(image["digest"], successors):
             digest = Digest.parse(d)
-            parsed = parse_manifest(await work.read_bytes(digest), manifests[d])
+            raw = await work.read_bytes(digest)
+            if Digest.of(raw) != digest:   # the row must describe the bytes step 2 verified
+                raise StorageError(f"{digest} changed in the store during the import (it "
+                                   "does not match its digest: run sigil fsck); re-run the "
+                                   "import")
+            parsed = parse_manifest(raw, manifests[d])
             if isinstance(work, _StagedManifests):
                 await work.publish(digest, parsed.raw)
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
