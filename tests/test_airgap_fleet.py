@@ -17,12 +17,14 @@ its own test.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import io
 import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,20 @@ from typing import Any
 import pytest
 import yaml
 
+from sigil.airgap import importer
+from sigil.config import load_config
+from sigil.errors import Denied, ManifestUnknown
+from sigil.mirror import Mirror
 from sigil.oci.digest import Digest
+from sigil.progress import LineProgress
+from sigil.routing import Route
+from sigil.storage.backends import Backends
 from sigil.storage.index import Graph
 from sigil.storage.pgindex import PgIndex
 from sigil.storage.s3 import S3ObjectStore
+from sigil.upstream.offline import offline_clients, offline_config
+from sigil.verify.engine import Verifier
+from sigil.verify.policy import load_policy
 from tests.realparts import RealRegistry, RegistryPusher, skopeo_copy
 from tests.realparts.fleet import TEST_BUCKET, s3_config_for
 from tests.realparts.postgres import RealPostgres
@@ -445,3 +457,357 @@ def test_unreachable_backends_exit_2_naming_the_config_key(world: World,
         assert "Traceback" not in result.stderr
         assert world.seaweed.secret_key not in result.stderr and password not in result.stderr
     assert not (side.sigil.workdir / "x.tar.sigil-work").exists()   # nothing left behind
+
+
+async def _import_in_process(monkeypatch: pytest.MonkeyPatch, config: Path, archive: Path,
+                             instrument: Callable[[Backends], None]) -> dict[str, Any]:
+    """``sigil import`` in this process, on backends ``instrument`` may hook into (to land
+    another process's step between two of the import's)."""
+    opened = importer.open_backends
+
+    async def open_instrumented(cfg: Any) -> Backends:
+        backends = await opened(cfg)
+        instrument(backends)
+        return backends
+
+    monkeypatch.setattr(importer, "open_backends", open_instrumented)
+    quiet = LineProgress(io.StringIO(), "sigil")
+    return await importer.Importer(load_config(str(config)), progress=quiet).run([archive])
+
+
+def _member(archive: Path, digest: str) -> bytes:
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(f"blobs/sha256/{digest[7:]}")
+        assert member is not None
+        return member.read()
+
+
+async def test_a_blob_gc_removes_after_the_import_checked_it_is_never_tagged(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    side = world.side("gc-race", world.dead_url)
+    layer = Digest.parse(world.single.blobs[-1])
+    # The far store already holds that layer, unreferenced (an evicted image's, or a killed
+    # import's leftover): the import hashes it from the archive and reuses the stored one.
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(layer, _member(carried.archive, str(layer)))
+    finally:
+        await store.close()
+    removed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        put_manifest = backends.index.put_manifest
+
+        async def gc_first(*args: Any, **kwargs: Any) -> None:
+            if not removed:  # a fleet gc pass lands after the check, before the first row
+                removed.append(await backends.index.delete_unreferenced(
+                    layer, functools.partial(backends.objects.delete, layer)))
+            await put_manifest(*args, **kwargs)
+
+        backends.index.put_manifest = gc_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert removed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] != "loaded" and not report["ok"]
+    assert str(layer) in archive["error"] and "vanished" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert str(layer) not in stored.objects
+    # No tag names the image whose layer is gone (a tag names only complete content).
+    assert (world.repos[0], "v1") not in stored.tags
+    assert (world.repos[1], "v1") not in stored.tags
+
+
+async def test_a_replica_serving_during_the_load_never_sees_a_partial_image(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before every row the import writes, another replica (its own connections) pulls both
+    images by tag and by digest: each is either absent or served verified, never denied
+    (a deny would be cached fleet-wide) and never incomplete."""
+    side = world.side("watched", world.dead_url)
+    config = offline_config(load_config(str(side.sigil.config_path)))
+    upstream = config.upstreams[0]
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    index = await PgIndex.open(side.backend.dsn)
+    seen: list[tuple[str, str]] = []
+
+    async def pull_everything() -> None:
+        mirror = Mirror(config, store, index, offline_clients(config),
+                        Verifier(load_policy(str(world.policy))))
+        for repo, digest in ((world.repos[0], world.single.digest),
+                             (world.repos[1], world.multi.index.digest)):
+            for reference in ("v1", digest):
+                route = Route(upstream, repo, f"{upstream.name}/{repo}")
+                try:
+                    served = await mirror.manifest(route, reference)
+                except ManifestUnknown:
+                    seen.append((reference, "absent"))
+                    continue
+                except Denied as exc:
+                    seen.append((reference, f"denied: {exc}"))
+                    continue
+                assert str(served.digest) == digest
+                seen.append((reference, "served"))
+
+    def instrument(backends: Backends) -> None:
+        for name in ("put_manifest", "add_referrer", "put_tag"):
+            write = getattr(backends.index, name)
+
+            async def watched(*args: Any, _write: Any = write, **kwargs: Any) -> None:
+                await pull_everything()
+                await _write(*args, **kwargs)
+
+            setattr(backends.index, name, watched)
+
+    try:
+        report = await _import_in_process(monkeypatch, side.sigil.config_path,
+                                          carried.archive, instrument)
+        assert report["ok"], report
+        await pull_everything()
+    finally:
+        await index.close()
+        await store.close()
+    assert [s for s in seen if s[1] not in ("absent", "served")] == []
+    assert seen[-4:] == [("v1", "served"), (world.single.digest, "served"),
+                         ("v1", "served"), (world.multi.index.digest, "served")]
+
+
+async def test_a_refused_import_never_removes_a_manifest_a_replica_is_storing(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """A replica pulls every manifest of the archive through (the real
+    ``Mirror._store_manifest``: is the object there? store it if not; record the row) while
+    a refused import rolls back: the import's rollback runs between the replica's look at
+    the bucket and its row. Every manifest the replica recorded must still be stored."""
+    meta = await importer.read_metadata(carried.archive)
+    manifests: dict[str, str] = meta.contents["manifests"]
+    tampered = tmp_path / "tampered.tar"
+    shutil.copy(carried.archive, tampered)
+    with tarfile.open(tampered) as tar:
+        held = [m for m in tar.getmembers() if m.isfile() and m.size > 0
+                and f"sha256:{m.name.rsplit('/', 1)[-1]}" in meta.contents["held"]]
+    last = max(held, key=lambda m: m.offset_data)   # everything before it is committed first
+    with open(tampered, "r+b") as fh:
+        fh.seek(last.offset_data + last.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 1]))
+    side = world.side("replica-race", world.dead_url)
+    config = offline_config(load_config(str(side.sigil.config_path)))
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    index = await PgIndex.open(side.backend.dsn)
+    at_row = asyncio.Semaphore(0)
+    rolled_back = asyncio.Event()
+    record = index.put_manifest
+
+    async def record_after_rollback(*args: Any, **kwargs: Any) -> None:
+        at_row.release()           # the replica looked at the bucket (and stored if absent)
+        await rolled_back.wait()
+        await record(*args, **kwargs)
+
+    index.put_manifest = record_after_rollback  # type: ignore[method-assign]
+    mirror = Mirror(config, store, index, offline_clients(config))
+    replica: list[asyncio.Task[Any]] = []
+
+    def instrument(backends: Backends) -> None:
+        delete_unreferenced = backends.index.delete_unreferenced
+
+        async def replica_first(*args: Any, **kwargs: Any) -> bool:
+            if not replica:   # the rollback begins: the replica is pulling the same content
+                replica.append(asyncio.ensure_future(asyncio.gather(*(
+                    mirror._store_manifest(Digest.parse(d), _member(carried.archive, d), t)
+                    for d, t in manifests.items()))))
+                for _ in manifests:
+                    await at_row.acquire()
+            return await delete_unreferenced(*args, **kwargs)
+
+        backends.index.delete_unreferenced = replica_first  # type: ignore[method-assign]
+
+    try:
+        report = await _import_in_process(monkeypatch, side.sigil.config_path, tampered,
+                                          instrument)
+        rolled_back.set()
+        assert replica, "the import rolled nothing back"
+        await replica[0]
+        [archive] = report["archives"]
+        assert archive["result"] == "refused" and "does not match its digest" in \
+            archive["error"]
+        rows = (await index.graph()).manifests
+        assert {str(d) for d in rows} == set(manifests)
+        missing = [d for d in manifests if not await store.has(Digest.parse(d))]
+        assert missing == [], "indexed by the replica, deleted by the import's rollback"
+    finally:
+        await index.close()
+        await store.close()
+    # The import's own objects are gone again: what is left is what the replica stored.
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert stored.objects == set(manifests) and not stored.pending
+
+
+def _forge(src: Path, dst: Path, extra: dict[str, bytes],
+           edit: Callable[[dict[str, Any]], None]) -> None:
+    """``src`` with ``extra`` blobs added and its contents document changed by ``edit``,
+    re-digested all the way up (the archive manifest, index.json) as an attacker can."""
+    from sigil.airgap.layout import canonical_json
+
+    with tarfile.open(src) as tar:
+        files = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+                 for m in tar.getmembers() if m.isfile()}
+    index = json.loads(files["index.json"])
+    ours = next(m for m in index["manifests"] if "dev.sigil.airgap.archive" in m["annotations"])
+    manifest = json.loads(files.pop(f"blobs/sha256/{ours['digest'][7:]}"))
+    contents = json.loads(files.pop(f"blobs/sha256/{manifest['layers'][0]['digest'][7:]}"))
+    edit(contents)
+    new_contents = canonical_json(contents)
+    manifest["layers"][0].update(digest=str(Digest.of(new_contents)), size=len(new_contents))
+    new_manifest = canonical_json(manifest)
+    ours.update(digest=str(Digest.of(new_manifest)), size=len(new_manifest))
+    files["index.json"] = canonical_json(index)
+    files[f"blobs/sha256/{Digest.of(new_manifest).hex}"] = new_manifest
+    files[f"blobs/sha256/{Digest.of(new_contents).hex}"] = new_contents
+    files.update(extra)
+    order = ["oci-layout", "index.json", f"blobs/sha256/{Digest.of(new_manifest).hex}",
+             f"blobs/sha256/{Digest.of(new_contents).hex}"]
+    with tarfile.open(dst, "w") as tar:
+        for name in order + sorted(set(files) - set(order)):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            tar.addfile(info, io.BytesIO(files[name]))
+
+
+async def test_an_oversized_manifest_is_refused_before_it_is_written(
+        world: World, carried: Carried, tmp_path: Path) -> None:
+    big = os.urandom(4 * 1024 * 1024 + 1)   # one byte over MAX_MANIFEST_BYTES
+    digest = _sha(big)
+
+    def list_as_manifest(contents: dict[str, Any]) -> None:
+        contents["held"].append(digest)
+        contents["sizes"][digest] = len(big)
+        contents["manifests"][digest] = "application/vnd.oci.image.manifest.v1+json"
+
+    forged = tmp_path / "big-manifest.tar"
+    _forge(carried.archive, forged, {f"blobs/sha256/{digest[7:]}": big}, list_as_manifest)
+    side = world.side("big-manifest", world.dead_url)
+    code, report, output = _import(side.sigil.config_path, forged)
+    assert code == 1, output
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert f"manifest {digest} is {len(big)} bytes (at most {len(big) - 1})" in \
+        archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
+
+
+async def test_too_little_local_space_for_the_staged_manifests_is_refused(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a bucket only the manifests (and the private index) land on local disk; that
+    still needs room, and is refused before anything is written when it is missing."""
+    real = shutil.disk_usage
+
+    def tiny(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1000, 1000)
+
+    monkeypatch.setattr(importer.shutil, "disk_usage", tiny)
+    side = world.side("no-room", world.dead_url)
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      lambda backends: None)
+    [archive] = report["archives"]
+    assert archive["result"] == "refused"
+    assert "only 1000 free" in archive["error"] and "needs" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
+
+
+async def test_a_reused_object_removed_before_it_is_read_refuses_the_archive(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far bucket already holds the image's manifest, unindexed (a killed import's
+    leftover): the import reuses it. A gc removing it just before the import reads it makes
+    a clear refusal in the report, not an exception out of ``sigil import``."""
+    side = world.side("gone-before-read", world.dead_url)
+    manifest = Digest.parse(world.single.digest)
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
+    finally:
+        await store.close()
+    removed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        read_bytes = backends.objects.read_bytes
+
+        async def gc_first(digest: Digest) -> bytes:
+            if digest == manifest and not removed:
+                removed.append(await backends.objects.delete(digest))
+            return await read_bytes(digest)
+
+        backends.objects.read_bytes = gc_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert removed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] == "refused" and not report["ok"]
+    assert str(manifest) in archive["error"] and "vanished" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert stored.tags == set() and not stored.graph.manifests
+
+
+async def test_export_indexes_an_unindexed_stored_object_only_if_it_hashes_right(
+        world: World) -> None:
+    """An object in the bucket that the index does not know (what a killed import or
+    download left, or anything written there behind sigil's back) is not taken on trust:
+    ``export --to-store`` re-hashes it, and fetches it again when it does not match."""
+    side = world.side("relic", world.registry.url)
+    layer = Digest.parse(world.single.blobs[-1])
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.client.put_object(Bucket=TEST_BUCKET, Key=store.key(layer),
+                                      Body=b"not the layer")
+        result = run_sigil("export", "--config", str(side.sigil.config_path), "--plan",
+                           str(world.plan), "--to-store", "--json")
+        assert result.returncode == 0, result.stderr
+        stored = await side.backend.contents(world.seaweed, world.repos)
+        assert layer in stored.graph.blobs
+        assert await store.hash_object(layer) == layer   # what the index lists is right
+    finally:
+        await store.close()
+
+
+async def test_a_reused_manifest_changed_after_verification_is_never_indexed(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far bucket already holds the image's manifest (the import reuses it). If its
+    object changes between the offline verification and the rows, the row is not written
+    from the changed bytes: the archive is refused in the report."""
+    side = world.side("changed-manifest", world.dead_url)
+    manifest = Digest.parse(world.single.digest)
+    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
+    try:
+        await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
+    finally:
+        await store.close()
+    changed: list[bool] = []
+
+    def instrument(backends: Backends) -> None:
+        put_blob = backends.index.put_blob
+        objects = backends.objects
+        assert isinstance(objects, S3ObjectStore)
+
+        async def change_first(*args: Any, **kwargs: Any) -> None:
+            if not changed:   # step 3 begins: the stored manifest is overwritten
+                await objects.client.put_object(Bucket=TEST_BUCKET, Key=objects.key(manifest),
+                                                Body=b'{"schemaVersion": 2, "layers": []}')
+                changed.append(True)
+            await put_blob(*args, **kwargs)
+
+        backends.index.put_blob = change_first  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    assert changed == [True]
+    [archive] = report["archives"]
+    assert archive["result"] == "refused" and not report["ok"]
+    assert f"{manifest} changed in the store" in archive["error"]
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert manifest not in stored.graph.manifests
+    assert (world.repos[0], "v1") not in stored.tags

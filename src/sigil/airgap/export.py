@@ -465,9 +465,18 @@ class Exporter:
         store, index = self._blobs, self._index
         size = await store.size(digest)
         if size is not None:  # resumed, or (fleet) already in the shared store: reused
-            if await index.blob_size(digest) is None and await index.get_manifest(digest) is None:
+            if await index.blob_size(digest) is not None or \
+                    await index.get_manifest(digest) is not None:
+                return
+            # Stored but unindexed: a local file was committed by this export's own verified
+            # download; an object in a shared bucket may be anything (a killed import's or
+            # download's leftover, a write behind sigil's back) and serving replicas trust
+            # what the index lists, so it is indexed only if its bytes hash right, else
+            # fetched again (the download overwrites it).
+            if isinstance(store, FilesystemObjectStore) or \
+                    await store.hash_object(digest) == digest:
                 await index.put_blob(digest, size)
-            return
+                return
         route, repo, _ = self.origins[digest]
         async with self._slots:
             client = mirror.clients[route.upstream.name]

@@ -15,20 +15,22 @@
    The archive's policy and trust files are only compared with the local ones (a diff in the
    report).
 3. **Load per image.** For each image that passed: blobs, then manifest rows and referrer
-   links, then tags last, so a tag never names an incomplete image, even after a crash.
+   links depth first (each after what it reaches, signature tags included), then its own
+   tags last, so a tag never names an incomplete image, even after a crash.
    Verdicts and allows are *not* copied: the serving mirror decides again from stored
    artifacts under its own policy.
 
 The store and index are the configured backends, opened as ``sigil serve`` opens them. On a
 remote object store (``storage.backend: s3``) step 1 streams each blob straight into an upload
-of the bucket, committed only once its sha256 matched (nothing is staged on local disk, so
-there is no local free-space check: the scratch is the upload's few in-memory parts), and the
-private working store is the bucket plus a private SQLite index that lists only the archive's
-content: the offline mirror of step 2 reads nothing else. Objects committed that way are
-invisible (no index row: a remote store is asked through its index) until step 3 writes the
-rows into the configured index (PostgreSQL); whatever this import committed and did not load
-(a refused archive, a denied image) is deleted again when the archive is done, through the
-index's check-and-delete, so a refused archive leaves the bucket as it found it.
+of the bucket, committed only once its sha256 matched (nothing of it is staged on local disk:
+the scratch is the upload's few in-memory parts); the archive's manifests are staged in the
+private working directory and reach the bucket only in step 3, each right before its row
+(:class:`_StagedManifests` says why). The offline mirror of step 2 reads through a private
+SQLite index that lists only the archive's content. Committed blobs are invisible (no index
+row: a remote store is asked through its index) until step 3 writes the rows into the
+configured index (PostgreSQL); the blobs this import committed and did not load (a refused
+archive, a denied image) are deleted again when the archive is done, through the index's
+check-and-delete, so a refused archive leaves the bucket as it found it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,7 @@ from sigil.airgap.layout import (
 from sigil.airgap.report import RecordingPolicy, text_diff, trust_diff, trust_files, verdict_json
 from sigil.config import Config, UpstreamConfig
 from sigil.errors import (
+    BlobUnknown,
     Denied,
     DigestInvalid,
     ManifestInvalid,
@@ -82,17 +86,21 @@ from sigil.errors import (
 )
 from sigil.mirror import AllowAll, Mirror, PolicyHook
 from sigil.oci.digest import Digest
-from sigil.oci.manifest import OCI_MANIFEST, Manifest, parse_manifest
+from sigil.oci.manifest import MAX_MANIFEST_BYTES, OCI_MANIFEST, Manifest, parse_manifest
 from sigil.oci.reference import validate_name, validate_tag
 from sigil.progress import ProgressReporter, Transfer, progress_for
 from sigil.routing import Route
 from sigil.storage import BlobStore, Index
 from sigil.storage.backends import open_backends
+from sigil.storage.blobs import ObjectInfo
 from sigil.storage.contracts import (
     AsyncIndex,
     FilesystemObjectStore,
+    ObjectReader,
     ObjectStore,
+    PendingUpload,
     SqliteAsyncIndex,
+    UploadSession,
 )
 from sigil.upstream.offline import offline_clients, offline_config
 
@@ -115,6 +123,103 @@ class Metadata:
     small: dict[str, bytes] = field(default_factory=dict)   # metadata blobs by digest
 
 
+class _StagedManifests:
+    """The working store of an import into a remote store: blobs go into the bucket itself
+    (each committed only once its sha256 matched; invisible until indexed), the archive's
+    *manifests* into a private local store until step 3 publishes each right before its
+    row. A replica's pull-through of a manifest checks the bucket and then writes the row
+    (``Mirror._store_manifest``), and no check-and-delete can come between the two: had a
+    refused import committed the manifest, its rollback could delete the object the replica
+    had just found and leave that replica's row without it. A replica commits a blob only
+    once a recorded manifest references it, so the rollback's check-and-delete keeps those.
+
+    Reads look in the private store first, then the bucket (a delta's base, content the
+    bucket held already)."""
+
+    def __init__(self, target: ObjectStore, local: FilesystemObjectStore) -> None:
+        self.target = target
+        self.local = local
+        self.manifests: set[str] = set()   # set once the contents document is read
+
+    def staged(self, digest: Digest) -> bool:
+        """True if ``digest`` is written to the private store rather than the bucket."""
+        return str(digest) in self.manifests
+
+    async def _holder(self, digest: Digest) -> ObjectStore:
+        return self.local if await self.local.has(digest) else self.target
+
+    async def has(self, digest: Digest) -> bool:
+        """True if stored privately or in the bucket."""
+        return await self.local.has(digest) or await self.target.has(digest)
+
+    async def size(self, digest: Digest) -> int | None:
+        """The size from whichever store holds the object."""
+        return await (await self._holder(digest)).size(digest)
+
+    @asynccontextmanager
+    async def open_range(self, digest: Digest, offset: int = 0,
+                         length: int | None = None) -> AsyncIterator[ObjectReader]:
+        """A stream from whichever store holds the object."""
+        async with (await self._holder(digest)).open_range(digest, offset, length) as reader:
+            yield reader
+
+    async def read_bytes(self, digest: Digest) -> bytes:
+        """The bytes from whichever store holds the object."""
+        return await (await self._holder(digest)).read_bytes(digest)
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """A manifest into the private store, anything else into the bucket."""
+        await (self.local if self.staged(digest) else self.target).put_bytes(digest, data)
+
+    async def begin_upload(self, expected: Digest) -> UploadSession:
+        """A manifest into the private store, anything else into the bucket."""
+        return await (self.local if self.staged(expected) else self.target).begin_upload(
+            expected)
+
+    async def publish(self, digest: Digest, raw: bytes) -> None:
+        """Put a verified manifest into the bucket (step 3, right before its row)."""
+        if not await self.target.has(digest):
+            await self.target.put_bytes(digest, raw)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """The private file of a staged manifest (nothing else is local)."""
+        return self.local.local_path(digest)
+
+    # The rest of the ObjectStore contract: the bucket's (the import does not use it).
+    async def delete(self, digest: Digest) -> bool:
+        """Delete from the bucket."""
+        return await self.target.delete(digest)
+
+    def iter_objects(self) -> AsyncIterator[ObjectInfo]:
+        """The bucket's objects."""
+        return self.target.iter_objects()
+
+    async def hash_object(self, digest: Digest) -> Digest | None:
+        """Re-hash from whichever store holds the object."""
+        return await (await self._holder(digest)).hash_object(digest)
+
+    async def quarantine(self, digest: Digest) -> bool:
+        """Quarantine in the bucket."""
+        return await self.target.quarantine(digest)
+
+    async def pending_uploads(self) -> list[PendingUpload]:
+        """The bucket's pending uploads."""
+        return await self.target.pending_uploads()
+
+    async def cleanup_abandoned(self, older_than: float,
+                                keep: Callable[[Digest], Awaitable[bool]] | None = None) -> int:
+        """Nothing: the bucket's abandoned uploads are the fleet's cleanup's business."""
+        return 0
+
+    async def presign_url(self, digest: Digest, expires: float) -> str | None:
+        """No direct URLs for a working store."""
+        return None
+
+    async def close(self) -> None:
+        """Nothing: the bucket is closed with the backends, the private store with the
+        working directory."""
+
+
 class _Checker:
     """Checks an archive member by member (see the module docstring, step 1)."""
 
@@ -126,8 +231,8 @@ class _Checker:
         self.work = work
         self.target = target
         self.progress = progress
-        # Objects this import committed to a shared ``target`` (work is target) that were not
-        # there before: deleted again unless an image loads them.
+        # Objects this import committed to a shared ``target`` (blobs: manifests are staged
+        # privately) that were not there before: deleted again unless an image loads them.
         self.created: set[Digest] = set()
         self.meta = Metadata()
         self.seen: set[str] = set()
@@ -239,6 +344,8 @@ class _Checker:
         except (ValueError, AttributeError, TypeError, SigilError) as exc:
             raise self.refuse(f"contents document is malformed ({exc})") from exc
         self.meta.contents = contents
+        if isinstance(self.work, _StagedManifests):
+            self.work.manifests = set(contents["manifests"])
         self._check_space()
 
     async def _adopt_small(self) -> None:
@@ -258,17 +365,22 @@ class _Checker:
         return self.target is not None and await self.target.has(digest)
 
     def _note_created(self, digest: Digest) -> None:
-        if self.work is self.target:
-            self.created.add(digest)
+        if isinstance(self.work, _StagedManifests) and not self.work.staged(digest):
+            self.created.add(digest)   # committed to the shared bucket
 
     def _check_space(self) -> None:
         if self.work is None:
             return
         sizes = self.meta.contents["sizes"]
-        # A remote store: blobs stream into the bucket, nothing of them on local disk.
+        held: list[str] = self.meta.contents["held"]
         work, target = self.work, self.target
+        if isinstance(work, _StagedManifests):
+            # A remote store: blobs stream into the bucket, nothing of them on local disk;
+            # only the manifests are staged there (and the private index).
+            held = [d for d in held if work.staged(Digest.parse(d))]
+            work, target = work.local, None
         if isinstance(work, FilesystemObjectStore):
-            needed = sum(int(sizes.get(d, 0)) for d in self.meta.contents["held"]
+            needed = sum(int(sizes.get(d, 0)) for d in held
                          if not isinstance(target, FilesystemObjectStore)
                          or not target.blobs.has(Digest.parse(d)))
             free = shutil.disk_usage(work.blobs.root).free
@@ -290,6 +402,10 @@ class _Checker:
         if member.size != expected_size:
             raise self.refuse(f"blob {digest} is {member.size} bytes, the contents say "
                               f"{expected_size}")
+        if digest in contents["manifests"] and expected_size > MAX_MANIFEST_BYTES:
+            # Refused before a byte of it is written: a manifest is read whole later.
+            raise self.refuse(f"manifest {digest} is {expected_size} bytes (at most "
+                              f"{MAX_MANIFEST_BYTES})")
         parsed = Digest.parse(digest)
         if self.work is None:
             return
@@ -473,10 +589,12 @@ class Importer:
         result: dict[str, Any] = {"archive": str(path), "result": "refused", "images": []}
         # Under the store root: the same filesystem, so loading a blob is a hard link; the
         # name starts with a dot so no store walk (gc, fsck: blobs/ only) ever looks at it.
-        # Over a remote store it holds only the private index of step 2.
+        # Over a remote store it holds the private index of step 2 and the archive's
+        # manifests until step 3 publishes them (_StagedManifests).
         work_dir = self.root / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        local = isinstance(target, FilesystemObjectStore)
-        work: ObjectStore = FilesystemObjectStore(BlobStore(work_dir)) if local else target
+        private = FilesystemObjectStore(BlobStore(work_dir))
+        work: ObjectStore = private if isinstance(
+            target, FilesystemObjectStore) else _StagedManifests(target, private)
         work_dir.mkdir(parents=True, exist_ok=True)
         windex = Index(work_dir / "index.sqlite")
         loaded: set[Digest] = set()
@@ -488,9 +606,13 @@ class Importer:
                                               policy, loaded, work_dir)
         except ArchiveError as exc:
             result["error"] = str(exc)
-        except (Unavailable, StorageError) as exc:
-            # The store or the index failed under us: images loaded before stay (each is
-            # complete); the rest of the archive is not loaded.
+        except (Unavailable, StorageError, BlobUnknown) as exc:
+            # The store or the index failed under us (or an object it held went away: a gc,
+            # another import's rollback): images loaded before stay (each is complete); the
+            # rest of the archive is not loaded.
+            if isinstance(exc, BlobUnknown):
+                detail = exc.detail if isinstance(exc.detail, dict) else {}
+                exc = _vanished(str(detail.get("digest", "an object")))
             result["error"] = f"{path}: {exc}; the archive was not (fully) loaded"
             if result["images"] and any(i["result"] == "loaded" for i in result["images"]):
                 result["result"] = "partial"
@@ -658,7 +780,17 @@ class Importer:
         and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
         theirs. The contents document is data from the other side; anything else it lists
         under the image is ignored (the count is returned) rather than loaded unverified.
-        What is loaded is added to ``loaded``."""
+        What is loaded is added to ``loaded``.
+
+        The order is what keeps a replica serving meanwhile from ever seeing a partial
+        image: manifest rows go in depth first, each after everything reached from it (its
+        children, its referrers, the artifacts its ``sha256-<hex>`` tags name, and those
+        tags), so a manifest visible by digest already has the signatures its verification
+        looks for (a pull in between would otherwise be denied, and the deny cached); the
+        image's own tags come last. Every object is looked for again *after* the row that
+        protects it from a check-and-delete (gc, another import's rollback) is written and
+        before any tag names it: an object removed in between is never indexed as part of a
+        tagged image (StorageError, the rest of the archive is refused)."""
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
         listed_manifests = set(image["manifests"])
@@ -672,7 +804,9 @@ class Importer:
             elif d == image["digest"]:
                 own_tags.append((repo, tag, d, media_type))
         reached: set[str] = set()
-        tags = list(own_tags)
+        successors: dict[str, list[str]] = {}
+        # Subject tags to write once the artifact they name is in: artifact -> tag rows.
+        tags_of: dict[str, list[tuple[str, str, str, str]]] = {}
         frontier = [image["digest"]]
         while frontier:
             d = frontier.pop()
@@ -683,8 +817,9 @@ class Importer:
             nxt = [str(c) for c in windex.get_references(digest) if str(c) in manifests]
             nxt += [str(r) for r in windex.get_referrers(digest)]
             for row in subject_tags.get(d, []):
-                tags.append(row)
+                tags_of.setdefault(row[2], []).append(row)
                 nxt.append(row[2])
+            successors[d] = nxt
             frontier.extend(nxt)
         blobs: set[str] = set()
         for d in reached:
@@ -699,24 +834,66 @@ class Importer:
                     target, FilesystemObjectStore) and work is not target:
                 if not target.blobs.has(digest):
                     _link(work.blobs.path(digest), target.blobs.path(digest))
-            elif not await target.has(digest):  # a remote store: committed in step 1
-                raise StorageError(f"{digest} vanished from the store during the import")
+            elif not await work.has(digest):  # a remote store: committed (staged) in step 1
+                raise _vanished(digest)
             loaded.add(digest)
         for d in sorted(blobs):
             await index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
-        for d in sorted(reached):
+        checked: set[str] = set()
+        for d in _depth_first(image["digest"], successors):
             digest = Digest.parse(d)
-            parsed = parse_manifest(await target.read_bytes(digest), manifests[d])
+            raw = await work.read_bytes(digest)
+            if Digest.of(raw) != digest:   # the row must describe the bytes step 2 verified
+                raise StorageError(f"{digest} changed in the store during the import (it "
+                                   "does not match its digest: run sigil fsck); re-run the "
+                                   "import")
+            parsed = parse_manifest(raw, manifests[d])
+            if isinstance(work, _StagedManifests):
+                await work.publish(digest, parsed.raw)
             refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
             await index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
             if parsed.subject is not None:
                 await index.add_referrer(parsed.subject.digest, digest)
+            # The row now protects the manifest and what it references: look again.
+            for ref in [digest, *(r for r in refs if str(r) in blobs)]:
+                if str(ref) not in checked:
+                    if not await target.has(ref):
+                        raise _vanished(ref)
+                    checked.add(str(ref))
+            now = time.time()
+            for repo, tag, _, media_type in tags_of.get(d, []):
+                await index.put_tag(image["upstream"], repo, tag, digest, media_type, now)
         now = time.time()
-        for repo, tag, d, media_type in tags:
+        for repo, tag, d, media_type in own_tags:
             if d in reached:
                 await index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type,
                                     now)
         return ignored
+
+
+def _depth_first(root: str, successors: dict[str, list[str]]) -> list[str]:
+    """The manifests reached from ``root``, each after everything reached from it (a cycle,
+    possible only through tags, is cut where it closes)."""
+    if root not in successors:
+        return []
+    order: list[str] = []
+    done: set[str] = {root}
+    stack: list[tuple[str, Iterator[str]]] = [(root, iter(successors.get(root, [])))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            order.append(node)
+        elif child not in done and child in successors:
+            done.add(child)
+            stack.append((child, iter(successors[child])))
+    return order
+
+
+def _vanished(digest: Digest | str) -> StorageError:
+    return StorageError(f"{digest} vanished from the store during the import (removed by a "
+                        "gc or by another import's rollback); re-run the import")
 
 
 async def _discard(objects: ObjectStore, index: AsyncIndex, created: set[Digest]) -> None:
