@@ -63,11 +63,6 @@ READ_CHUNK = 1024 * 1024
 # to make an unverified body incomplete; a client that counts on Content-Length sees a short read.
 # With a known size it is the blob's last byte; without one, the last byte received so far.
 HOLD_BACK = 1
-# The staging file is written in slices of this size. On this VM's kernel (6.18, ext4) a
-# buffered write of 512 KiB or more now and then stalls (a 256 MiB file took 0.3-0.4 s to write
-# instead of 0.05 s, in about one file of three), which halved the cold pull; 128 KiB writes
-# did not stall in any of the runs.
-STAGING_WRITE = 128 * 1024
 # While a download runs, its staging file is fdatasync'ed in a thread every this many bytes, so
 # the commit's fsync finds little left to flush (followers in other workers wait for it).
 SYNC_EVERY = 32 * 1024 * 1024
@@ -141,11 +136,13 @@ def _flush(path: Path) -> None:
 
 
 def _write(staging: StagingFile, chunk: bytes | memoryview) -> None:
-    """Append and hash one chunk, in STAGING_WRITE slices (StagingFile.write takes any
-    buffer: a raw file write and hashlib, while the slice is hot in the cache)."""
-    view = memoryview(chunk)
-    for at in range(0, len(chunk), STAGING_WRITE):
-        staging.write(view[at:at + STAGING_WRITE])
+    """Append and hash one chunk (up to READ_CHUNK) with one file write and one hash update.
+
+    It was written in 128 KiB slices (2026-11-29: buffered writes of >= 512 KiB then stalled
+    now and then on this VM). On 2026-12-03 whole 1 MiB writes did not stall in 22 files
+    and cost less; the cold pull went up 6-27 % in four A/Bs (bench/README.md, "Cold path:
+    the send side and the hash thread")."""
+    staging.write(chunk)
 
 
 def _hash_copy(fd: int) -> Digest:
