@@ -205,7 +205,7 @@ async def test_scratch_feeder_uploads_the_verified_bytes_hashed_once(
         hashing.append(self._hash is not None)
 
     monkeypatch.setattr(S3Upload, "hash_by_caller", spy)
-    store, download, digest, data = await _cold_download(s3_config, tmp_path, tamper=False)
+    store, download, digest, _ = await _cold_download(s3_config, tmp_path, tamper=False)
     try:
         assert download.error is None and download.stored_remotely
         assert hashing == [False]
