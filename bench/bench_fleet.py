@@ -1,6 +1,6 @@
 """``python3 -m bench.bench_fleet [--runs 3] [--mib 256] [--herd 20] [--base SRC] [--no-fs]
-[--no-herd]``: sigil replicas over S3 (SeaweedFS) + PostgreSQL against the embedded sigil and
-distribution, same machine, same run.
+[--no-herd] [--herd-runs 1]``: sigil replicas over S3 (SeaweedFS) + PostgreSQL against the
+embedded sigil and distribution, same machine, same run.
 
 Rows (medians with min..max over ``--runs``, each run on a fresh store; the systems of a run
 go in an order rotated from run to run, so noise on the shared machine does not always hit the
@@ -16,7 +16,8 @@ same one):
   distribution stores in the background after the client is served);
 - the herd: ``--herd`` concurrent curls of one cold blob spread over 3 replicas by a
   round-robin TCP balancer: upstream GETs of the blob (from the upstream's access log), wall
-  time, and the median time to first byte;
+  time, and the median time to first byte (``--herd-runs`` times; with ``--base``, base and
+  this tree alternating, a fresh blob each);
 - manifest HEAD by tag (ab, 16 keep-alive connections): one replica, and 3 replicas behind the
   balancer (on 2 cores the replicas share the CPU with ab and the balancer: this shows the
   overhead of the fleet path, not scaling).
@@ -267,6 +268,7 @@ def main() -> None:
     parser.add_argument("--base", help="another sigil src/ tree to run as replica 'base'")
     parser.add_argument("--no-fs", action="store_true", help="skip filesystem + SQLite")
     parser.add_argument("--no-herd", action="store_true", help="skip the herd and HEAD rows")
+    parser.add_argument("--herd-runs", type=int, default=1)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="sigil-bench-fleet-"))
     loop = _Loop()
@@ -330,28 +332,43 @@ def main() -> None:
             loop.close()
             return
 
-        herd = seed_upstream(upstream, workdir, {"herd": 64 * MiB})["herd"]
-        with bench.fleet(3) as replicas:
-            balancer = loop.run(RoundRobinBalancer(
-                [("127.0.0.1", r.port) for r in replicas]).__aenter__())
-            try:
-                base = f"http://{balancer.host}"
-                for replica in replicas:
-                    curl_get(replica.url + herd.manifest_path())
-                mark = upstream.log_mark()
-                wall, first = _ttfb_many(base + herd.blob_path, args.herd)
-                gets = settled_upstream_count(upstream, mark, "GET", herd.blob_path)
-                print(f"herd of {args.herd} on 3 replicas, 64 MiB cold: upstream GETs {gets}, "
-                      f"wall {wall:.2f}s, median time to first byte "
-                      f"{statistics.median(first):.3f}s (max {max(first):.3f}s)")
-                tag_url = herd.manifest_path()
-                one = ab_head(replicas[0].url + tag_url)
-                three = ab_head(base + tag_url)
-                print(f"manifest HEAD by tag, 16 conns: 1 replica {one.rate:.0f} req/s, "
-                      f"3 replicas behind the balancer {three.rate:.0f} req/s "
-                      f"(failed {one.failed}/{three.failed})")
-            finally:
-                loop.run(balancer.__aexit__(None, None, None))
+        # The herd: with --base, base and after alternate (a fresh cold blob each time).
+        variants = [("base", args.base), ("after", None)] if args.base else [("", None)]
+        herds: dict[str, list[tuple[int, float, float]]] = {name: [] for name, _ in variants}
+        herd: Image | None = None
+        for run in range(args.herd_runs):
+            for name, pythonpath in variants if run % 2 == 0 else variants[::-1]:
+                herd = seed_upstream(upstream, workdir, {f"herd{run}{name}": 64 * MiB})[
+                    f"herd{run}{name}"]
+                with bench.fleet(3, pythonpath) as replicas:
+                    balancer = loop.run(RoundRobinBalancer(
+                        [("127.0.0.1", r.port) for r in replicas]).__aenter__())
+                    try:
+                        base = f"http://{balancer.host}"
+                        for replica in replicas:
+                            curl_get(replica.url + herd.manifest_path())
+                        mark = upstream.log_mark()
+                        wall, first = _ttfb_many(base + herd.blob_path, args.herd)
+                        gets = settled_upstream_count(upstream, mark, "GET", herd.blob_path)
+                        herds[name].append((gets, wall, statistics.median(first)))
+                        print(f"herd {name} of {args.herd} on 3 replicas, 64 MiB cold: upstream "
+                              f"GETs {gets}, wall {wall:.2f}s, median time to first byte "
+                              f"{statistics.median(first):.3f}s (max {max(first):.3f}s)",
+                              flush=True)
+                        if run == args.herd_runs - 1 and pythonpath is None:
+                            tag_url = herd.manifest_path()
+                            one = ab_head(replicas[0].url + tag_url)
+                            three = ab_head(base + tag_url)
+                            print(f"manifest HEAD by tag, 16 conns: 1 replica {one.rate:.0f} "
+                                  f"req/s, 3 replicas behind the balancer {three.rate:.0f} "
+                                  f"req/s (failed {one.failed}/{three.failed})")
+                    finally:
+                        loop.run(balancer.__aexit__(None, None, None))
+        for name, rows in herds.items():
+            walls = Sample([wall for _, wall, _ in rows])
+            print(f"herd {name}: upstream GETs {[gets for gets, _, _ in rows]}, wall "
+                  f"{walls.median:.2f}s ({walls.spread()})")
+        assert herd is not None
         with bench.embedded() as proc:
             curl_get(proc.url + herd.manifest_path())
             embedded = ab_head(proc.url + herd.manifest_path())
