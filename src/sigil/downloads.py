@@ -95,8 +95,6 @@ class BlobSource(Protocol):
 OpenBlob = Callable[[], AbstractAsyncContextManager[BlobSource]]
 #: Called once a blob is committed (digest, size); may be a coroutine function.
 OnCommit = Callable[[Digest, int], "Awaitable[None] | None"]
-# Read size of the task that feeds a remote store's upload from the scratch file.
-UPLOAD_READ = 1024 * 1024
 # Parts the upload to a remote store keeps in flight while the download still runs (its own
 # ``upload_concurrency`` once the download is verified). The clients come first: on the 2-core
 # bench VM SeaweedFS burns ~2.5-3.5 s CPU per 256 MiB ingested and competes with the download
@@ -335,8 +333,8 @@ class Download:
         the filesystem backend, every read of a committed blob). Tripwires, failing closed:
         the descriptor must be the staging file (same inode), the file must not grow past
         what was verified, and nothing may touch it after the verification (its ctime must
-        not change; a writer outside sigil would have to be as fast as the download to hide
-        behind its writes).
+        not change; a change made before it hides behind the download's own later writes:
+        that is the trust above).
         """
         staging = self.staging
         if staging is None:
