@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from sigil import metrics
-from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid
+from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid, StorageError
 from sigil.oci.digest import Digest
 from sigil.storage.backends import Leases
 from sigil.storage.blobs import BlobStore
@@ -182,6 +182,41 @@ async def test_mismatch_discards_everything(pair: Pair, size: int) -> None:
         await session.commit()
     assert not await pair.objects.has(digest)
     assert await pair.objects.pending_uploads() == []  # the multipart upload was aborted
+
+
+@pytest.mark.parametrize("size", [3 * MiB, 11 * MiB + 7])
+async def test_caller_hashed_upload_commits_what_it_vouched_for(pair: Pair, size: int) -> None:
+    """hash_by_caller: the session may skip its own hash; whole ``write_size`` writes (S3:
+    parts sent without a copy) and a short tail, at one part in flight, commit as usual."""
+    data, digest = blob(size)
+    session = await pair.objects.begin_upload(digest)
+    session.hash_by_caller()
+    session.limit_inflight(1)
+    step = session.write_size
+    for at in range(0, size, step):
+        await session.write(data[at:at + step])
+    session.vouch(digest, size)
+    await session.commit()
+    assert await read_all(pair.objects, digest) == data
+    assert await pair.objects.pending_uploads() == []
+
+
+@pytest.mark.parametrize("fault", ["no vouch", "other length", "other digest"])
+async def test_caller_hashed_upload_refuses_a_bad_vouch(pair: Pair, fault: str) -> None:
+    """A caller that hashes and does not vouch, or vouches for another length or digest than
+    the session expects, gets an error and nothing is published (the upload is aborted)."""
+    data, digest = blob(7 * MiB)
+    session = await pair.objects.begin_upload(digest)
+    session.hash_by_caller()
+    await session.write(data)
+    if fault == "other length":
+        session.vouch(digest, len(data) - 1)
+    elif fault == "other digest":
+        session.vouch(Digest.of(data + b"x"), len(data))
+    with pytest.raises(DigestInvalid if fault == "other digest" else StorageError):
+        await session.commit()
+    assert not await pair.objects.has(digest)
+    assert await pair.objects.pending_uploads() == []
 
 
 async def test_abort(pair: Pair) -> None:

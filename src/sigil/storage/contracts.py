@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sigil.errors import BlobUnknown, RangeInvalid
+from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid, StorageError
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import BlobStore, ObjectInfo, StagingFile
 from sigil.storage.index import (
@@ -98,16 +98,43 @@ class UploadSession(Protocol):
         """Where local readers may follow the growing data (a staging file), if anywhere."""
         ...
 
+    @property
+    def write_size(self) -> int:
+        """The write size the session handles best (S3: one part, sent without a copy)."""
+        ...
+
+    def hash_by_caller(self) -> None:
+        """Before the first write: the caller hashes exactly the bytes it writes, in order,
+        and will :meth:`vouch` for their digest, so the session need not hash them again.
+
+        Only for a caller that can show the written bytes are the hashed ones (the download's
+        scratch file, ``Download._upload_scratch`` says why). A session may hash anyway (the
+        filesystem one does: its staging file hashes as it writes)."""
+        ...
+
+    def vouch(self, digest: Digest, size: int) -> None:
+        """The digest and length the caller computed over exactly the bytes it wrote."""
+        ...
+
+    def limit_inflight(self, parts: int | None) -> None:
+        """Keep at most ``parts`` writes in flight to the store (a background upload yielding
+        to the clients); None: the session's configured concurrency. Never raises it above
+        that, so the memory bound stands."""
+        ...
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``. May wait (back-pressure) while an earlier part is uploaded."""
         ...
 
     async def commit(self) -> None:
-        """Publish the object under :attr:`expected` if the bytes written hash to it.
+        """Publish the object under :attr:`expected` if the bytes written hash to it (or,
+        after :meth:`hash_by_caller`, if the vouched digest is it and the vouched length is
+        what was written).
 
         Raise :class:`~sigil.errors.DigestInvalid` (and discard everything written) when they
-        do not. Committing a digest that another writer committed meanwhile is fine: the
-        bytes are the same by construction."""
+        do not; :class:`~sigil.errors.StorageError` (discarding too) when a caller that hashes
+        did not vouch or vouched for another length. Committing a digest that another writer
+        committed meanwhile is fine: the bytes are the same by construction."""
         ...
 
     async def abort(self) -> None:
@@ -288,6 +315,20 @@ def check_range(total: int, offset: int, length: int | None) -> int:
     return end - offset
 
 
+def check_vouch(vouched: tuple[Digest, int] | None, written: int, expected: Digest) -> None:
+    """For a session whose caller hashes (:meth:`UploadSession.hash_by_caller`): raise
+    :class:`StorageError` unless the caller vouched for exactly the ``written`` bytes, and
+    :class:`DigestInvalid` unless the digest it vouched for is ``expected``."""
+    if vouched is None:
+        raise StorageError("upload committed without the caller's digest")
+    digest, size = vouched
+    if size != written:
+        raise StorageError(f"the caller hashed {size} bytes but wrote {written}")
+    if digest != expected:
+        raise DigestInvalid(f"content digest {digest} does not match {expected}",
+                            detail={"expected": str(expected), "actual": str(digest)})
+
+
 # ------------------------------------------------------------------------------------------
 # The embedded backends behind the contracts
 
@@ -318,18 +359,43 @@ class FilesystemUpload:
         self._staging = staging
         self.expected = expected
         self.local_path: Path | None = staging.path
+        self._caller_hashes = False
+        self._vouched: tuple[Digest, int] | None = None
 
     @property
     def size(self) -> int:
         """Bytes written so far."""
         return self._staging.size
 
+    @property
+    def write_size(self) -> int:
+        """Any size: the staging file writes through."""
+        return READ_CHUNK
+
+    def hash_by_caller(self) -> None:
+        """Accepted, but the staging file hashes anyway (that hash is the only one here)."""
+        self._caller_hashes = True
+
+    def vouch(self, digest: Digest, size: int) -> None:
+        """Recorded; :meth:`commit` checks it against the staging file's own hash."""
+        self._vouched = (digest, size)
+
+    def limit_inflight(self, parts: int | None) -> None:
+        """Nothing is in flight: each write goes straight to the file."""
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append to the staging file (unbuffered: local readers see it at once)."""
         self._staging.write(data)
 
     async def commit(self) -> None:
-        """Verify, fsync and rename into the store (StagingFile.commit)."""
+        """Verify, fsync and rename into the store (StagingFile.commit), after checking the
+        caller's vouch like the S3 session does (the same contract on both backends)."""
+        if self._caller_hashes:
+            try:
+                check_vouch(self._vouched, self.size, self.expected)
+            except (StorageError, DigestInvalid):
+                self._staging.abort()
+                raise
         await self._staging.commit(self.expected)
 
     async def abort(self) -> None:

@@ -12,10 +12,14 @@ Layout in the bucket, every key built from a validated :class:`~sigil.oci.digest
     <prefix>blobs/sha256/<2 hex>/<64 hex>   committed content (manifests are blobs too)
     <prefix>quarantine/<64 hex>             objects fsck found corrupt
 
-Writes (:class:`S3Upload`) stream: bytes are hashed as they come and cut into parts of
+Writes (:class:`S3Upload`) stream: bytes are hashed as they come (or, when the caller already
+hashes exactly the bytes it writes, vouched for by it: :meth:`S3Upload.hash_by_caller`; the
+download's scratch feeder does, so a cold blob is hashed once) and cut into parts of
 ``part_size`` (8 MiB by default) held in memory: ``upload_concurrency`` parts uploading (2 by
 default: on loopback SeaweedFS one part in flight left both processes waiting on each other,
-two gave about +30 %) and one filling, never the whole blob and never on local disk. Peak
+two gave about +30 %; a caller may ask for fewer for a while, :meth:`S3Upload.limit_inflight`)
+and one filling, never the whole blob and never on local disk. A write of exactly one part
+into an empty buffer is sent as it is, without a copy. Peak
 memory per upload is ``(2 x upload_concurrency + 1) x part_size`` (aiohttp holds a copy of a
 part while sending it), 40 MiB with the defaults. A blob smaller than one part is sent as
 a single PUT at commit. A larger one is a multipart upload *to its final key*, and the commit is
@@ -59,7 +63,7 @@ from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid, StorageError,
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import ObjectInfo
-from sigil.storage.contracts import READ_CHUNK, PendingUpload, check_range
+from sigil.storage.contracts import READ_CHUNK, PendingUpload, check_range, check_vouch
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -136,27 +140,57 @@ class S3Upload:
         self.key = store.key(expected)
         self.size = 0
         self.local_path: Path | None = None
-        self._hash = hashlib.sha256()
+        # None once the caller hashes (hash_by_caller); its vouch then stands in at commit.
+        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._vouched: tuple[Digest, int] | None = None
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._inflight: list[asyncio.Task[dict[str, Any]]] = []
         self._done = False
+        self._inflight_limit: int | None = None  # limit_inflight; None: upload_concurrency
 
     @property
     def upload_id(self) -> str | None:
         """The multipart upload id once one was started (small objects never start one)."""
         return self._upload_id
 
+    @property
+    def write_size(self) -> int:
+        """One part: a write of exactly this size into an empty buffer is sent as it is."""
+        return self._store.settings.part_size
+
+    def hash_by_caller(self) -> None:
+        """Skip this session's own sha256: the caller hashes exactly the bytes it writes and
+        vouches for them (:meth:`vouch`) before :meth:`commit`, which refuses without it."""
+        if self.size or self._done:
+            raise StorageError("hash_by_caller after the first write")
+        self._hash = None
+
+    def vouch(self, digest: Digest, size: int) -> None:
+        """The digest and length the caller computed over exactly the bytes it wrote."""
+        self._vouched = (digest, size)
+
+    def limit_inflight(self, parts: int | None) -> None:
+        """At most ``parts`` (>= 1, at most ``upload_concurrency``) parts in flight from the
+        next part on; None: ``upload_concurrency`` again."""
+        if parts is not None:
+            parts = max(1, min(parts, self._store.settings.upload_concurrency))
+        self._inflight_limit = parts
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Hash and buffer ``data``; send each full part (waiting while the upload has
-        ``upload_concurrency`` parts in flight)."""
+        """Hash (unless the caller does) and buffer ``data``; send each full part (waiting
+        while the upload has ``upload_concurrency`` parts in flight)."""
         if self._done:
             raise StorageError("write to a finished upload")
-        self._hash.update(data)
-        self._buffer += data
+        if self._hash is not None:
+            self._hash.update(data)
         self.size += len(data)
         part_size = self._store.settings.part_size
+        if not self._buffer and len(data) == part_size and isinstance(data, bytes):
+            await self._send(data)  # a whole part, immutable: no copy into the buffer
+            return
+        self._buffer += data
         while len(self._buffer) >= part_size:
             with memoryview(self._buffer) as view:  # one copy, not two
                 part = bytes(view[:part_size])
@@ -165,7 +199,8 @@ class S3Upload:
 
     async def _send(self, part: bytes) -> None:
         # Back-pressure: at most upload_concurrency parts in flight (plus the one filling).
-        while len(self._inflight) >= self._store.settings.upload_concurrency:
+        while len(self._inflight) >= (self._inflight_limit
+                                      or self._store.settings.upload_concurrency):
             self._parts.append(await self._inflight.pop(0))
         client, bucket = self._store.client, self._store.settings.bucket
         if self._upload_id is None:
@@ -188,14 +223,21 @@ class S3Upload:
             self._parts.append(await self._inflight.pop(0))
 
     async def commit(self) -> None:
-        """Publish under :attr:`expected` if the hash matched; else abort (DigestInvalid)."""
+        """Publish under :attr:`expected` if the hash (or the caller's vouch) matched; else
+        abort (DigestInvalid; StorageError when a caller that hashes did not vouch, or vouched
+        for another length than was written)."""
         if self._done:
             raise StorageError("commit of a finished upload")
-        actual = Digest(self._hash.hexdigest())
-        if actual != self.expected:
+        try:
+            if self._hash is None:
+                check_vouch(self._vouched, self.size, self.expected)
+            elif (actual := Digest(self._hash.hexdigest())) != self.expected:
+                raise DigestInvalid(f"content digest {actual} does not match {self.expected}",
+                                    detail={"expected": str(self.expected),
+                                            "actual": str(actual)})
+        except (StorageError, DigestInvalid):
             await self.abort()
-            raise DigestInvalid(f"content digest {actual} does not match {self.expected}",
-                                detail={"expected": str(self.expected), "actual": str(actual)})
+            raise
         client, bucket = self._store.client, self._store.settings.bucket
         try:
             if self._upload_id is None:
