@@ -297,7 +297,7 @@ class Download:
             else:
                 assert uploading is not None
                 await uploading  # the rest of the scratch file into the upload
-                await upload.commit()  # re-checks the digest itself, then publishes
+                await upload.commit()  # checks the feeder's vouch (digest, length), then publishes
                 self.stored_remotely = True
                 staging.abort()  # the scratch copy: open readers keep their descriptor
             ok = True
