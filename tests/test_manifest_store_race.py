@@ -25,7 +25,10 @@ from sigil.mirror import Mirror
 from sigil.oci.digest import Digest
 from sigil.storage.contracts import ObjectStore
 from sigil.storage.maintenance import check_objects, collect_incremental
-from tests.test_gc_race import BOUND, Backends, backends  # noqa: F401 - the fixture by name
+from tests import test_gc_race
+from tests.test_gc_race import BOUND, Backends
+
+backends = test_gc_race.backends  # the fixture, found by name
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -57,7 +60,7 @@ def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
 
 
 async def test_a_manifest_deleted_between_check_and_row_is_stored_again(
-        backends: Backends, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        backends: Backends, tmp_path: Path) -> None:
     b = backends
     layer, config = os.urandom(4096), json.dumps({"nonce": os.urandom(8).hex()}).encode()
     manifest = json.dumps({
