@@ -259,7 +259,15 @@ def _list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[Object
 
     if isinstance(objects, S3ObjectStore):
         return _s3_list_after(objects, after)
-    raise TypeError(f"no ordered listing for {type(objects).__name__}")
+    return _any_list_after(objects, after)
+
+
+async def _any_list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
+    # Another ObjectStore (a wrapper): correct, but it walks the whole store to sort it.
+    listed = sorted([info async for info in objects.iter_objects()
+                     if after is None or info.digest.hex > after], key=lambda i: i.digest.hex)
+    for info in listed:
+        yield info
 
 
 async def _s3_list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
