@@ -8,13 +8,15 @@ own (file mtime, S3 LastModified): the tests store an "old" and a "young" object
 apart and place the grace boundary between the two ages the store reports.
 
 Real parts: SeaweedFS for S3, PostgreSQL, SQLite files (the ``backends`` fixture of
-tests/test_gc_race.py).
+tests/test_gc_race.py). The last test (an export closing its backends when an upstream client
+cannot be built) rides along here: it came with the same review of the fleet backends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,3 +229,39 @@ def test_the_orphan_grace_is_a_duration_of_at_least_an_hour() -> None:
     assert "storage.orphan_grace" in str(error.value) and "sigil.yaml" in str(error.value)
     with pytest.raises(ConfigError, match="duration"):
         build_config({"storage": {"orphan_grace": "soon"}})
+
+
+async def test_an_export_whose_upstream_client_fails_closes_the_backends(
+        pg_dsn: str, tmp_path: Path) -> None:
+    """(export.py) The upstream clients are built after the fleet backends are opened: a client
+    that cannot be built (a CA bundle that is not PEM) must not leave the PostgreSQL pool open.
+    Counted on the server: the database's connections besides the probe's own."""
+    import asyncpg
+
+    from sigil.airgap.export import Exporter
+    from sigil.airgap.plan import Plan
+    from sigil.config import ConfigError, build_config
+
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    config = build_config({
+        "storage": {"root": str(tmp_path / "root")},
+        "index": {"backend": "postgres", "postgres": {"dsn": pg_dsn}},
+        "upstreams": [{"name": "private.example", "url": "https://127.0.0.1:9",
+                       "ca_bundle": str(bad_ca)}],
+    })
+    probe = await asyncpg.connect(pg_dsn)
+    count = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND pid <> pg_backend_pid()")
+    try:
+        before = await probe.fetchval(count)
+        exporter = Exporter(config, Plan("plan.yaml", ()), tmp_path / "out.tar")
+        with pytest.raises(ConfigError, match="ca_bundle"):
+            await exporter.run()
+        for _ in range(50):  # a closed connection's server process ends a moment later
+            if await probe.fetchval(count) == before:
+                break
+            await asyncio.sleep(0.1)
+        assert await probe.fetchval(count) == before, "the export left its database pool open"
+    finally:
+        await probe.close()
