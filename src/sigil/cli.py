@@ -209,7 +209,8 @@ async def _fleet_gc(config: Config) -> Any:
     try:
         return await collect_incremental(backends.objects, backends.index, backends.leases,
                                          process_holder_id(), config.storage.max_bytes,
-                                         now=time.time())
+                                         now=time.time(),
+                                         orphan_grace=config.storage.orphan_grace)
     finally:
         await backends.close()
 

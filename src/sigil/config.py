@@ -178,6 +178,8 @@ class StorageConfig:
     max_bytes: int = 100 * 1024**3
     backend: str = "filesystem"        # filesystem | s3
     s3: S3Config | None = None
+    # gc deletes a committed object no index row accounts for once it is this old (seconds).
+    orphan_grace: float = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,13 @@ class Config:
         return None
 
 
+#: The smallest ``storage.orphan_grace`` accepted (seconds).
+MIN_ORPHAN_GRACE = 3600.0
+
 _SECTIONS: dict[str, set[str]] = {
     "server": {"listen", "tls", "workers", "offline", "auth", "peer_listen",
                "peer_advertise", "peer_secret_env", "peer_secret_file"},
-    "storage": {"root", "max_bytes", "backend", "s3"},
+    "storage": {"root", "max_bytes", "backend", "s3", "orphan_grace"},
     "log": {"level", "format"},
     "index": {"backend", "postgres"},
 }
@@ -664,6 +669,13 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
         raise ConfigError("storage.backend is s3 but storage.s3 is missing", file=file,
                           key="storage.s3")
     s3 = _parse_s3(storage["s3"], file=file, env=env) if backend == "s3" else None
+    orphan_grace = parse_duration(storage.get("orphan_grace", "24h"), file=file,
+                                  key="storage.orphan_grace")
+    if orphan_grace < MIN_ORPHAN_GRACE:
+        # Shorter than a long import or download: gc would delete objects about to be indexed.
+        raise ConfigError("expected at least 1h (objects of an import or download still in "
+                          "progress have no index row yet)", file=file,
+                          key="storage.orphan_grace")
     index_config = _parse_index(root.get("index"), file=file, env=env)
 
     items = root.get("upstreams")
@@ -705,7 +717,8 @@ def build_config(data: Mapping[str, Any] | None, *, source: str = "<config>",
                             tls_client_ca=client_ca, tls_client_auth=client_auth,
                             tls_reload_interval=reload_interval, peer_listen=peer,
                             peer_advertise=advertise, peer_secret=peer_secret),
-        storage=StorageConfig(root=storage_root, max_bytes=max_bytes, backend=backend, s3=s3),
+        storage=StorageConfig(root=storage_root, max_bytes=max_bytes, backend=backend, s3=s3,
+                              orphan_grace=orphan_grace),
         index=index_config,
         upstreams=upstreams, policy=policy, log=LogConfig(level=level, format=fmt),
         source=source, raw=root,

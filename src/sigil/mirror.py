@@ -389,6 +389,13 @@ class Mirror:
             _count_stored(len(raw))
         refs = [d.digest for d in manifest.manifests] + manifest.blob_digests()
         await self.index.put_manifest(digest, manifest.media_type, len(raw), refs)
+        # gc may have deleted the object between the check above and the row (its delete
+        # holds put_manifest back until it is over, then the row goes in over nothing). From
+        # the row on, gc keeps the object (a stored manifest is referenced): look once more.
+        if not await self.store.has(digest):
+            log.info("store.manifest_restored", digest=str(digest))
+            await self.store.put_bytes(digest, raw)
+            _count_stored(len(raw))
         if manifest.subject is not None:
             await self.index.add_referrer(manifest.subject.digest, digest)
         served = ServedManifest(raw, manifest.media_type, digest)

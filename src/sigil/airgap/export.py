@@ -239,10 +239,14 @@ class Exporter:
             raise
         # Downloads into a remote store keep their scratch copy under storage.root: here the
         # work directory, so a replica starting on this host never removes one in flight.
-        mirror_config = dataclasses.replace(
-            self.config, storage=dataclasses.replace(self.config.storage, root=str(root)))
-        clients = {u.name: UpstreamClient(u) for u in self.config.upstreams}
+        clients: dict[str, UpstreamClient] = {}
         try:
+            mirror_config = dataclasses.replace(
+                self.config, storage=dataclasses.replace(self.config.storage, root=str(root)))
+            # Inside the try: a client that fails to build (a bad CA file, say) must not leave
+            # the S3 and PostgreSQL pools just opened, or the clients built before it, open.
+            for upstream in self.config.upstreams:
+                clients[upstream.name] = UpstreamClient(upstream)
             mirror = Mirror(mirror_config, self._blobs, self._index, clients, policy)
             # Phase 1: manifests, verdicts and artifacts of every image (small). Phase 2: the
             # blobs, fetched in parallel and appended to the archive as each one completes.

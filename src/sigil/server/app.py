@@ -229,7 +229,8 @@ async def _maintain(mirror: Mirror, config: Config, backends: Backends) -> None:
                 # A shared store: one replica at a time (the gc lease), index-driven, plus
                 # the uploads replicas abandoned (killed mid-download).
                 await collect_incremental(backends.objects, backends.index, backends.leases,
-                                          holder, budget, now=time.time())
+                                          holder, budget, now=time.time(),
+                                          orphan_grace=config.storage.orphan_grace)
                 await _cleanup_uploads(config, backends, startup=False)
             else:
                 store, index = mirror.store, mirror.index

@@ -10,6 +10,9 @@
   deleting each object only through :meth:`~sigil.storage.contracts.AsyncIndex.delete_unreferenced`
   so a manifest any replica records meanwhile keeps what it references, and a writer that
   names an object while its delete is under way waits for it and then finds it gone.
+  Each pass then sweeps a bounded slice of the store for *orphans* (:func:`sweep_orphans`):
+  objects committed but never indexed (an import or a replica killed between the commit and
+  its row), which the index-driven eviction cannot see.
 
 The local :func:`sigil.storage.gc.collect` (mark and sweep over a directory walk) stays what a
 single box runs; these are what replicas run.
@@ -17,13 +20,21 @@ single box runs; these are what replicas run.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import secrets
+import stat
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from sigil import metrics
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
-from sigil.storage.contracts import AsyncIndex, GcLease, ObjectStore
+from sigil.storage.blobs import ObjectInfo
+from sigil.storage.contracts import AsyncIndex, FilesystemObjectStore, GcLease, ObjectStore
 from sigil.storage.gc import DEFAULT_GRACE
 
 log = get_logger("sigil.storage.maintenance")
@@ -32,6 +43,13 @@ log = get_logger("sigil.storage.maintenance")
 GC_BATCH = 64
 #: How long a gc pass may go between lease renewals before another replica may take over.
 GC_LEASE_TTL = 120.0
+#: Objects the orphan sweep lists per gc pass at most (a pass never walks a whole bucket; the
+#: next pass goes on after the last one listed).
+ORPHAN_BATCH = 1000
+_HEX64 = re.compile(r"[a-f0-9]{64}")
+#: Default ``storage.orphan_grace``: an unindexed object younger than this is left alone, since
+#: an import or a download may still be about to write its row.
+DEFAULT_ORPHAN_GRACE = 24 * 3600.0
 
 
 @dataclass
@@ -92,6 +110,9 @@ class IncrementalGcStats:
     objects_deleted: int = 0
     bytes_freed: int = 0
     over_budget: bool = False
+    orphans_listed: int = 0         # objects the orphan sweep looked at in this pass
+    orphans_deleted: int = 0        # of those: unindexed, older than the grace, deleted
+    orphan_bytes_freed: int = 0     # (also counted in bytes_freed)
 
 
 async def _closure(index: AsyncIndex, root: Digest) -> set[Digest]:
@@ -111,9 +132,14 @@ async def _closure(index: AsyncIndex, root: Digest) -> set[Digest]:
 
 async def collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
                               holder: str, max_bytes: int, *, now: float,
-                              grace: float = DEFAULT_GRACE) -> IncrementalGcStats:
+                              grace: float = DEFAULT_GRACE,
+                              orphan_grace: float = DEFAULT_ORPHAN_GRACE,
+                              orphan_batch: int = ORPHAN_BATCH,
+                              orphan_cursor: OrphanCursor | None = None) -> IncrementalGcStats:
     """Evict least recently used roots (not accessed within ``grace``) until the indexed
-    size fits ``max_bytes``; delete what nothing stored references any more.
+    size fits ``max_bytes``; delete what nothing stored references any more; then sweep up to
+    ``orphan_batch`` listed objects for orphans older than ``orphan_grace``
+    (:func:`sweep_orphans`), over budget or not.
 
     Every pass is timed and counted in the same ``sigil_gc_*`` metrics as a single box's
     (a pass that finds another replica holding the gc lease succeeded: the fleet's gc ran),
@@ -121,7 +147,9 @@ async def collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: Gc
     started = time.monotonic()
     try:
         stats = await _collect_incremental(objects, index, lease, holder, max_bytes, now=now,
-                                           grace=grace)
+                                           grace=grace, orphan_grace=orphan_grace,
+                                           orphan_batch=orphan_batch,
+                                           orphan_cursor=orphan_cursor or ORPHAN_CURSOR)
     except Exception:
         metrics.GC_FAILURES.inc()
         raise
@@ -137,7 +165,9 @@ async def collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: Gc
 
 async def _collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
                                holder: str, max_bytes: int, *, now: float,
-                               grace: float) -> IncrementalGcStats:
+                               grace: float, orphan_grace: float,
+                               orphan_batch: int,
+                               orphan_cursor: OrphanCursor) -> IncrementalGcStats:
     stats = IncrementalGcStats()
     if not await lease.acquire_gc(holder, GC_LEASE_TTL):
         return stats
@@ -160,11 +190,16 @@ async def _collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: G
                 await _evict(objects, index, row.digest, stats)
                 stats.bytes_after = await index.stored_bytes()
         stats.over_budget = stats.bytes_after > max_bytes
+        if not await sweep_orphans(objects, index, lease, holder, stats, now=now,
+                                   grace=orphan_grace, limit=orphan_batch,
+                                   cursor=orphan_cursor):
+            return stats
     finally:
         await lease.release_gc(holder)
     log.info("gc.collected_incremental", roots_evicted=stats.roots_evicted,
              objects_deleted=stats.objects_deleted, bytes_freed=stats.bytes_freed,
-             bytes_after=stats.bytes_after, over_budget=stats.over_budget)
+             bytes_after=stats.bytes_after, over_budget=stats.over_budget,
+             orphans_listed=stats.orphans_listed, orphans_deleted=stats.orphans_deleted)
     return stats
 
 
@@ -194,3 +229,145 @@ async def _evict(objects: ObjectStore, index: AsyncIndex, root: Digest,
     # Their rows went with each delete (delete_unreferenced): not again here, where a row a
     # writer recorded after the delete, for an object it stored again, would be lost.
     await index.drop_allows([d for d in members if not await index.is_referenced(d)])
+
+
+# ------------------------------------------------------------------------------------------
+# Orphans: committed objects no index row accounts for
+
+
+class OrphanCursor:
+    """Where this process's next orphan sweep starts listing: after the last object the
+    previous sweep listed, back at the start once the listing ran out. A new process starts at
+    a random point, so replicas taking turns with the gc lease, and one-off ``sigil gc`` runs,
+    still cover the whole store over their passes."""
+
+    def __init__(self) -> None:
+        self.after: str | None = secrets.token_hex(32)  # an object's 64 hex digits, or None
+
+
+#: The cursor the server's periodic passes and ``sigil gc`` share within one process.
+ORPHAN_CURSOR = OrphanCursor()
+
+
+def _list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
+    """Committed objects whose hex sorts after ``after`` (all if None), in hex order, listed
+    lazily: the caller stops when it has enough, and no more is listed than it read (one S3
+    page, or one fan-out directory, ahead)."""
+    if isinstance(objects, FilesystemObjectStore):
+        return _fs_list_after(objects, after)
+    from sigil.storage.s3 import S3ObjectStore  # the fleet extra: only without a local store
+
+    if isinstance(objects, S3ObjectStore):
+        return _s3_list_after(objects, after)
+    return _any_list_after(objects, after)
+
+
+async def _any_list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
+    # Another ObjectStore (a wrapper): correct, but it walks the whole store to sort it.
+    listed = sorted([info async for info in objects.iter_objects()
+                     if after is None or info.digest.hex > after], key=lambda i: i.digest.hex)
+    for info in listed:
+        yield info
+
+
+async def _s3_list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
+    # S3 lists keys in UTF-8 byte order, which for <prefix><2 hex>/<64 hex> is hex order:
+    # StartAfter makes the cursor a single request instead of a walk from the beginning.
+    from sigil.storage.s3 import S3ObjectStore
+
+    assert isinstance(objects, S3ObjectStore)
+    sample = objects.key(Digest("0" * 64))
+    prefix = sample[:len(sample) - 67]  # strip "<2 hex>/<64 hex>"
+    request: dict[str, Any] = {"Bucket": objects.settings.bucket, "Prefix": prefix}
+    if after is not None:
+        request["StartAfter"] = objects.key(Digest(after))
+    paginator = objects.client.get_paginator("list_objects_v2")
+    with objects.errors("list"):
+        async for page in paginator.paginate(**request):
+            for item in page.get("Contents", []):
+                fan, _, name = item["Key"][len(prefix):].partition("/")
+                if _HEX64.fullmatch(name) and name.startswith(fan) and len(fan) == 2:
+                    yield ObjectInfo(Digest(name), int(item["Size"]),
+                                     item["LastModified"].timestamp())
+
+
+async def _fs_list_after(objects: FilesystemObjectStore,
+                         after: str | None) -> AsyncIterator[ObjectInfo]:
+    # Fan-out directories in order, each read (and sorted) in a thread only when reached.
+    root = objects.blobs.blobs_dir
+    hexdigits = "0123456789abcdef"
+    first = after[:2] if after is not None else "00"
+    for fan in (a + b for a in hexdigits for b in hexdigits):
+        if fan < first:
+            continue
+
+        def entries(fan: str = fan) -> list[ObjectInfo]:
+            found = []
+            try:
+                names = sorted(os.listdir(root / fan))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            for name in names:
+                if (after is not None and name <= after) or not _HEX64.fullmatch(name) \
+                        or not name.startswith(fan):
+                    continue
+                try:
+                    st = os.lstat(root / fan / name)
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                if stat.S_ISREG(st.st_mode):  # not a symlink or directory (junk is left)
+                    found.append(ObjectInfo(Digest(name), st.st_size, st.st_mtime))
+            return found
+
+        for info in await asyncio.to_thread(entries):
+            yield info
+
+
+async def _unindexed(index: AsyncIndex, digest: Digest) -> bool:
+    return (await index.get_manifest(digest) is None
+            and await index.blob_size(digest) is None)
+
+
+async def sweep_orphans(objects: ObjectStore, index: AsyncIndex, lease: GcLease, holder: str,
+                        stats: IncrementalGcStats, *, now: float, grace: float, limit: int,
+                        cursor: OrphanCursor = ORPHAN_CURSOR) -> bool:
+    """Delete committed objects that have no manifest or blob row and were last written more
+    than ``grace`` seconds before ``now`` (S3 LastModified, file mtime); list at most
+    ``limit`` objects, after ``cursor`` (moved on). The caller holds the gc lease; return
+    False if it was lost (nothing more was deleted).
+
+    Only committed objects are listed: multipart uploads and staging files are not objects,
+    so nothing being uploaded is touched. A candidate is re-checked for rows just before the
+    delete, and deleted only through :meth:`AsyncIndex.delete_unreferenced`, so a manifest
+    recorded meanwhile that references it keeps it (and one naming it during the delete waits
+    and then finds it gone, as for any gc delete). An orphan a stored manifest references (its
+    own row was never written) is therefore kept: the mirror may be serving it."""
+    listed: list[ObjectInfo] = []
+    async for info in _list_after(objects, cursor.after):
+        listed.append(info)
+        if len(listed) >= limit:
+            break
+    # Past the last object listed; back at the start when the listing ran out.
+    cursor.after = listed[-1].digest.hex if len(listed) >= limit else None
+    stats.orphans_listed += len(listed)
+    for info in listed:
+        if info.mtime > now - grace or not await _unindexed(index, info.digest):
+            continue
+        if not await lease.renew_gc(holder, GC_LEASE_TTL):
+            log.warning("gc.lease_lost", holder=holder)
+            return False
+        if not await _unindexed(index, info.digest):  # indexed while the lease was renewed
+            continue
+
+        async def delete(digest: Digest = info.digest) -> bool:
+            return await objects.delete(digest)
+
+        if await index.delete_unreferenced(info.digest, delete):
+            stats.orphans_deleted += 1
+            stats.orphan_bytes_freed += info.size
+            stats.objects_deleted += 1
+            stats.bytes_freed += info.size
+            metrics.EVICTIONS.labels(kind="orphan").inc()
+            log.info("gc.orphan_deleted", digest=str(info.digest), size=info.size,
+                     age=round(now - info.mtime))
+    return True
