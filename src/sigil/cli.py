@@ -201,8 +201,8 @@ def _store(args: argparse.Namespace) -> Iterator[tuple[Config, BlobStore, Index]
 
 async def _fleet_gc(config: Config) -> Any:
     """One incremental gc pass over the shared backends (under the gc lease)."""
-    from sigil.downloads import process_holder_id
     from sigil.storage.backends import open_backends
+    from sigil.storage.lease import process_holder_id
     from sigil.storage.maintenance import collect_incremental
 
     backends = await open_backends(config)

@@ -38,8 +38,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -52,7 +50,7 @@ from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import BlobStore, StagingFile, hash_descriptor
 from sigil.storage.contracts import FilesystemObjectStore, ObjectStore, UploadSession
-from sigil.storage.lease import FetchLeases, LeaseInfo
+from sigil.storage.lease import FetchLeases, LeaseInfo, process_holder_id
 
 log = get_logger("sigil.downloads")
 
@@ -120,11 +118,6 @@ async def _committed(on_commit: OnCommit, digest: Digest, size: int) -> None:
     result = on_commit(digest, size)
     if inspect.isawaitable(result):
         await result
-
-
-def process_holder_id() -> str:
-    """A lease holder id unique to this process: ``host:pid:random``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def _flush(path: Path) -> None:

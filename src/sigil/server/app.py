@@ -15,7 +15,7 @@ from aiohttp import web
 
 from sigil import metrics
 from sigil.config import Config
-from sigil.downloads import RelayPeers, process_holder_id
+from sigil.downloads import RelayPeers
 from sigil.errors import SigilError
 from sigil.logs import get_logger
 from sigil.mirror import AllowAll, Mirror, PolicyHook, Upstream
@@ -29,7 +29,7 @@ from sigil.server.tls import CertificateReloader, TLSFiles
 from sigil.storage import BlobStore, collect
 from sigil.storage.backends import Backends, open_backends
 from sigil.storage.contracts import FilesystemObjectStore, SqliteAsyncIndex
-from sigil.storage.lease import FetchLeases
+from sigil.storage.lease import FetchLeases, process_holder_id
 from sigil.storage.maintenance import collect_incremental
 from sigil.upstream import UpstreamClient
 from sigil.upstream.offline import OfflineUpstreamClient
