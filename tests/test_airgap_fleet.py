@@ -719,18 +719,26 @@ async def test_too_little_local_space_for_the_staged_manifests_is_refused(
     assert (stored.objects, stored.pending, stored.tags) == (set(), set(), set())
 
 
-async def test_a_reused_object_removed_before_it_is_read_refuses_the_archive(
-        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The far bucket already holds the image's manifest, unindexed (a killed import's
-    leftover): the import reuses it. A gc removing it just before the import reads it makes
-    a clear refusal in the report, not an exception out of ``sigil import``."""
-    side = world.side("gone-before-read", world.dead_url)
+async def _far_side_holding_the_manifest(world: World, carried: Carried,
+                                         name: str) -> tuple[Side, Digest]:
+    """A fresh far side whose bucket already holds the single image's manifest, unindexed
+    (what a killed import leaves): the import will reuse it."""
+    side = world.side(name, world.dead_url)
     manifest = Digest.parse(world.single.digest)
     store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
     try:
         await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
     finally:
         await store.close()
+    return side, manifest
+
+
+async def test_a_reused_object_removed_before_it_is_read_refuses_the_archive(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The far bucket already holds the image's manifest, unindexed (a killed import's
+    leftover): the import reuses it. A gc removing it just before the import reads it makes
+    a clear refusal in the report, not an exception out of ``sigil import``."""
+    side, manifest = await _far_side_holding_the_manifest(world, carried, "gone-before-read")
     removed: list[bool] = []
 
     def instrument(backends: Backends) -> None:
@@ -779,13 +787,7 @@ async def test_a_reused_manifest_changed_after_verification_is_never_indexed(
     """The far bucket already holds the image's manifest (the import reuses it). If its
     object changes between the offline verification and the rows, the row is not written
     from the changed bytes: the archive is refused in the report."""
-    side = world.side("changed-manifest", world.dead_url)
-    manifest = Digest.parse(world.single.digest)
-    store = await S3ObjectStore.open(s3_config_for(world.seaweed, side.backend.prefix))
-    try:
-        await store.put_bytes(manifest, _member(carried.archive, world.single.digest))
-    finally:
-        await store.close()
+    side, manifest = await _far_side_holding_the_manifest(world, carried, "changed-manifest")
     changed: list[bool] = []
 
     def instrument(backends: Backends) -> None:

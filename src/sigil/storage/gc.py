@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -103,16 +105,23 @@ def collect(store: BlobStore, index: Index, max_bytes: int, *, now: float,
     Each pass is counted in the gc metrics (duration, failures, last success); ``progress``
     sees its phases (reading the index, scanning the store, deleting).
     """
+    with counted_pass():
+        return _collect(store, index, max_bytes, now=now, grace=grace, progress=progress)
+
+
+@contextmanager
+def counted_pass() -> Iterator[None]:
+    """Count one gc pass (local or fleet) in the gc metrics: its duration always, a failure
+    when it raises, the time of its success when it does not."""
     started = time.monotonic()
     try:
-        stats = _collect(store, index, max_bytes, now=now, grace=grace, progress=progress)
+        yield
     except Exception:
         metrics.GC_FAILURES.inc()
         raise
     finally:
         metrics.GC_SECONDS.observe(time.monotonic() - started)
     metrics.GC_LAST_SUCCESS.set(time.time())
-    return stats
 
 
 def _collect(store: BlobStore, index: Index, max_bytes: int, *, now: float, grace: float,

@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import stat
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,7 @@ from sigil.logs import get_logger
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import ObjectInfo
 from sigil.storage.contracts import AsyncIndex, FilesystemObjectStore, GcLease, ObjectStore
-from sigil.storage.gc import DEFAULT_GRACE
+from sigil.storage.gc import DEFAULT_GRACE, counted_pass
 
 log = get_logger("sigil.storage.maintenance")
 
@@ -144,18 +143,11 @@ async def collect_incremental(objects: ObjectStore, index: AsyncIndex, lease: Gc
     Every pass is timed and counted in the same ``sigil_gc_*`` metrics as a single box's
     (a pass that finds another replica holding the gc lease succeeded: the fleet's gc ran),
     and the store gauges follow the index, which every replica shares."""
-    started = time.monotonic()
-    try:
+    with counted_pass():
         stats = await _collect_incremental(objects, index, lease, holder, max_bytes, now=now,
                                            grace=grace, orphan_grace=orphan_grace,
                                            orphan_batch=orphan_batch,
                                            orphan_cursor=orphan_cursor or ORPHAN_CURSOR)
-    except Exception:
-        metrics.GC_FAILURES.inc()
-        raise
-    finally:
-        metrics.GC_SECONDS.observe(time.monotonic() - started)
-    metrics.GC_LAST_SUCCESS.set(time.time())
     if stats.ran:
         metrics.STORE_BYTES.set(stats.bytes_after)
         metrics.GC_OVER_BUDGET.set(1 if stats.over_budget else 0)
