@@ -109,6 +109,19 @@ async def pull(client: Client, url: str, on_bytes: object = None) -> tuple[int, 
     return got, "sha256:" + hasher.hexdigest(), False
 
 
+async def pull_everywhere(base: str, groups: dict[str, list[Client]],
+                          digest: str) -> list[tuple[int, str, bool]]:
+    """GET the manifest ``app:v1`` once (the blob gate, recorded in the shared index), then
+    the blob ``digest`` from every client of every worker at once: each client's
+    :func:`pull` result."""
+    async with groups[next(iter(groups))][0].session.get(
+            f"{base}/v2/app/manifests/v1") as response:
+        assert response.status == 200
+    url = f"{base}/v2/app/blobs/{digest}"
+    clients = [c for group in groups.values() for c in group]
+    return await asyncio.wait_for(asyncio.gather(*(pull(c, url) for c in clients)), 60)
+
+
 def blob_file(sigil: SigilProcess, digest: str) -> Path:
     return sigil.store / "blobs" / "sha256" / digest[7:9] / digest[7:]
 
@@ -135,13 +148,7 @@ async def test_clients_on_both_workers_share_one_upstream_fetch(tmp_path: Path) 
     async with two_workers(tmp_path, 8 * MiB, 0.03) as (fake, layer, sigil):
         groups = await spread_clients(sigil.url, per_worker=5)
         try:
-            async with groups[next(iter(groups))][0].session.get(
-                    f"{sigil.url}/v2/app/manifests/v1") as response:
-                assert response.status == 200  # the blob gate, recorded in the shared index
-            url = f"{sigil.url}/v2/app/blobs/{sha(layer)}"
-            clients = [c for group in groups.values() for c in group]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(pull(c, url) for c in clients)), 60)
+            results = await pull_everywhere(sigil.url, groups, sha(layer))
         finally:
             await close_all(groups)
         assert [r for r in results if r != (len(layer), sha(layer), False)] == []
@@ -158,13 +165,7 @@ async def test_wrong_bytes_on_both_workers_nothing_complete_nothing_committed(
         fake.faults[sha(layer)] = "wrong-bytes"
         groups = await spread_clients(sigil.url, per_worker=3)
         try:
-            async with groups[next(iter(groups))][0].session.get(
-                    f"{sigil.url}/v2/app/manifests/v1") as response:
-                assert response.status == 200
-            url = f"{sigil.url}/v2/app/blobs/{sha(layer)}"
-            clients = [c for group in groups.values() for c in group]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(pull(c, url) for c in clients)), 60)
+            results = await pull_everywhere(sigil.url, groups, sha(layer))
         finally:
             await close_all(groups)
         # Every client of both workers was cut short: none got a complete body.

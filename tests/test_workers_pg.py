@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.support.fakeupstream import FakeUpstream, sha
 from tests.support.sigilproc import SigilProcess
-from tests.test_workers import blob_file, close_all, pull, run_fsck, spread_clients
+from tests.test_workers import blob_file, close_all, pull_everywhere, run_fsck, spread_clients
 
 MiB = 1024 * 1024
 
@@ -38,14 +38,8 @@ async def test_ten_clients_on_two_workers_over_postgres_make_one_upstream_fetch(
         await asyncio.to_thread(sigil.start)
         groups = await spread_clients(sigil.url, per_worker=5)
         try:
-            async with groups[next(iter(groups))][0].session.get(
-                    f"{sigil.url}/v2/app/manifests/v1") as response:
-                assert response.status == 200
-            url = f"{sigil.url}/v2/app/blobs/{sha(layer)}"
-            clients = [c for group in groups.values() for c in group]
-            assert len(clients) == 10
-            results = await asyncio.wait_for(
-                asyncio.gather(*(pull(c, url) for c in clients)), 60)
+            assert sum(len(group) for group in groups.values()) == 10
+            results = await pull_everywhere(sigil.url, groups, sha(layer))
         finally:
             await close_all(groups)
         assert [r for r in results if r != (len(layer), sha(layer), False)] == []
