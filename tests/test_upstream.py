@@ -72,6 +72,7 @@ class Seen:
     path: str
     query: dict[str, str]
     authorization: str | None
+    peer: Any = None  # the client's (host, port): which connection carried the request
 
 
 def _image(config_blob: bytes, layer: bytes) -> bytes:
@@ -90,7 +91,9 @@ class FakeRegistry:
     to that path (after auth): ``("status", code, headers, body)``, ``("hang",)``,
     ``("cut",)``, ``("stall",)`` (half the blob, then silence), ``("trickle", piece, pause)``
     (the blob in ``piece``-byte writes ``pause`` seconds apart), ``("redirect", url)``,
-    ``("chunked",)``, ``("overlong", stray)`` (the blob, then ``stray`` bytes)."""
+    ``("chunked",)``, ``("overlong", stray[, delay])`` (the blob, then ``stray`` bytes, after
+    ``delay`` seconds if given: the client has the whole body by then and pooled the
+    connection)."""
 
     auth: str | None = None              # None | "bearer" | "basic"
     expires_in: int | None = 300
@@ -184,8 +187,10 @@ class FakeRegistry:
         return True
 
     async def _v2(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
         self.seen.append(Seen(request.method, request.path, dict(request.query),
-                              request.headers.get("Authorization")))
+                              request.headers.get("Authorization"),
+                              request.transport.get_extra_info("peername")))
         tail = request.match_info["tail"]
         for kind in ("manifests", "blobs", "tags", "referrers"):
             repo, sep, rest = tail.rpartition(f"/{kind}/")
@@ -289,11 +294,13 @@ class FakeRegistry:
         if what == "overlong":
             # The blob, then bytes its Content-Length does not cover: on a reused connection
             # they would be read as the next response.
-            _, stray = fault
+            _, stray, *delay = fault
             data = self.blobs[rest]
             response = web.StreamResponse(headers={"Content-Length": str(len(data))})
             await response.prepare(request)
             await response.write(data)
+            if delay:
+                await asyncio.sleep(delay[0])
             assert request.transport is not None
             request.transport.write(stray)
             await response.write_eof()
@@ -897,6 +904,32 @@ async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake:
     assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.2], ids=["same-read", "while-pooled"])
+async def test_bytes_after_a_small_body_never_reach_the_next_response(
+        make_fake: Any, clients: Any, delay: float) -> None:
+    # A small blob goes through aiohttp on a keep-alive connection. Bytes the upstream sends
+    # past its Content-Length, with the body or later while the connection sits in the pool,
+    # would be parsed as the next response: the connection is closed instead of reused, and
+    # the next request gets the upstream's real answer.
+    fake = await make_fake()
+    data = os.urandom(4096)
+    digest = fake.add_blob(data)
+    raw = _image(b"{}", b"l")
+    fake.add_manifest(REPO, "latest", raw)
+    forged = b"forged manifest"
+    stray = (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
+             + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+    fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("overlong", stray, delay))
+    client = clients(fake.url, retries=0)
+    assert await client.get_blob_bytes(REPO, digest, 1 << 20) == data
+    await asyncio.sleep(delay + 0.2)  # the stray bytes have arrived (or were sent with the body)
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+    # The blob's connection was dropped, and the next one, which behaved, is reused.
+    assert (await client.get_manifest(REPO, "latest", DEFAULT_ACCEPT)).raw == raw
+    blob_at, first_at, second_at = (seen.peer for seen in fake.seen[-3:])
+    assert first_at != blob_at and second_at == first_at
+
+
 async def test_raw_blob_pieces_stay_intact_while_held(make_fake: Any, clients: Any) -> None:
     # A large body's pieces are views of receive buffers that are reused: a buffer is
     # received into again only once no view of it is left, so the pieces a consumer keeps
@@ -1100,3 +1133,27 @@ async def test_against_real_docker_registry(real_registry: Any, unique_repo: str
         await client.get_tags(f"{repo}-absent")
     assert info.value.code == "NAME_UNKNOWN"
     assert _errors("real.test", "connect") == _errors("real.test", "status_5xx") == 0
+
+
+async def test_a_pooled_connection_with_undelivered_bytes_is_not_reused() -> None:
+    # Bytes already in the kernel's receive queue, not yet handed to the protocol by the
+    # event loop, also disqualify a pooled connection (a peek, on plain TCP).
+    from sigil.upstream import pool
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(
+        lambda: pool._CountingHandler(loop=loop), *listener.getsockname())
+    server_side, _ = listener.accept()
+    try:
+        protocol.released_at = protocol.bytes_in  # as the connector does on release
+        assert not pool._spoke_out_of_turn(protocol)
+        server_side.sendall(b"HTTP/1.1 200 OK\r\n")  # no await: the loop has not read it
+        assert protocol.bytes_in == protocol.released_at
+        assert pool._spoke_out_of_turn(protocol)
+        await asyncio.sleep(0.05)  # now delivered: counted
+        assert protocol.bytes_in > protocol.released_at and pool._spoke_out_of_turn(protocol)
+    finally:
+        transport.close()
+        server_side.close()
+        listener.close()

@@ -61,6 +61,7 @@ from sigil.oci.digest import Digest
 from sigil.oci.manifest import DEFAULT_ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX
 from sigil.oci.reference import validate_name, validate_tag
 from sigil.upstream.auth import MAX_TOKEN_RESPONSE_BYTES, Authenticator, resolve_credentials
+from sigil.upstream.pool import StrictConnector
 
 log = get_logger("sigil.upstream")
 
@@ -699,7 +700,8 @@ class UpstreamClient:
         if self._closed:
             raise UpstreamError(f"upstream {self.name}: client is closed")
         if self._http is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl)
+            # Never reuses a connection that received bytes while idle (upstream/pool.py).
+            connector = StrictConnector(ssl=self._ssl)
             self._http = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout,
                 # Identity: a content-encoded body would make Content-Length count other
