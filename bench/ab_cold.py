@@ -11,7 +11,15 @@ the upstream do is CPU the mirror does not get). ``--herd N`` adds a round of N 
 clients per system and counts the upstream GETs of the blob (sigil must stay at 1).
 ``--workers N`` runs both sigils with ``--workers N``. ``--floor`` adds ``bench/floor_proxy.py``
 (one thread doing only the receive, staging write, sha256 and send a verifying mirror cannot
-drop) to the rounds: the ceiling of a one-thread design on this machine.
+drop) to the rounds: the ceiling of a one-thread design on this machine. ``--floor-mmap`` adds
+``floormm`` (the floor receiving straight into its mapped, fallocated staging file) and its
+control ``floor1m`` (the floor with sigil's 1 MiB reads and one write per read).
+
+The machine schedules by autogroup (``/proc/sys/kernel/sched_autogroup_enabled``): ``nice``
+only ranks processes within one session, so another session's "niced" test suite gets an
+equal share of the cores. To measure beside one, run this in a session of its own with a
+higher autogroup priority: ``setsid bash -c 'echo -10 > /proc/self/autogroup; python3 -m
+bench.ab_cold ...'`` (root), and say so with the figures.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ on a second thread (hashlib releases the GIL), fed each piece through a queue: w
 threads could reach. With ``--mmap`` the staging file is ``posix_fallocate``d to the
 Content-Length and mapped: each piece is received straight into the mapping (no staging
 ``write`` copy), hashed from it and sent from it (``MADV_POPULATE_WRITE`` faults each 1 MiB
-window in with one call instead of a fault per 4 KiB page). ``--whole``: 1 MiB reads, one staging write per read (sigil's sizes, the control for
-``--mmap``). It prints its port on stdout.
+window in with one call instead of a fault per 4 KiB page). ``--whole``: 1 MiB reads, one
+staging write per read (sigil's sizes, the control for ``--mmap``). It prints its port on stdout.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from tests.realparts import RealRegistry
 
 from .ab_cold import _system
-from .harness import MiB, Sample, _curl_argv, _parse_curl, curl_get, seed_upstream
+from .harness import MiB, _curl_argv, _parse_curl, curl_get, seed_upstream
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -39,7 +39,7 @@ def _threads(pid: int) -> dict[str, float]:
         fields = raw[raw.rindex(")") + 2:].split()
         out[f"{name}:{task.name}"] = (int(fields[11]) + int(fields[12])) / TICK
         try:  # ns on the CPU, ns runnable but waiting for a CPU
-            run, wait, _ = (task / "schedstat").read_text().split()
+            _, wait, _ = (task / "schedstat").read_text().split()
             out[f"{name}:{task.name}:wait"] = int(wait) / 1e9
         except (OSError, ValueError):
             pass
@@ -54,7 +54,6 @@ def _machine() -> tuple[int, int]:
 
 
 def _measure(base: str, blob_path: str, pids: dict[str, int]) -> dict[str, object]:
-    procs = {}
     start = {k: _threads(p) for k, p in pids.items()}
     m0 = _machine()
     t0 = time.monotonic()
