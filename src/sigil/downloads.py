@@ -414,7 +414,11 @@ class Download:
             while True:
                 await asyncio.sleep(LEASE_RENEW)
                 try:
-                    await siblings.renew(self.digest, holder, LEASE_TTL, size)
+                    if not await siblings.renew(self.digest, holder, LEASE_TTL, size):
+                        # Stalled past LEASE_TTL: the siblings stopped following; one that
+                        # took the host lease waits for our fleet lease to end.
+                        log.warning("blob.lease_lost", digest=str(self.digest))
+                        return
                 except Exception:  # a busy lease file must not fail the download itself
                     log.exception("blob.lease_renew_failed", digest=str(self.digest))
 
