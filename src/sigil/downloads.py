@@ -30,7 +30,10 @@ the lease holder fetches and uploads; a replica that finds a live lease *relays*
 from the holder's peer endpoint into its own scratch file, hashing, uploads nothing, and
 releases its last byte only when its own hash matched and the object is visible in the shared
 store under the digest. If the peer fails, or the lease ends without a commit, its clients are
-cut and the next request takes the lease over.
+cut and the next request takes the lease over. With ``--workers N`` in a fleet the workers of a
+replica first elect one per blob through the host's lease file; only that one takes part in
+the fleet lease, and its siblings (their clients and their peer endpoint) follow its scratch
+file (:class:`RelayPeers`).
 """
 
 from __future__ import annotations
