@@ -225,6 +225,93 @@ async def test_a_lease_left_at_this_replicas_own_address_is_waited_out_not_relay
     assert await store.has(digest)
 
 
+class WrongBytesUpstream(SlowUpstream):
+    """A slow upstream whose body does not match the digest asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(bytes([data[0] ^ 1]) + data[1:])
+
+
+def _two_workers(store: S3ObjectStore, root: Path) -> tuple[Downloads, Downloads,
+                                                             list[SqliteFetchLeases]]:
+    """Two workers of one relaying replica: one fleet lease table (its own file here), the
+    host's lease file under ``root`` shared, one peer address; each its own connections."""
+    fleet_root = root / "fleet"
+    fleet_root.mkdir(exist_ok=True)
+    tables = [SqliteFetchLeases(fleet_root), SqliteFetchLeases(fleet_root),
+              SqliteFetchLeases(root), SqliteFetchLeases(root)]
+    me = "http://127.0.0.1:8/me"
+    workers = (Downloads(store, tables[0], scratch=root,
+                         relay=RelayPeers(me, _never_peer, siblings=tables[2])),
+               Downloads(store, tables[1], scratch=root,
+                         relay=RelayPeers(me, _never_peer, siblings=tables[3])))
+    return workers[0], workers[1], tables
+
+
+def _never_peer(base_url: str, digest: Digest) -> AsyncIterator[PeerStream]:
+    raise AssertionError("the workers of the holding replica never dial a peer")
+
+
+async def test_the_workers_of_a_relaying_replica_fetch_once_and_the_peer_side_follows(
+        relay_setup) -> None:
+    """``server.workers: 2`` in a fleet: the first worker takes the host lease, then the
+    fleet lease, and fetches; the second worker's clients follow its scratch file, and so
+    does the second worker's peer endpoint (a peer request landing on it, not on the holder:
+    one SO_REUSEPORT port), all with the tail until the object is in the bucket."""
+    store, _, root = relay_setup
+    first, second, tables = _two_workers(store, root)
+    try:
+        data = os.urandom(6 * MiB + 3)
+        digest = Digest.of(data)
+        upstream = SlowUpstream(data)
+        assert await second.follow_sibling(digest) is None  # nothing in flight yet
+        holder, _ = first.get_or_start(digest, upstream.open, lambda d, n: None)
+        await holder.wait_started()
+        assert await first.follow_sibling(digest) is None  # its own download, not a sibling's
+        client, _ = second.get_or_start(digest, upstream.open, lambda d, n: None)
+        peer_side = await second.follow_sibling(digest)
+        assert peer_side is not None and peer_side.task is not None
+        await peer_side.wait_started()
+        assert peer_side.size == len(data)  # announced in the host lease: a Content-Length
+        results = await asyncio.wait_for(asyncio.gather(
+            _collect(holder.stream()), _collect(client.stream()),
+            _collect(peer_side.stream())), 60)
+        assert results == [(data, None)] * 3
+        assert upstream.opens == 1
+        assert client.path == holder.path == peer_side.path  # the holder's scratch file
+        await asyncio.wait_for(peer_side.task, 30)
+        assert peer_side.stored_remotely and peer_side.verified
+        assert await tables[0].current(digest) is None  # both leases released
+        assert await tables[2].current(digest) is None
+        assert await store.has(digest)
+    finally:
+        for table in tables:
+            await table.close()
+
+
+async def test_wrong_bytes_at_the_holding_worker_never_complete_the_peer_sides_body(
+        relay_setup) -> None:
+    """The holder's upstream sends wrong bytes: its sibling's peer endpoint (following the
+    holder's scratch file) gets at most all but the last byte, then the error; nothing is
+    in the bucket."""
+    store, _, root = relay_setup
+    first, second, tables = _two_workers(store, root)
+    try:
+        data = os.urandom(3 * MiB + 1)
+        digest = Digest.of(data)
+        holder, _ = first.get_or_start(digest, WrongBytesUpstream(data).open,
+                                       lambda d, n: None)
+        await holder.wait_started()
+        peer_side = await second.follow_sibling(digest)
+        assert peer_side is not None
+        got, error = await asyncio.wait_for(_collect(peer_side.stream()), 60)
+        assert error is not None and len(got) < len(data)
+        assert not await store.has(digest)
+    finally:
+        for table in tables:
+            await table.close()
+
+
 def _peer_config(s3_config: S3Config, root: Path, port: int) -> Config:
     config = build_config({"storage": {"root": str(root)},
                            "server": {"peer_listen": f"127.0.0.1:{port}",

@@ -55,7 +55,7 @@ class Fleet:
     """``count`` replica processes sharing a bucket prefix and a database."""
 
     def __init__(self, tmp_path: Path, upstream_url: str, seaweed: SeaweedS3, dsn: str,
-                 count: int, *, redirect: bool = False) -> None:
+                 count: int, *, redirect: bool = False, workers: int = 1) -> None:
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(parents=True, exist_ok=True)
         files = {"access": seaweed.access_key, "secret": seaweed.secret_key,
@@ -66,7 +66,8 @@ class Fleet:
         self.replicas: list[SigilProcess] = []
         for number in range(count):
             replica = SigilProcess(tmp_path / f"replica{number}", [
-                {"name": "docker.io", "url": upstream_url, "default": True, "retries": 1}])
+                {"name": "docker.io", "url": upstream_url, "default": True, "retries": 1}],
+                workers=workers)
             config: dict[str, Any] = yaml.safe_load(replica.config_path.read_text())
             config["server"].update({
                 "peer_listen": f"127.0.0.1:{free_port()}",
@@ -200,6 +201,71 @@ async def test_herd_of_20_on_three_replicas_fetches_upstream_once(
             report = await asyncio.to_thread(fleet.sigil_cli, "fsck")
             assert report.returncode == 0, report.stdout + report.stderr
             assert pushed.digest
+
+
+async def test_two_replicas_with_two_workers_each_stream_one_upstream_fetch(
+        tmp_path, real_registry, registry_pusher: RegistryPusher, unique_repo, seaweed_s3,
+        pg_dsn) -> None:
+    """``server.workers: 2`` on every replica: either worker of a replica may miss first,
+    and a peer request lands on either worker of the holder (one SO_REUSEPORT port). The
+    upstream stops after 12 of 24 MiB until every client (12, spread over the four
+    processes) has 8 MiB of the body: so each streams while the holder still downloads,
+    whichever process it reached, instead of waiting for the commit (before, a peer request
+    on the holder's sibling found nothing, and the holder's own siblings did not follow it:
+    their clients waited for the commit, up to about 55 s). Then: one upstream GET, every
+    body byte-exact, one upload."""
+    size, held_at, enough = 24 * MiB, 12 * MiB, 8 * MiB
+    layer = os.urandom(size)
+    digest = _sha(layer)
+    await registry_pusher.make_image(unique_repo, "w2", [layer])
+    resume = asyncio.Event()
+    host, port = real_registry.host.split(":")
+    async with RoundRobinBalancer([(host, int(port))], hold=(held_at, resume)) as held:
+        async with running_fleet(tmp_path, f"http://{held.host}", seaweed_s3, pg_dsn,
+                                 count=2, workers=2) as (fleet, balancer):
+            mark = real_registry.log_mark()
+            base = f"http://{balancer.host}"
+            streaming = [asyncio.Event() for _ in range(12)]
+
+            async def pull(session: aiohttp.ClientSession, streams: asyncio.Event) -> bytes:
+                async with session.get(f"{base}/v2/{unique_repo}/manifests/w2") as response:
+                    assert response.status == 200, await response.text()
+                async with session.get(f"{base}/v2/{unique_repo}/blobs/{digest}") as response:
+                    assert response.status == 200, await response.text()
+                    body = bytearray()
+                    async for piece in response.content.iter_chunked(256 * 1024):
+                        body += piece
+                        if len(body) >= enough:
+                            streams.set()
+                    return bytes(body)
+
+            sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                        for _ in streaming]
+            try:
+                pulls = [asyncio.ensure_future(pull(s, e))
+                         for s, e in zip(sessions, streaming, strict=True)]
+                try:
+                    # A bound, not a measurement: the upstream is held until all stream.
+                    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streaming)), 40)
+                finally:
+                    resume.set()
+                    reached = sum(e.is_set() for e in streaming)
+                bodies = await asyncio.wait_for(asyncio.gather(*pulls), 60)
+            finally:
+                for task in pulls:
+                    task.cancel()
+                for session in sessions:
+                    await session.close()
+            assert reached == len(streaming)
+            assert all(body == layer for body in bodies)
+            assert _blob_gets(real_registry, mark, digest) == 1
+            assert balancer.connections == [6, 6]  # round robin: six clients per replica
+            # Exactly one process (of four) uploaded it; the bucket agrees with the index.
+            commits = [e for r in fleet.replicas for e in r.log_events()
+                       if e.get("event") == "blob.committed" and e.get("digest") == digest]
+            assert len(commits) == 1
+            report = await asyncio.to_thread(fleet.sigil_cli, "fsck")
+            assert report.returncode == 0, report.stdout + report.stderr
 
 
 async def test_replica_killed_mid_download(tmp_path, real_registry,

@@ -30,7 +30,10 @@ the lease holder fetches and uploads; a replica that finds a live lease *relays*
 from the holder's peer endpoint into its own scratch file, hashing, uploads nothing, and
 releases its last byte only when its own hash matched and the object is visible in the shared
 store under the digest. If the peer fails, or the lease ends without a commit, its clients are
-cut and the next request takes the lease over.
+cut and the next request takes the lease over. With ``--workers N`` in a fleet the workers of a
+replica first elect one per blob through the host's lease file; only that one takes part in
+the fleet lease, and its siblings (their clients and their peer endpoint) follow its scratch
+file (:class:`RelayPeers`).
 """
 
 from __future__ import annotations
@@ -108,10 +111,22 @@ RELAY_COMMIT_POLL = 0.05
 class RelayPeers:
     """Cross-replica single-flight: where other replicas reach this one's peer endpoint
     (the lease ``location``), and how to open another replica's in-flight download
-    (:meth:`sigil.upstream.peer.PeerClient.open_blob`)."""
+    (:meth:`sigil.upstream.peer.PeerClient.open_blob`).
+
+    ``siblings``: with ``--workers N`` the host's lease table (``leases.sqlite``). All the
+    workers of a replica advertise one peer address (one SO_REUSEPORT port), so the fleet
+    lease cannot say which process holds a download, and a peer request may land on any of
+    them. So the workers first elect one of them per blob through this table (its location
+    is the elected worker's scratch file); only that one takes part in the fleet lease
+    (fetches or relays), its siblings follow its scratch file, and a sibling's peer endpoint
+    streams that same file to other replicas (:meth:`Downloads.follow_sibling`). Chosen over
+    a peer port per worker: it reuses the ``--workers`` follow path as it is (same tail rule,
+    same takeover of a dead worker), needs no port range to configure or open, and keeps one
+    peer connection per blob and replica."""
 
     location: str
     open_peer: Callable[[str, Digest], AbstractAsyncContextManager[BlobSource]]
+    siblings: FetchLeases | None = None
 
 
 async def _committed(on_commit: OnCommit, digest: Digest, size: int) -> None:
@@ -219,6 +234,9 @@ class Download:
         try:
             if leases is None:
                 await self._fetch(open_blob, on_commit)
+            elif relay is not None and relay.siblings is not None:
+                await self._run_elected(open_blob, on_commit, leases, holder, relay,
+                                        relay.siblings)
             else:
                 await self._run_leased(open_blob, on_commit, leases, holder, relay)
         except asyncio.CancelledError:
@@ -368,11 +386,63 @@ class Download:
             os.close(fd)
 
     # ------------------------------------------------------------ across workers
+    async def _run_elected(self, open_blob: OpenBlob, on_commit: OnCommit,
+                           leases: FetchLeases, holder: str, relay: RelayPeers,
+                           siblings: FetchLeases) -> None:
+        """A relaying replica with ``--workers N`` (see :class:`RelayPeers`): take the
+        digest's host lease and then go on as a lone replica would (fetch or relay), or
+        follow the sibling worker that holds it. The host lease's size is recorded before
+        the first byte reaches the scratch file, as a ``--workers`` holder does."""
+        staging = self.staging
+        assert staging is not None
+        for _ in range(ACQUIRE_TRIES):
+            lease = await siblings.acquire(self.digest, holder, str(staging.path), LEASE_TTL)
+            if lease.holder == holder:
+                break
+            if await self._follow(lease, siblings):
+                return
+            await asyncio.sleep(LEASE_CHECK)
+        else:
+            raise UpstreamError("another worker keeps failing to fetch this blob")
+        size: int | None = None
+
+        async def announce(announced: int | None) -> None:
+            nonlocal size
+            size = announced
+            await siblings.renew(self.digest, holder, LEASE_TTL, size)
+
+        async def keep() -> None:
+            # Renewed for as long as this worker fetches, relays or waits for the fleet
+            # lease (a dead worker's siblings take over after LEASE_TTL, as with --workers).
+            while True:
+                await asyncio.sleep(LEASE_RENEW)
+                try:
+                    if not await siblings.renew(self.digest, holder, LEASE_TTL, size):
+                        # Stalled past LEASE_TTL: the siblings stopped following; one that
+                        # took the host lease waits for our fleet lease to end.
+                        log.warning("blob.lease_lost", digest=str(self.digest))
+                        return
+                except Exception:  # a busy lease file must not fail the download itself
+                    log.exception("blob.lease_renew_failed", digest=str(self.digest))
+
+        keeping = asyncio.get_running_loop().create_task(keep())
+        try:
+            await self._run_leased(open_blob, on_commit, leases, holder, relay, announce)
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+            # After the fleet lease's release (and the commit or abort): a sibling that sees
+            # this lease gone looks for the object, as a --workers follower does.
+            await asyncio.shield(siblings.release(self.digest, holder))
+
     async def _run_leased(self, open_blob: OpenBlob, on_commit: OnCommit,
                           leases: FetchLeases, holder: str,
-                          relay: RelayPeers | None = None) -> None:
+                          relay: RelayPeers | None = None,
+                          announce: Callable[[int | None], Awaitable[None]] | None = None
+                          ) -> None:
         """Take the digest's lease and fetch, or follow the worker that holds it (on one
-        host: its staging file; across replicas: its peer endpoint)."""
+        host: its staging file; across replicas: its peer endpoint). ``announce(size)``
+        runs before the first byte reaches the staging file (fetched or relayed)."""
         staging = self.staging
         assert staging is not None
         location = relay.location if relay is not None else str(staging.path)
@@ -391,7 +461,7 @@ class Download:
                 continue
             if relay is not None:
                 try:
-                    await self._relay(lease, leases, relay)
+                    await self._relay(lease, leases, relay, announce)
                     return
                 except Unavailable:
                     # The peer is unreachable or has nothing (it just finished, or died and
@@ -419,6 +489,8 @@ class Download:
                 # follower that sees bytes and no size knows the upstream announced none.
                 nonlocal renewing
                 await leases.renew(self.digest, holder, LEASE_TTL, size)
+                if announce is not None:
+                    await announce(size)
                 renewing = asyncio.get_running_loop().create_task(
                     self._renew(leases, holder, size))
 
@@ -434,6 +506,29 @@ class Download:
             # After the rename (or the abort): a follower that sees the lease gone and then
             # looks for the object finds it if it was committed.
             await asyncio.shield(leases.release(self.digest, holder))
+
+    async def follow_sibling(self, siblings: FetchLeases, holder: str) -> None:
+        """Only follow the sibling worker holding this digest's host lease (the peer
+        endpoint of a worker without the download, :meth:`Downloads.follow_sibling`);
+        never fetch or relay. Errors are stored on the download, as in :meth:`run`."""
+        try:
+            lease = await siblings.current(self.digest)
+            if lease is None or lease.holder == holder or not await self._follow(lease,
+                                                                                 siblings):
+                raise Unavailable(f"no download of {self.digest} in flight on this host")
+        except SigilError as exc:
+            self.error = exc
+        except Exception as exc:  # fail closed, as run() does
+            self.error = UpstreamError(f"following failed: {type(exc).__name__}")
+            log.exception("blob.follow_crashed", digest=str(self.digest))
+        finally:
+            if self.error is not None:
+                self._chunk = b""
+            if self.staging is not None and not self.staging.closed:
+                self.staging.abort()
+            self.started.set()
+            self.finished.set()
+            self._notify()
 
     async def _already_committed(self) -> bool:
         if self.objects is not None:
@@ -466,7 +561,9 @@ class Download:
                 return
             await asyncio.sleep(LEASE_CHECK)
 
-    async def _relay(self, lease: LeaseInfo, leases: FetchLeases, relay: RelayPeers) -> None:
+    async def _relay(self, lease: LeaseInfo, leases: FetchLeases, relay: RelayPeers,
+                     announce: Callable[[int | None], Awaitable[None]] | None = None
+                     ) -> None:
         """Stream another replica's download of this blob through its peer endpoint into
         the scratch file, hashing; upload nothing. The last byte is released only when our
         own hash matched and the holder's object is visible in the shared store."""
@@ -474,7 +571,10 @@ class Download:
         assert staging is not None and objects is not None
         metrics.COALESCED_WAITERS.inc()
         async with relay.open_peer(lease.location, self.digest) as source:
-            self._start(source.size if source.size is not None else lease.size)
+            size = source.size if source.size is not None else lease.size
+            if announce is not None:
+                await announce(size)  # for the sibling workers following our scratch file
+            self._start(size)
             async for chunk in source.iter_chunks(READ_CHUNK):
                 self._chunk_at, self._chunk = self.received, chunk
                 self.received += len(chunk)
@@ -702,6 +802,24 @@ class Downloads:
         """The download of ``digest`` in flight in this process, if any (the peer endpoint
         streams it to other replicas; it never starts one)."""
         return self._active.get(digest)
+
+    async def follow_sibling(self, digest: Digest) -> Download | None:
+        """A download that follows the sibling worker (``--workers N`` in a relaying fleet,
+        :class:`RelayPeers`) holding ``digest``'s host lease, for the peer endpoint of this
+        process, which has no download of it; None when no sibling holds one. It never
+        fetches, is not joined by this process's clients (they take the lease path of
+        :meth:`get_or_start`), and its task is the caller's to cancel."""
+        siblings = self._relay.siblings if self._relay is not None else None
+        if siblings is None:
+            return None
+        lease = await siblings.current(digest)
+        if lease is None or lease.holder == self._holder:
+            return None
+        log.info("peer.follows_sibling", digest=str(digest))
+        download = Download(digest, self._store, self._objects)
+        download.task = asyncio.get_running_loop().create_task(
+            download.follow_sibling(siblings, self._holder), name=f"follow {digest}")
+        return download
 
     def get_or_start(self, digest: Digest, open_blob: OpenBlob,
                      on_commit: OnCommit) -> tuple[Download, bool]:

@@ -28,7 +28,7 @@ class RoundRobinBalancer:
 
     def __init__(self, backends: Sequence[tuple[str, int]], *,
                  max_connections: int = 256, chunk: int = COPY_CHUNK,
-                 pause: float = 0.0) -> None:
+                 pause: float = 0.0, hold: tuple[int, asyncio.Event] | None = None) -> None:
         for host, _ in backends:
             if not host.startswith("127."):
                 raise ValueError(f"backend {host} is not on loopback")
@@ -41,6 +41,8 @@ class RoundRobinBalancer:
         self.port = 0
         self._chunk = chunk
         self._pause = pause
+        # (n, event): each backend-to-client stream stops after n bytes until event is set.
+        self._hold = hold
 
     @property
     def host(self) -> str:
@@ -77,7 +79,8 @@ class RoundRobinBalancer:
                     writer.close()  # the replica is down: the client sees a reset
                     return
                 await asyncio.gather(_copy(reader, up_writer),
-                                     _copy(up_reader, writer, self._chunk, self._pause),
+                                     _copy(up_reader, writer, self._chunk, self._pause,
+                                           self._hold),
                                      return_exceptions=True)
         finally:
             self._tasks.discard(task)
@@ -85,13 +88,20 @@ class RoundRobinBalancer:
 
 
 async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
-                chunk: int = COPY_CHUNK, pause: float = 0.0) -> None:
+                chunk: int = COPY_CHUNK, pause: float = 0.0,
+                hold: tuple[int, asyncio.Event] | None = None) -> None:
     """Copy until EOF or an error on either side; then close the sink (both directions end
-    together, so a replica killed mid-body cuts its client)."""
+    together, so a replica killed mid-body cuts its client). ``hold=(n, event)``: after n
+    bytes, wait for ``event`` before copying more."""
+    copied = 0
     try:
-        while data := await source.read(chunk):
+        while data := await source.read(chunk if hold is None or copied >= hold[0]
+                                        else min(chunk, hold[0] - copied)):
             sink.write(data)
             await sink.drain()
+            copied += len(data)
+            if hold is not None and copied >= hold[0]:
+                await hold[1].wait()
             if pause:
                 await asyncio.sleep(pause)
     except (ConnectionError, OSError):

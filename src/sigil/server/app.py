@@ -154,6 +154,7 @@ async def _single_flight(config: Config, backends: Backends
     - ``--workers N`` on one host: the host's lease table, followers read staging files;
     - replicas over a remote store with ``server.peer_listen``: the shared lease table,
       followers relay the holder's peer endpoint (a second site, started with the mirror);
+      with ``--workers N`` also the host's table, which elects the worker that takes part;
     - replicas without a peer endpoint: none across replicas (each fetches on its own; a
       staging path means nothing on another host), the host's lease file among the
       ``--workers`` of each."""
@@ -184,7 +185,10 @@ async def _single_flight(config: Config, backends: Backends
         raise SigilError(f"server.peer_advertise: {host!r} is not a host name or address "
                          "other replicas can reach")
     client = PeerClient(secret, timeout=PEER_TIMEOUT)
-    relay = RelayPeers(location, client.open_blob)
+    # --workers N: the workers share the one peer port, so they elect one of them per blob
+    # in the host's lease file and the others follow its scratch file (RelayPeers).
+    siblings = backends.host_leases if config.server.workers > 1 else None
+    relay = RelayPeers(location, client.open_blob, siblings)
     listen_host, listen_port = config.server.peer_listen
 
     async def close_client(_: web.Application) -> None:

@@ -9,10 +9,14 @@ streams it to its own clients: :meth:`Download.stream` withholds the last byte u
 of everything received matched the digest, and on a mismatch or a cut upstream the peer
 connection is aborted. So no peer ever receives a complete unverified body.
 
-The endpoint serves only what is in flight in this process: a blob that is already committed
+The endpoint serves only what is in flight on this replica: a blob that is already committed
 (or not being fetched here) answers 404 ``BLOB_UNKNOWN``, and the caller reads the shared store
-or retries the lease. It serves bytes without any policy decision: the asking replica applies
-its own gate before it relays anything to a client.
+or retries the lease. With ``--workers N`` the workers share the peer port (SO_REUSEPORT), so
+a request may reach a worker that has no download of the blob while a sibling has it: that
+worker then follows the sibling's growing scratch file through the host's lease file
+(:meth:`~sigil.downloads.Downloads.follow_sibling`, the ``--workers`` follow path, same tail
+rule) and streams it, rather than answering 404. It serves bytes without any policy
+decision: the asking replica applies its own gate before it relays anything to a client.
 
 Authentication is one shared secret for the fleet: the caller sends ``X-Sigil-Peer-Time``
 (Unix seconds) and ``X-Sigil-Peer-Auth``, the hex HMAC-SHA256 of ``"GET " + path + "\\n" +
@@ -25,6 +29,7 @@ network. Neither the secret nor any MAC is ever logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -33,7 +38,7 @@ import time
 from aiohttp import web
 
 from sigil import metrics
-from sigil.downloads import Downloads
+from sigil.downloads import Download, Downloads
 from sigil.errors import BlobUnknown, RegistryError, Unauthorized, Unavailable, Unsupported
 from sigil.logs import get_logger
 from sigil.oci.digest import Digest
@@ -105,51 +110,20 @@ def add_peer_routes(app: web.Application, downloads: Downloads, secret: bytes) -
             digest = Digest.parse(request.match_info["digest"])
         except RegistryError as exc:
             return _refuse("invalid", exc)
+        following: Download | None = None
         download = downloads.get(digest)
+        if download is None:
+            download = following = await downloads.follow_sibling(digest)
         if download is None:
             return _refuse("not_found", BlobUnknown(f"no download of {digest} in flight on "
                                                     "this replica"))
         try:
-            await download.wait_started()
-        except RegistryError:
-            return _refuse("failed", Unavailable(f"the download of {digest} failed on this "
-                                                 "replica"))
-        if download.error is not None and not download.verified:
-            return _refuse("failed", Unavailable(f"the download of {digest} failed on this "
-                                                 "replica"))
-        response = web.StreamResponse(status=200,
-                                      headers={"Docker-Content-Digest": str(digest)})
-        response.content_type = "application/octet-stream"
-        if download.size is not None:
-            response.content_length = download.size
-        await response.prepare(request)
-        sent = 0
-        body = download.stream()
-        try:
-            async for chunk in body:
-                await response.write(chunk)
-                sent += len(chunk)
-                metrics.PEER_BYTES_SENT.inc(len(chunk))
-        except RegistryError as exc:
-            # The digest did not match or the upstream broke: the status line is out, so the
-            # connection is cut and the peer sees a short body, never a complete one.
-            metrics.PEER_REQUESTS.labels("cut").inc()
-            log.warning("peer.stream_cut", digest=str(digest), sent=sent, error=str(exc))
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        except ConnectionError:
-            # The asking replica went away; its own clients are its business.
-            metrics.PEER_REQUESTS.labels("abandoned").inc()
-            return response
+            return await _stream(request, digest, download)
         finally:
-            # Close the staging file descriptor now, not when the generator is collected.
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        await response.write_eof()
-        metrics.PEER_REQUESTS.labels("streamed").inc()
-        return response
+            if following is not None and following.task is not None:
+                # Only this request reads it: stop polling the sibling's file now.
+                following.task.cancel()
+                await asyncio.gather(following.task, return_exceptions=True)
 
     async def other_method(request: web.Request) -> web.Response:
         request[ROUTE_KEY] = "peer"
@@ -158,3 +132,49 @@ def add_peer_routes(app: web.Application, downloads: Downloads, secret: bytes) -
     # GET only: the MAC covers the method, and a HEAD would not need the stream.
     app.router.add_get(PEER_BLOBS_PATH + "{digest}", peer_blob, allow_head=False)
     app.router.add_route("*", PEER_BLOBS_PATH + "{digest}", other_method)
+
+
+async def _stream(request: web.Request, digest: Digest, download: Download
+                  ) -> web.StreamResponse:
+    """Stream ``download`` to the asking replica with its tail rule (cut on a failure)."""
+    try:
+        await download.wait_started()
+    except RegistryError:
+        return _refuse("failed", Unavailable(f"the download of {digest} failed on this "
+                                             "replica"))
+    if download.error is not None and not download.verified:
+        return _refuse("failed", Unavailable(f"the download of {digest} failed on this "
+                                             "replica"))
+    response = web.StreamResponse(status=200,
+                                  headers={"Docker-Content-Digest": str(digest)})
+    response.content_type = "application/octet-stream"
+    if download.size is not None:
+        response.content_length = download.size
+    await response.prepare(request)
+    sent = 0
+    body = download.stream()
+    try:
+        async for chunk in body:
+            await response.write(chunk)
+            sent += len(chunk)
+            metrics.PEER_BYTES_SENT.inc(len(chunk))
+    except RegistryError as exc:
+        # The digest did not match or the upstream broke: the status line is out, so the
+        # connection is cut and the peer sees a short body, never a complete one.
+        metrics.PEER_REQUESTS.labels("cut").inc()
+        log.warning("peer.stream_cut", digest=str(digest), sent=sent, error=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    except ConnectionError:
+        # The asking replica went away; its own clients are its business.
+        metrics.PEER_REQUESTS.labels("abandoned").inc()
+        return response
+    finally:
+        # Close the staging file descriptor now, not when the generator is collected.
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await response.write_eof()
+    metrics.PEER_REQUESTS.labels("streamed").inc()
+    return response
