@@ -24,9 +24,12 @@ import pytest
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import ObjectInfo
 from sigil.storage.contracts import GcLease
+from sigil.storage.contracts import AsyncIndex
 from sigil.storage.maintenance import (
+    ORPHAN_CURSOR_KEY,
     IncrementalGcStats,
     OrphanCursor,
+    StoredOrphanCursor,
     check_objects,
     collect_incremental,
 )
@@ -132,6 +135,88 @@ async def test_a_pass_lists_a_bounded_slice_and_the_cursor_goes_on(backends: Bac
             break
     assert cursor.after is None
     assert (await _gc(b, now, limit=2, cursor=cursor)).orphans_listed == 1  # only `kept` left
+
+
+class CountingIndex:
+    """The real index, noting every call the sweep makes through it (name, arguments)."""
+
+    def __init__(self, inner: AsyncIndex) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args))
+            return await method(*args, **kwargs)
+
+        return counted
+
+    def lookups(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """The calls that ask whether an object has rows."""
+        return [c for c in self.calls if c[0] in ("indexed", "get_manifest", "blob_size")]
+
+
+async def _pass(b: Backends, index: AsyncIndex, now: float, limit: int,
+                holder: str = "gc-test") -> tuple[IncrementalGcStats, CountingIndex]:
+    """One gc pass as a freshly started process makes it: its own cursor object, which
+    knows only what the index stores."""
+    counting = CountingIndex(index)
+    stats = await asyncio.wait_for(collect_incremental(
+        b.objects, counting, b.leases, holder, BUDGET, now=now,  # type: ignore[arg-type]
+        orphan_grace=GRACE, orphan_batch=limit, orphan_cursor=StoredOrphanCursor()), BOUND)
+    return stats, counting
+
+
+async def test_the_stored_cursor_survives_a_restart_and_another_replica_goes_on(
+        backends: Backends) -> None:
+    b = backends
+    digests = []
+    for _ in range(5):  # indexed objects: listed, never deleted, so a repeat would show
+        digest, raw = await _put(b)
+        await b.index.put_blob(digest, len(raw))
+        digests.append(digest)
+    digests.sort(key=str)
+    now = max(i.mtime for i in (await _ages(b)).values()) + GRACE + 1
+    await b.index.put_meta(ORPHAN_CURSOR_KEY, "")  # start at the beginning (not at random)
+    first, counted = await _pass(b, b.index, now, limit=2)
+    assert first.orphans_listed == 2 and first.orphans_deleted == 0
+    assert counted.lookups() == [("indexed", (digests[:2],))]  # one query for the slice
+    assert await b.index.get_meta(ORPHAN_CURSOR_KEY) == digests[1].hex
+    # A restart, and the gc lease on another replica: its own connection, its own cursor.
+    other = await b.other_index()
+    second, counted = await _pass(b, other, now, limit=2, holder="replica-2")
+    assert second.orphans_listed == 2
+    assert counted.lookups() == [("indexed", (digests[2:4],))]  # the next slice, not the first
+    third, counted = await _pass(b, b.index, now, limit=2)
+    assert third.orphans_listed == 1 and counted.lookups() == [("indexed", (digests[4:],))]
+    assert await b.index.get_meta(ORPHAN_CURSOR_KEY) == ""  # ran out: the beginning next
+    assert (await _pass(b, other, now, limit=2))[1].lookups() == [
+        ("indexed", (digests[:2],))]
+
+
+async def test_one_batched_query_per_slice_and_a_recheck_per_delete(backends: Backends) -> None:
+    """Six old objects listed, two of them indexed: one query answers for all six, then each
+    of the four orphans is asked again just before its delete, and nothing else is asked
+    (before: two point lookups per listed object, and two more per candidate)."""
+    b = backends
+    orphans = [(await _put(b))[0] for _ in range(4)]
+    indexed = []
+    for _ in range(2):
+        digest, raw = await _put(b)
+        await b.index.put_blob(digest, len(raw))
+        indexed.append(digest)
+    now = max(i.mtime for i in (await _ages(b)).values()) + GRACE + 1
+    await b.index.put_meta(ORPHAN_CURSOR_KEY, "")
+    stats, counted = await _pass(b, b.index, now, limit=100)
+    assert stats.orphans_listed == 6 and stats.orphans_deleted == 4
+    lookups = counted.lookups()
+    assert lookups[0] == ("indexed", (sorted(orphans + indexed, key=str),))
+    assert sorted(lookups[1:], key=str) == sorted((("indexed", ([d],)) for d in orphans),
+                                                  key=str)
+    assert [d for d in orphans if await b.objects.has(d)] == []
+    assert all([await b.objects.has(d) for d in indexed])
 
 
 class HeldRenew:

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from sigil import metrics
-from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid, StorageError
+from sigil.errors import BlobUnknown, DigestInvalid, RangeInvalid, StorageError, Unavailable
 from sigil.oci.digest import Digest
 from sigil.storage.backends import Leases
 from sigil.storage.blobs import BlobStore
@@ -30,7 +30,13 @@ from sigil.storage.contracts import (
     ObjectStore,
     SqliteAsyncIndex,
 )
-from sigil.storage.index import TOUCH_PRECISION, Index
+from sigil.storage.index import (
+    TOUCH_PRECISION,
+    ImageRecord,
+    Index,
+    ManifestRecord,
+    TagRecord,
+)
 from sigil.storage.lease_sqlite import SqliteFetchLeases
 from sigil.storage.maintenance import check_objects, collect_incremental
 
@@ -461,6 +467,126 @@ async def test_delete_unreferenced(pair: Pair) -> None:
     assert calls == []
     assert await idx.delete_unreferenced(D[2], deleter(D[2]))
     assert calls == [D[2]]
+
+
+async def test_meta_values_are_shared(pair: Pair) -> None:
+    """What the orphan sweep's cursor is kept in: a value another process sees at once."""
+    assert await pair.index.get_meta("gc.test") is None
+    await pair.index.put_meta("gc.test", "a" * 64)
+    await pair.index.put_meta("gc.test", "")
+    await pair.index.put_meta("other", "x")
+    assert await pair.index.get_meta("gc.test") == ""
+    assert await pair.index.get_meta("other") == "x"
+
+
+async def test_indexed_answers_for_a_batch(pair: Pair) -> None:
+    idx = pair.index
+    await idx.put_manifest(D[0], "manifest", 10, [D[1]], now=1.0)  # D1: a reference, no row
+    await idx.put_blob(D[2], 5)
+    assert await idx.indexed([D[0], D[1], D[2], D[3], D[2]]) == {D[0], D[2]}
+    assert await idx.indexed([]) == set()
+    many = [Digest(hashlib.sha256(str(i).encode()).hexdigest()) for i in range(1500)]
+    for digest in many[::500]:
+        await idx.put_blob(digest, 1)
+    assert await idx.indexed(many + [D[0]]) == {*many[::500], D[0]}
+
+
+def _image(media_type: str = "application/vnd.oci.image.manifest.v1+json") -> ImageRecord:
+    """D0 (an index) -> D1 (a manifest) -> D2 (a layer); D3 (a signature of D1) -> D4; tags
+    on D0 and on D3; ``media_type`` is the last tag's."""
+    return ImageRecord(
+        blobs=((D[2], 200), (D[4], 40)),
+        manifests=(ManifestRecord(D[3], "sig", 30, (D[4],), subject=D[1]),
+                   ManifestRecord(D[1], "manifest", 20, (D[2],)),
+                   ManifestRecord(D[0], "index", 10, (D[1],))),
+        tags=(TagRecord("docker.io", "r", "sha256-" + D[1].hex + ".sig", D[3], "sig"),
+              TagRecord("docker.io", "r", "v1", D[0], media_type)),
+        checked_at=50.0)
+
+
+async def _image_rows(idx: AsyncIndex) -> dict[str, object]:
+    graph = await idx.graph()
+    return {"manifests": set(graph.manifests), "blobs": set(graph.blobs),
+            "refs": graph.refs, "referrers": graph.referrers,
+            "tags": await idx.list_tags("docker.io", "r")}
+
+
+async def test_record_image_writes_every_row(pair: Pair) -> None:
+    idx = pair.index
+    checked: list[bool] = []
+
+    async def check() -> None:
+        checked.append(True)
+
+    await idx.record_image(_image(), check=check)
+    assert checked == [True]
+    rows = await _image_rows(idx)
+    assert rows["manifests"] == {D[0], D[1], D[3]} and rows["blobs"] == {D[2], D[4]}
+    assert await idx.get_references(D[0]) == [D[1]]
+    assert await idx.get_referrers(D[1]) == [D[3]]
+    tag = await idx.get_tag("docker.io", "r", "v1")
+    assert tag is not None and (tag.digest, tag.checked_at) == (D[0], 50.0)
+    manifest = await idx.get_manifest(D[3])
+    assert manifest is not None and (manifest.size, manifest.last_access) == (30, 50.0)
+    assert await idx.blob_size(D[2]) == 200
+    await idx.record_image(_image())  # again: idempotent
+    assert await _image_rows(idx) == rows
+
+
+@pytest.mark.parametrize("fault", ["a refused last row", "the check refuses"])
+async def test_record_image_is_all_or_nothing(pair: Pair, fault: str) -> None:
+    """A failure after most of an image's rows were written leaves none of them: not the
+    blobs, not the manifests and their edges, not the tag on the signature."""
+    idx = pair.index
+    await idx.put_tag("docker.io", "r", "old", D[6], "manifest", 1.0)  # not the image's
+    before = await _image_rows(idx)
+
+    async def refuse() -> None:
+        raise StorageError("an object vanished")
+
+    with pytest.raises((StorageError, Unavailable)):
+        if fault == "a refused last row":  # NOT NULL: the database refuses the last tag
+            await idx.record_image(_image(media_type=None))  # type: ignore[arg-type]
+        else:
+            await idx.record_image(_image(), check=refuse)
+    assert await _image_rows(idx) == before
+    assert await idx.indexed([D[0], D[1], D[2], D[3], D[4]]) == set()
+    await idx.record_image(_image())  # the index is fine afterwards
+    assert (await _image_rows(idx))["manifests"] == {D[0], D[1], D[3]}
+
+
+async def test_record_image_waits_for_a_delete_under_way(pair: Pair) -> None:
+    """A delete of a digest the image names is under way: the rows wait for it, and the
+    check runs after it, so it sees the object gone (and nothing is recorded)."""
+    idx = pair.index
+    data, digest = blob(64)
+    await pair.objects.put_bytes(digest, data)
+    deleting, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_delete() -> bool:
+        deleting.set()
+        await release.wait()
+        return await pair.objects.delete(digest)
+
+    gc = asyncio.create_task(idx.delete_unreferenced(digest, slow_delete))
+    await asyncio.wait_for(deleting.wait(), 10)
+    seen: list[bool] = []
+
+    async def check() -> None:
+        seen.append(await pair.objects.has(digest))
+        if not seen[-1]:
+            raise StorageError("vanished")
+
+    image = ImageRecord(((digest, 64),), (ManifestRecord(D[0], "m", 1, (digest,)),), (), 1.0)
+    write = asyncio.create_task(idx.record_image(image, check=check))
+    await asyncio.sleep(0.3)
+    assert not write.done()  # waiting for the delete
+    release.set()
+    assert await asyncio.wait_for(gc, 10)
+    with pytest.raises(StorageError, match="vanished"):
+        await asyncio.wait_for(write, 10)
+    assert seen and seen[-1] is False
+    assert await idx.indexed([digest, D[0]]) == set()
 
 
 async def test_gc_candidates_lru_order(pair: Pair) -> None:

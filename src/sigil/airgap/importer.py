@@ -102,6 +102,7 @@ from sigil.storage.contracts import (
     SqliteAsyncIndex,
     UploadSession,
 )
+from sigil.storage.index import ImageRecord, ManifestRecord, TagRecord
 from sigil.upstream.offline import offline_clients, offline_config
 
 # Cosign and referrers tag-schema tags name the subject they belong to (as in mirror.py).
@@ -774,7 +775,7 @@ class Importer:
     async def _load(self, image: dict[str, Any], meta: Metadata, windex: Index,
                     work: ObjectStore, target: ObjectStore, index: AsyncIndex,
                     loaded: set[Digest]) -> int:
-        """Load one verified image: blobs, then manifest rows, then tags (see step 3).
+        """Load one verified image: its objects, then all its rows at once (see step 3).
 
         Only what hangs off the verified digest is loaded: its children, config and layers,
         and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
@@ -782,15 +783,16 @@ class Importer:
         under the image is ignored (the count is returned) rather than loaded unverified.
         What is loaded is added to ``loaded``.
 
-        The order is what keeps a replica serving meanwhile from ever seeing a partial
-        image: manifest rows go in depth first, each after everything reached from it (its
-        children, its referrers, the artifacts its ``sha256-<hex>`` tags name, and those
-        tags), so a manifest visible by digest already has the signatures its verification
-        looks for (a pull in between would otherwise be denied, and the deny cached); the
-        image's own tags come last. Every object is looked for again *after* the row that
-        protects it from a check-and-delete (gc, another import's rollback) is written and
-        before any tag names it: an object removed in between is never indexed as part of a
-        tagged image (StorageError, the rest of the archive is refused)."""
+        A replica serving meanwhile never sees part of an image: every row of it (blobs,
+        manifests with their references and referrer links, the artifacts its
+        ``sha256-<hex>`` tags name and those tags, its own tags) is written in one index
+        transaction (:meth:`AsyncIndex.record_image`), so a manifest visible by digest
+        already has the signatures its verification looks for (a pull in between would
+        otherwise be denied, and the deny cached), and a tag never names a manifest whose
+        rows are missing. A failure midway leaves none of them. Every object is looked for
+        again where no check-and-delete (gc, another import's rollback) can come between
+        that look and the rows (the ``check`` of record_image): an object removed before is
+        never indexed (StorageError, the rest of the archive is refused)."""
         contents = meta.contents
         manifests: dict[str, str] = contents["manifests"]
         listed_manifests = set(image["manifests"])
@@ -837,9 +839,8 @@ class Importer:
             elif not await work.has(digest):  # a remote store: committed (staged) in step 1
                 raise _vanished(digest)
             loaded.add(digest)
-        for d in sorted(blobs):
-            await index.put_blob(Digest.parse(d), int(contents["sizes"][d]))
-        checked: set[str] = set()
+        records: list[ManifestRecord] = []
+        tags: list[TagRecord] = []
         for d in _depth_first(image["digest"], successors):
             digest = Digest.parse(d)
             raw = await work.read_bytes(digest)
@@ -850,24 +851,24 @@ class Importer:
             parsed = parse_manifest(raw, manifests[d])
             if isinstance(work, _StagedManifests):
                 await work.publish(digest, parsed.raw)
-            refs = [c.digest for c in parsed.manifests] + parsed.blob_digests()
-            await index.put_manifest(digest, parsed.media_type, len(parsed.raw), refs)
-            if parsed.subject is not None:
-                await index.add_referrer(parsed.subject.digest, digest)
-            # The row now protects the manifest and what it references: look again.
-            for ref in [digest, *(r for r in refs if str(r) in blobs)]:
-                if str(ref) not in checked:
-                    if not await target.has(ref):
-                        raise _vanished(ref)
-                    checked.add(str(ref))
-            now = time.time()
-            for repo, tag, _, media_type in tags_of.get(d, []):
-                await index.put_tag(image["upstream"], repo, tag, digest, media_type, now)
-        now = time.time()
-        for repo, tag, d, media_type in own_tags:
-            if d in reached:
-                await index.put_tag(image["upstream"], repo, tag, Digest.parse(d), media_type,
-                                    now)
+            refs = tuple([c.digest for c in parsed.manifests] + parsed.blob_digests())
+            records.append(ManifestRecord(digest, parsed.media_type, len(parsed.raw), refs,
+                                          parsed.subject.digest if parsed.subject else None))
+            tags += [TagRecord(image["upstream"], repo, tag, digest, media_type)
+                     for repo, tag, _, media_type in tags_of.get(d, [])]
+        tags += [TagRecord(image["upstream"], repo, tag, Digest.parse(d), media_type)
+                 for repo, tag, d, media_type in own_tags if d in reached]
+        stored = [*(Digest.parse(d) for d in sorted(blobs)), *(m.digest for m in records)]
+
+        async def all_stored() -> None:
+            # Where the index guarantees no delete comes between this and the rows.
+            for digest in stored:
+                if not await target.has(digest):
+                    raise _vanished(digest)
+
+        await index.record_image(ImageRecord(
+            tuple((Digest.parse(d), int(contents["sizes"][d])) for d in sorted(blobs)),
+            tuple(records), tuple(tags), time.time()), check=all_stored)
         return ignored
 
 

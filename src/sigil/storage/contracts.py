@@ -19,7 +19,11 @@ Index (:class:`AsyncIndex`)
     plus what a shared index needs instead of the SQLite process lock:
     :meth:`AsyncIndex.delete_unreferenced` (check-and-delete atomic against every replica's
     ``put_manifest``), and index-driven gc queries (:meth:`AsyncIndex.gc_candidates`,
-    :meth:`AsyncIndex.stored_bytes`) so gc need not walk the whole bucket.
+    :meth:`AsyncIndex.stored_bytes`) so gc need not walk the whole bucket; batches
+    (:meth:`AsyncIndex.indexed`: which of many digests have rows, in one query;
+    :meth:`AsyncIndex.record_image`: every row of one image in one transaction); and small
+    named values every replica shares (:meth:`AsyncIndex.get_meta`: the orphan sweep's
+    cursor).
 
 Leases
     :class:`~sigil.storage.lease.FetchLeases` (per digest, one downloader across processes) and
@@ -44,6 +48,7 @@ from sigil.storage.blobs import BlobStore, ObjectInfo, StagingFile
 from sigil.storage.index import (
     Blocked,
     Graph,
+    ImageRecord,
     Index,
     ManifestRow,
     TagRow,
@@ -53,6 +58,9 @@ from sigil.storage.index import (
 
 #: Size of the chunks object readers yield.
 READ_CHUNK = 1024 * 1024
+#: How often SqliteAsyncIndex.record_image tries again when deletes keep coming in between
+#: (each try waits longer: :func:`~sigil.storage.index.poll_delays`, about 20 s in all).
+RECORD_ATTEMPTS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +291,32 @@ class AsyncIndex(Protocol):
 
     async def stored_bytes(self) -> int:
         """Bytes of every indexed manifest and blob (the index's view of the store size)."""
+        ...
+
+    async def indexed(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Which of ``digests`` have a manifest or a blob row: one query (or a few, for many
+        digests) instead of two point lookups each. A snapshot only: a caller about to delete
+        still decides through :meth:`delete_unreferenced`."""
+        ...
+
+    async def record_image(self, image: ImageRecord,
+                           check: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Write every row of one image (blobs, manifests with their references and referrer
+        links, tags) in one transaction: a reader in any process sees all of them or none,
+        and a failure midway (a refused row, a lost connection) leaves none.
+
+        Waits, like :meth:`put_manifest`, while a digest the rows name is being deleted.
+        ``check`` (which raises to refuse) runs where no delete of those digests can come
+        between it and the commit: an object it finds stored is still stored when the rows
+        appear, and from then on they protect it. Raising from it records nothing."""
+        ...
+
+    async def get_meta(self, key: str) -> str | None:
+        """A small value every process of this index shares (None if never stored)."""
+        ...
+
+    async def put_meta(self, key: str, value: str) -> None:
+        """Store (or replace) the value under ``key``."""
         ...
 
     async def close(self) -> None: ...
@@ -652,6 +686,37 @@ class SqliteAsyncIndex:
         graph = await self.graph()
         return (sum(row.size for row in graph.manifests.values())
                 + sum(graph.blobs.values()))
+
+    async def indexed(self, digests: Iterable[Digest]) -> set[Digest]:
+        """See Index.indexed."""
+        return self.sync.indexed(list(digests))
+
+    async def record_image(self, image: ImageRecord,
+                           check: Callable[[], Awaitable[None]] | None = None) -> None:
+        """See Index.try_record_image. SQLite's write lock cannot be held across ``check``
+        (an await), so ``check`` runs just before the transaction, and the transaction
+        commits only if no delete began since before ``check`` (the deletes-begun counter)
+        and none is under way; otherwise it writes nothing, and ``check`` and the write are
+        tried again."""
+        for attempt, delay in enumerate(poll_delays()):
+            begun = self.sync.deletes_begun()
+            if check is not None:
+                await check()
+            try:
+                return self.sync.try_record_image(image, begun)
+            except Blocked:
+                if attempt >= RECORD_ATTEMPTS:
+                    raise StorageError(f"index {self.sync.path}: deletes kept coming between "
+                                       "an image's check and its rows; try again") from None
+                await asyncio.sleep(delay)
+
+    async def get_meta(self, key: str) -> str | None:
+        """See Index.get_meta."""
+        return self.sync.get_meta(key)
+
+    async def put_meta(self, key: str, value: str) -> None:
+        """See Index.put_meta."""
+        self.sync.put_meta(key, value)
 
     async def close(self) -> None:
         """Close the SQLite connection."""

@@ -33,6 +33,7 @@ way in and on the way out.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -47,7 +48,7 @@ from sigil.errors import StorageError
 from sigil.oci.digest import Digest
 from sigil.storage.lease import holder_alive, process_holder_id
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # touch() writes a manifest's last access only when it is older than this: LRU eviction needs
 # minutes of precision, not a write per request.
 TOUCH_PRECISION = 60.0
@@ -131,8 +132,19 @@ CREATE TABLE deleting (
 ) WITHOUT ROWID;
 """
 
+# v3: small shared state under a name (the orphan sweep's cursor; how many deletes began,
+# which an atomic image write compares to know no delete ran between its check and its rows).
+_SCHEMA_V3 = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
 # Index i upgrades a database from user_version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+#: The meta key counting deletes begun (begin_delete, delete_if_unreferenced).
+DELETES_KEY = "deletes-begun"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +183,49 @@ class Graph:
     refs: dict[Digest, list[Digest]]       # parent -> children
     referrers: dict[Digest, list[Digest]]  # subject -> referrers
     blobs: dict[Digest, int]               # non-manifest objects -> size
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    """One manifest of an :class:`ImageRecord`: its row, what it references, and the
+    subject it is a referrer of (if any)."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    references: tuple[Digest, ...]
+    subject: Digest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    """One tag of an :class:`ImageRecord`."""
+
+    upstream: str
+    repo: str
+    tag: str
+    digest: Digest
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """Every index row of one image (an air-gap import writes them in one transaction:
+    :meth:`Index.try_record_image`)."""
+
+    blobs: tuple[tuple[Digest, int], ...]
+    manifests: tuple[ManifestRecord, ...]
+    tags: tuple[TagRecord, ...]
+    checked_at: float  # the tags' resolution time; also the manifests' first access
+
+    def digests(self) -> set[Digest]:
+        """Every digest the rows name (what a deletion under way must not cover)."""
+        named = {d for d, _ in self.blobs}
+        for m in self.manifests:
+            named.add(m.digest)
+            named.update(m.references)
+        named.update(t.digest for t in self.tags)
+        return named
 
 
 def _d(text: str) -> Digest:
@@ -466,6 +521,73 @@ class Index:
         """Delete expired verdicts."""
         return self._write("DELETE FROM verdicts WHERE expires_at <= ?", (now,))
 
+    # --- meta: small named values shared by every process --------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def put_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` (replacing any)."""
+        self._write("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value", (key, value))
+
+    def deletes_begun(self) -> int:
+        """How many deletes have begun on this index so far (a counter: see try_record_image)."""
+        value = self.get_meta(DELETES_KEY)
+        return int(value) if value is not None else 0
+
+    @staticmethod
+    def _count_delete(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) DO UPDATE "
+                   "SET value = CAST(value AS INTEGER) + 1", (DELETES_KEY,))
+
+    # --- batches ---------------------------------------------------------------------------
+
+    def indexed(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Which of ``digests`` have a manifest or a blob row, in one query (the digests go in
+        as one JSON array parameter, so their number is not bound by SQLite's)."""
+        keys = json.dumps(sorted({str(d) for d in digests}))
+        rows = self._query("SELECT digest FROM manifests WHERE digest IN "
+                           "(SELECT value FROM json_each(?1)) UNION SELECT digest FROM blobs "
+                           "WHERE digest IN (SELECT value FROM json_each(?1))", (keys,))
+        return {_d(str(r[0])) for r in rows}
+
+    def try_record_image(self, image: ImageRecord, deletes_begun: int | None = None) -> None:
+        """Write every row of ``image`` (blobs, manifests with their references and referrer
+        links, tags) in one transaction: another reader sees all of them or none. Raise
+        :class:`Blocked` (nothing written) if a digest they name is being deleted, or if
+        ``deletes_begun`` is given and a delete began since the caller read
+        :meth:`deletes_begun` (the caller then checks its objects again and retries)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            if deletes_begun is not None:
+                row = db.execute("SELECT value FROM meta WHERE key = ?",
+                                 (DELETES_KEY,)).fetchone()
+                if (int(row[0]) if row is not None else 0) != deletes_begun:
+                    raise Blocked(set())
+            db.executemany("INSERT INTO blobs VALUES (?, ?) ON CONFLICT (digest) DO UPDATE "
+                           "SET size = excluded.size",
+                           [(str(d), size) for d, size in image.blobs])
+            for m in image.manifests:
+                db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?) ON CONFLICT (digest) "
+                           "DO UPDATE SET last_access = max(last_access, excluded.last_access)",
+                           (str(m.digest), m.media_type, m.size, image.checked_at))
+                db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
+                               [(str(m.digest), str(c)) for c in m.references])
+                if m.subject is not None:
+                    db.execute("INSERT OR IGNORE INTO referrers VALUES (?, ?)",
+                               (str(m.subject), str(m.digest)))
+            db.executemany(
+                "INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repo, tag) "
+                "DO UPDATE SET digest = excluded.digest, media_type = excluded.media_type, "
+                "checked_at = excluded.checked_at",
+                [(t.upstream, t.repo, t.tag, str(t.digest), t.media_type, image.checked_at)
+                 for t in image.tags])
+
+        self._write_unless_deleting(image.digests(), write)
+
     # --- gc / fsck support -----------------------------------------------------------------
 
     def graph(self) -> Graph:
@@ -565,6 +687,7 @@ class Index:
             if db.execute(self._REFERENCED, (key,)).fetchall() or self._marked(db, [digest]):
                 return False
             self._drop_rows(db, key)
+            self._count_delete(db)
             db.execute("INSERT INTO deleting VALUES (?, ?, ?)", (key, self.holder, time.time()))
         return True
 
@@ -582,6 +705,7 @@ class Index:
         with self._tx() as db:
             if db.execute(self._REFERENCED, (key,)).fetchall() or self._marked(db, [digest]):
                 return False
+            self._count_delete(db)
             deleted = delete()
             self._drop_rows(db, key)
         return deleted

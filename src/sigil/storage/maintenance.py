@@ -228,17 +228,45 @@ async def _evict(objects: ObjectStore, index: AsyncIndex, root: Digest,
 
 
 class OrphanCursor:
-    """Where this process's next orphan sweep starts listing: after the last object the
-    previous sweep listed, back at the start once the listing ran out. A new process starts at
-    a random point, so replicas taking turns with the gc lease, and one-off ``sigil gc`` runs,
-    still cover the whole store over their passes."""
+    """Where the next orphan sweep starts listing: after the last object the previous sweep
+    listed, back at the start once the listing ran out. This one lives in memory (a test, or
+    a caller that wants a sweep of its own); :class:`StoredOrphanCursor` is what gc uses."""
 
     def __init__(self) -> None:
         self.after: str | None = secrets.token_hex(32)  # an object's 64 hex digits, or None
 
+    async def load(self, index: AsyncIndex) -> str | None:
+        """Where to start (None: at the beginning)."""
+        return self.after
 
-#: The cursor the server's periodic passes and ``sigil gc`` share within one process.
-ORPHAN_CURSOR = OrphanCursor()
+    async def save(self, index: AsyncIndex, after: str | None) -> None:
+        """Where the next sweep starts."""
+        self.after = after
+
+
+class StoredOrphanCursor(OrphanCursor):
+    """The cursor in the index (meta key :data:`ORPHAN_CURSOR_KEY`), shared by every process
+    and replica: a restart, a one-off ``sigil gc`` or the gc lease moving to another replica
+    goes on where the last sweep stopped, instead of listing the same first objects again.
+    Never stored yet: a random point (any start covers the store over the passes)."""
+
+    async def load(self, index: AsyncIndex) -> str | None:
+        """The stored position ("" is the beginning); a value that is not 64 hex digits (a
+        hand edit) counts as the beginning too."""
+        value = await index.get_meta(ORPHAN_CURSOR_KEY)
+        if value is None:
+            return secrets.token_hex(32)
+        return value if _HEX64.fullmatch(value) else None
+
+    async def save(self, index: AsyncIndex, after: str | None) -> None:
+        """Store the position (the caller holds the gc lease, so no two sweeps race here)."""
+        await index.put_meta(ORPHAN_CURSOR_KEY, after or "")
+
+
+#: The index meta key of :class:`StoredOrphanCursor`.
+ORPHAN_CURSOR_KEY = "gc.orphan-cursor"
+#: The cursor the server's periodic passes and ``sigil gc`` use.
+ORPHAN_CURSOR = StoredOrphanCursor()
 
 
 def _list_after(objects: ObjectStore, after: str | None) -> AsyncIterator[ObjectInfo]:
@@ -316,8 +344,7 @@ async def _fs_list_after(objects: FilesystemObjectStore,
 
 
 async def _unindexed(index: AsyncIndex, digest: Digest) -> bool:
-    return (await index.get_manifest(digest) is None
-            and await index.blob_size(digest) is None)
+    return not await index.indexed([digest])
 
 
 async def sweep_orphans(objects: ObjectStore, index: AsyncIndex, lease: GcLease, holder: str,
@@ -325,8 +352,10 @@ async def sweep_orphans(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
                         cursor: OrphanCursor = ORPHAN_CURSOR) -> bool:
     """Delete committed objects that have no manifest or blob row and were last written more
     than ``grace`` seconds before ``now`` (S3 LastModified, file mtime); list at most
-    ``limit`` objects, after ``cursor`` (moved on). The caller holds the gc lease; return
-    False if it was lost (nothing more was deleted).
+    ``limit`` objects, after ``cursor`` (moved on, and stored in the index by default). The
+    slice is checked for rows with one batched index query (:meth:`AsyncIndex.indexed`),
+    then each candidate once more just before it is deleted. The caller holds the gc lease;
+    return False if it was lost (nothing more was deleted).
 
     Only committed objects are listed: multipart uploads and staging files are not objects,
     so nothing being uploaded is touched. A candidate is re-checked for rows just before the
@@ -335,15 +364,19 @@ async def sweep_orphans(objects: ObjectStore, index: AsyncIndex, lease: GcLease,
     and then finds it gone, as for any gc delete). An orphan a stored manifest references (its
     own row was never written) is therefore kept: the mirror may be serving it."""
     listed: list[ObjectInfo] = []
-    async for info in _list_after(objects, cursor.after):
+    async for info in _list_after(objects, await cursor.load(index)):
         listed.append(info)
         if len(listed) >= limit:
             break
     # Past the last object listed; back at the start when the listing ran out.
-    cursor.after = listed[-1].digest.hex if len(listed) >= limit else None
+    await cursor.save(index, listed[-1].digest.hex if len(listed) >= limit else None)
     stats.orphans_listed += len(listed)
-    for info in listed:
-        if info.mtime > now - grace or not await _unindexed(index, info.digest):
+    old = [info for info in listed if info.mtime <= now - grace]
+    # One batched query for the whole slice; each candidate is asked again just before its
+    # delete (a row may have come meanwhile), and deleted only by delete_unreferenced.
+    rows = await index.indexed([info.digest for info in old]) if old else set()
+    for info in old:
+        if info.digest in rows:
             continue
         if not await lease.renew_gc(holder, GC_LEASE_TTL):
             log.warning("gc.lease_lost", holder=holder)

@@ -41,10 +41,17 @@ import asyncpg
 
 from sigil.errors import StorageError, Unavailable
 from sigil.oci.digest import Digest
-from sigil.storage.index import TOUCH_PRECISION, Graph, ManifestRow, TagRow, VerdictRow
+from sigil.storage.index import (
+    TOUCH_PRECISION,
+    Graph,
+    ImageRecord,
+    ManifestRow,
+    TagRow,
+    VerdictRow,
+)
 from sigil.storage.lease import LeaseInfo
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Serialises schema migrations of replicas starting together (an arbitrary constant).
 _MIGRATION_LOCK = 0x5161_1001
 # The key every reference writer takes shared and forget_manifests takes exclusive.
@@ -115,8 +122,15 @@ CREATE TABLE leases (
     size       bigint
 );
 """
+# v2: small named values every replica shares (the orphan sweep's cursor).
+_SCHEMA_V2 = """
+CREATE TABLE meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+"""
 # Index i upgrades the schema from version i to i + 1.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 # Everything asyncpg (or the socket under it) raises when the database is unreachable, restarts,
 # times out or refuses a statement.
@@ -518,6 +532,61 @@ class PgIndex:
         rows = await self._fetch("SELECT coalesce((SELECT sum(size) FROM manifests), 0) "
                                  "+ coalesce((SELECT sum(size) FROM blobs), 0) AS total")
         return int(rows[0]["total"])
+
+    async def indexed(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Which of ``digests`` have a manifest or a blob row (one query)."""
+        keys = sorted({str(d) for d in digests})
+        rows = await self._fetch("SELECT digest FROM manifests WHERE digest = ANY($1::text[]) "
+                                 "UNION SELECT digest FROM blobs WHERE digest = ANY($1::text[])",
+                                 keys)
+        return {_d(r["digest"]) for r in rows}
+
+    async def record_image(self, image: ImageRecord,
+                           check: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Every row of one image in one transaction, under the shared advisory locks of
+        every digest it names (as put_manifest takes them): a delete under way is waited
+        for, and none can begin before the commit, so ``check``, run while they are held,
+        sees objects that stay until the rows protect them."""
+        async with self._tx() as conn:
+            await self._protect(conn, image.digests())
+            if check is not None:
+                await check()
+            await conn.execute(
+                "INSERT INTO blobs SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                "ON CONFLICT (digest) DO UPDATE SET size = excluded.size",
+                [str(d) for d, _ in image.blobs], [size for _, size in image.blobs])
+            await conn.execute(
+                "INSERT INTO manifests SELECT d, t, s, $4 FROM unnest($1::text[], $2::text[], "
+                "$3::bigint[]) AS m(d, t, s) ON CONFLICT (digest) DO UPDATE "
+                "SET last_access = greatest(manifests.last_access, excluded.last_access)",
+                [str(m.digest) for m in image.manifests],
+                [m.media_type for m in image.manifests],
+                [m.size for m in image.manifests], image.checked_at)
+            edges = [(str(m.digest), str(c)) for m in image.manifests for c in m.references]
+            await conn.execute("INSERT INTO refs SELECT * FROM unnest($1::text[], $2::text[]) "
+                               "ON CONFLICT DO NOTHING",
+                               [p for p, _ in edges], [c for _, c in edges])
+            links = [(str(m.subject), str(m.digest)) for m in image.manifests
+                     if m.subject is not None]
+            await conn.execute("INSERT INTO referrers SELECT * FROM unnest($1::text[], "
+                               "$2::text[]) ON CONFLICT DO NOTHING",
+                               [s for s, _ in links], [r for _, r in links])
+            await conn.executemany(
+                "INSERT INTO tags VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT "
+                "(upstream, repo, tag) DO UPDATE SET digest = excluded.digest, "
+                "media_type = excluded.media_type, checked_at = excluded.checked_at",
+                [(t.upstream, t.repo, t.tag, str(t.digest), t.media_type, image.checked_at)
+                 for t in image.tags])
+
+    async def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or None."""
+        rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
+        return str(rows[0]["value"]) if rows else None
+
+    async def put_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` (replacing any)."""
+        await self._execute("INSERT INTO meta VALUES ($1, $2) ON CONFLICT (key) DO UPDATE "
+                            "SET value = excluded.value", key, value)
 
     # --- leases (database clock only) ------------------------------------------------------
 
