@@ -17,6 +17,7 @@ its own test.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import io
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import yaml
 
@@ -496,15 +498,15 @@ async def test_a_blob_gc_removes_after_the_import_checked_it_is_never_tagged(
     removed: list[bool] = []
 
     def instrument(backends: Backends) -> None:
-        put_manifest = backends.index.put_manifest
+        record_image = backends.index.record_image
 
         async def gc_first(*args: Any, **kwargs: Any) -> None:
-            if not removed:  # a fleet gc pass lands after the check, before the first row
+            if not removed:  # a fleet gc pass lands after the check, before the rows
                 removed.append(await backends.index.delete_unreferenced(
                     layer, functools.partial(backends.objects.delete, layer)))
-            await put_manifest(*args, **kwargs)
+            await record_image(*args, **kwargs)
 
-        backends.index.put_manifest = gc_first  # type: ignore[method-assign]
+        backends.index.record_image = gc_first  # type: ignore[method-assign]
 
     report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
                                       instrument)
@@ -514,16 +516,73 @@ async def test_a_blob_gc_removes_after_the_import_checked_it_is_never_tagged(
     assert str(layer) in archive["error"] and "vanished" in archive["error"]
     stored = await side.backend.contents(world.seaweed, world.repos)
     assert str(layer) not in stored.objects
-    # No tag names the image whose layer is gone (a tag names only complete content).
+    # No tag names the image whose layer is gone (a tag names only complete content), and
+    # none of its rows were written (they go in one transaction, after the check).
     assert (world.repos[0], "v1") not in stored.tags
     assert (world.repos[1], "v1") not in stored.tags
+    assert Digest.parse(world.single.digest) not in stored.graph.manifests
+
+
+@pytest.mark.parametrize("fault", ["a refused row", "the connection dies"])
+async def test_a_failure_midway_through_an_images_rows_leaves_none_of_them(
+        world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """The first image's transaction fails after its objects were checked and with most of
+    its rows about to go in: the database refuses its last tag (NOT NULL), or the
+    connection holding the transaction is killed on the server. No row of that image is
+    visible afterwards (no manifest, blob, edge or tag), and its blobs are rolled back."""
+    side = world.side(f"midway-{fault.split()[-1]}", world.dead_url)
+    failed: list[Any] = []
+
+    def instrument(backends: Backends) -> None:
+        record_image = backends.index.record_image
+
+        async def failing(image: Any, check: Any = None) -> None:
+            if failed:
+                return await record_image(image, check=check)
+            failed.append(image)
+            if fault == "a refused row":
+                last = dataclasses.replace(image.tags[-1], media_type=None)
+                image = dataclasses.replace(image, tags=(*image.tags[:-1], last))
+                return await record_image(image, check=check)
+
+            async def kill_the_connection() -> None:
+                await check()
+                killer = await asyncpg.connect(side.backend.dsn)
+                try:
+                    killed = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND state = 'idle in transaction'")
+                finally:
+                    await killer.close()
+                assert killed == 1
+
+            return await record_image(image, check=kill_the_connection)
+
+        backends.index.record_image = failing  # type: ignore[method-assign]
+
+    report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
+                                      instrument)
+    [archive] = report["archives"]
+    assert failed and archive["result"] == "refused" and not report["ok"]
+    assert "unavailable" in archive["error"]
+    [image] = failed
+    assert image.tags and len(image.manifests) >= 2  # a whole image's rows were refused
+    stored = await side.backend.contents(world.seaweed, world.repos)
+    assert stored.graph.manifests == {} and stored.graph.blobs == {}
+    assert stored.graph.refs == {} and stored.graph.referrers == {} and stored.tags == set()
+    # Its blobs were rolled back; a manifest it published stays, unindexed, for the orphan
+    # sweep (deleting one could race a replica's pull-through of it: _StagedManifests).
+    assert not {str(d) for d, _ in image.blobs} & stored.objects
+    manifests = (await importer.read_metadata(carried.archive)).contents["manifests"]
+    assert stored.objects <= set(manifests), stored.objects - set(manifests)
 
 
 async def test_a_replica_serving_during_the_load_never_sees_a_partial_image(
         world: World, carried: Carried, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before every row the import writes, another replica (its own connections) pulls both
-    images by tag and by digest: each is either absent or served verified, never denied
-    (a deny would be cached fleet-wide) and never incomplete."""
+    """Before each image's rows, and inside their transaction (its check, with the rows'
+    locks held), another replica (its own connections) pulls both images by tag and by
+    digest: each is either absent or served verified, never denied (a deny would be cached
+    fleet-wide) and never incomplete."""
     side = world.side("watched", world.dead_url)
     config = offline_config(load_config(str(side.sigil.config_path)))
     upstream = config.upstreams[0]
@@ -550,14 +609,17 @@ async def test_a_replica_serving_during_the_load_never_sees_a_partial_image(
                 seen.append((reference, "served"))
 
     def instrument(backends: Backends) -> None:
-        for name in ("put_manifest", "add_referrer", "put_tag"):
-            write = getattr(backends.index, name)
+        record_image = backends.index.record_image
 
-            async def watched(*args: Any, _write: Any = write, **kwargs: Any) -> None:
+        async def watched(image: Any, check: Any = None) -> None:
+            async def pull_mid_transaction() -> None:
+                await check()
                 await pull_everything()
-                await _write(*args, **kwargs)
 
-            setattr(backends.index, name, watched)
+            await pull_everything()
+            await record_image(image, check=pull_mid_transaction)
+
+        backends.index.record_image = watched  # type: ignore[method-assign]
 
     try:
         report = await _import_in_process(monkeypatch, side.sigil.config_path,
@@ -790,22 +852,20 @@ async def test_a_reused_manifest_changed_after_verification_is_never_indexed(
     side, manifest = await _far_side_holding_the_manifest(world, carried, "changed-manifest")
     changed: list[bool] = []
 
-    def instrument(backends: Backends) -> None:
-        put_blob = backends.index.put_blob
-        objects = backends.objects
-        assert isinstance(objects, S3ObjectStore)
+    load = importer.Importer._load
 
-        async def change_first(*args: Any, **kwargs: Any) -> None:
-            if not changed:   # step 3 begins: the stored manifest is overwritten
-                await objects.client.put_object(Bucket=TEST_BUCKET, Key=objects.key(manifest),
-                                                Body=b'{"schemaVersion": 2, "layers": []}')
-                changed.append(True)
-            await put_blob(*args, **kwargs)
+    async def change_first(self: Any, image: Any, meta: Any, windex: Any, work: Any,
+                           target: Any, *args: Any) -> int:
+        if not changed:   # step 3 begins (verified): the stored manifest is overwritten
+            assert isinstance(target, S3ObjectStore)
+            await target.client.put_object(Bucket=TEST_BUCKET, Key=target.key(manifest),
+                                           Body=b'{"schemaVersion": 2, "layers": []}')
+            changed.append(True)
+        return await load(self, image, meta, windex, work, target, *args)
 
-        backends.index.put_blob = change_first  # type: ignore[method-assign]
-
+    monkeypatch.setattr(importer.Importer, "_load", change_first)
     report = await _import_in_process(monkeypatch, side.sigil.config_path, carried.archive,
-                                      instrument)
+                                      lambda backends: None)
     assert changed == [True]
     [archive] = report["archives"]
     assert archive["result"] == "refused" and not report["ok"]

@@ -23,8 +23,7 @@ import pytest
 
 from sigil.oci.digest import Digest
 from sigil.storage.blobs import ObjectInfo
-from sigil.storage.contracts import GcLease
-from sigil.storage.contracts import AsyncIndex
+from sigil.storage.contracts import AsyncIndex, GcLease
 from sigil.storage.maintenance import (
     ORPHAN_CURSOR_KEY,
     IncrementalGcStats,

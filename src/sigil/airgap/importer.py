@@ -781,7 +781,8 @@ class Importer:
         and the artifacts that name it (referrers by ``subject``, ``sha256-<hex>`` tags) with
         theirs. The contents document is data from the other side; anything else it lists
         under the image is ignored (the count is returned) rather than loaded unverified.
-        What is loaded is added to ``loaded``.
+        What is loaded is added to ``loaded`` once its rows are in (an image whose rows
+        failed leaves its objects to the rollback).
 
         A replica serving meanwhile never sees part of an image: every row of it (blobs,
         manifests with their references and referrer links, the artifacts its
@@ -838,7 +839,6 @@ class Importer:
                     _link(work.blobs.path(digest), target.blobs.path(digest))
             elif not await work.has(digest):  # a remote store: committed (staged) in step 1
                 raise _vanished(digest)
-            loaded.add(digest)
         records: list[ManifestRecord] = []
         tags: list[TagRecord] = []
         for d in _depth_first(image["digest"], successors):
@@ -869,6 +869,8 @@ class Importer:
         await index.record_image(ImageRecord(
             tuple((Digest.parse(d), int(contents["sizes"][d])) for d in sorted(blobs)),
             tuple(records), tuple(tags), time.time()), check=all_stored)
+        # Only now are they the image's: if its rows failed, the rollback takes its objects.
+        loaded.update(Digest.parse(d) for d in blobs | reached)
         return ignored
 
 
