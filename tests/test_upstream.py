@@ -883,6 +883,13 @@ async def test_read_timeout_is_reset_for_the_next_request(make_fake: Any,
     assert _errors("reuse.test", "timeout") == 1
 
 
+def _forged_manifest_response() -> bytes:
+    """A whole HTTP response an upstream might send after a body, unasked."""
+    forged = b"forged manifest"
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+
+
 async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake: Any,
                                                                      clients: Any) -> None:
     # A large blob body is read beside aiohttp, up to Content-Length and no further, and its
@@ -893,9 +900,7 @@ async def test_bytes_after_a_large_blob_never_reach_the_next_response(make_fake:
     digest = fake.add_blob(data)
     raw = _image(b"{}", b"l")
     fake.add_manifest(REPO, "latest", raw)
-    forged = b"forged manifest"
-    stray = (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
-             + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+    stray = _forged_manifest_response()
     fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("overlong", stray))
     client = clients(fake.url, retries=0)
     async with client.open_blob(REPO, digest) as blob:
@@ -916,9 +921,7 @@ async def test_bytes_after_a_small_body_never_reach_the_next_response(
     digest = fake.add_blob(data)
     raw = _image(b"{}", b"l")
     fake.add_manifest(REPO, "latest", raw)
-    forged = b"forged manifest"
-    stray = (b"HTTP/1.1 200 OK\r\nContent-Type: " + OCI_MANIFEST.encode()
-             + b"\r\nContent-Length: %d\r\n\r\n" % len(forged) + forged)
+    stray = _forged_manifest_response()
     fake.faults[f"/v2/{REPO}/blobs/{digest}"].append(("overlong", stray, delay))
     client = clients(fake.url, retries=0)
     assert await client.get_blob_bytes(REPO, digest, 1 << 20) == data

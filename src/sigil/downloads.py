@@ -411,21 +411,11 @@ class Download:
             size = announced
             await siblings.renew(self.digest, holder, LEASE_TTL, size)
 
-        async def keep() -> None:
-            # Renewed for as long as this worker fetches, relays or waits for the fleet
-            # lease (a dead worker's siblings take over after LEASE_TTL, as with --workers).
-            while True:
-                await asyncio.sleep(LEASE_RENEW)
-                try:
-                    if not await siblings.renew(self.digest, holder, LEASE_TTL, size):
-                        # Stalled past LEASE_TTL: the siblings stopped following; one that
-                        # took the host lease waits for our fleet lease to end.
-                        log.warning("blob.lease_lost", digest=str(self.digest))
-                        return
-                except Exception:  # a busy lease file must not fail the download itself
-                    log.exception("blob.lease_renew_failed", digest=str(self.digest))
-
-        keeping = asyncio.get_running_loop().create_task(keep())
+        # Renewed for as long as this worker fetches, relays or waits for the fleet lease (a
+        # dead worker's siblings take over after LEASE_TTL, as with --workers); a lease lost
+        # by stalling past LEASE_TTL: one sibling that took it waits for our fleet lease.
+        keeping = asyncio.get_running_loop().create_task(
+            self._renew(siblings, holder, lambda: size))
         try:
             await self._run_leased(open_blob, on_commit, leases, holder, relay, announce)
         finally:
@@ -492,7 +482,7 @@ class Download:
                 if announce is not None:
                     await announce(size)
                 renewing = asyncio.get_running_loop().create_task(
-                    self._renew(leases, holder, size))
+                    self._renew(leases, holder, lambda: size))
 
             try:
                 await self._fetch(open_blob, on_commit, started)
@@ -601,12 +591,14 @@ class Download:
         staging.abort()  # the scratch copy: open readers keep their descriptor
         self.staging = None
 
-    async def _renew(self, leases: FetchLeases, holder: str, size: int | None) -> None:
-        """Keep the lease while the download runs; record the size for the followers."""
+    async def _renew(self, leases: FetchLeases, holder: str,
+                     size: Callable[[], int | None]) -> None:
+        """Keep the lease while the download runs; record the size (as known at each
+        renewal) for the followers."""
         while True:
             await asyncio.sleep(LEASE_RENEW)
             try:
-                if not await leases.renew(self.digest, holder, LEASE_TTL, size):
+                if not await leases.renew(self.digest, holder, LEASE_TTL, size()):
                     # Followers of this file abort; a new holder fetches for the others. The
                     # bytes here are still verified before anything is released or committed.
                     log.warning("blob.lease_lost", digest=str(self.digest))
