@@ -250,14 +250,20 @@ class Download:
             self.error = UpstreamError(f"download failed: {type(exc).__name__}")
             log.exception("blob.download_crashed", digest=str(self.digest))
         finally:
-            if self.error is not None:
-                self._chunk = b""
-            if self.staging is not None and not self.staging.closed:
-                self.staging.abort()  # a path that failed before fetching or following
             metrics.INFLIGHT_DOWNLOADS.dec()
-            self.started.set()
-            self.finished.set()
-            self._notify()
+            self._settle()
+
+    def _settle(self) -> None:
+        """The end of a download or a following, whatever happened: drop the in-memory
+        chunk of a failed one, abort a staging file still open (a path that failed before
+        fetching or following), and wake every waiting client."""
+        if self.error is not None:
+            self._chunk = b""
+        if self.staging is not None and not self.staging.closed:
+            self.staging.abort()
+        self.started.set()
+        self.finished.set()
+        self._notify()
 
     # ------------------------------------------------------------------- fetching
     async def _fetch(self, open_blob: OpenBlob, on_commit: OnCommit,
@@ -512,13 +518,7 @@ class Download:
             self.error = UpstreamError(f"following failed: {type(exc).__name__}")
             log.exception("blob.follow_crashed", digest=str(self.digest))
         finally:
-            if self.error is not None:
-                self._chunk = b""
-            if self.staging is not None and not self.staging.closed:
-                self.staging.abort()
-            self.started.set()
-            self.finished.set()
-            self._notify()
+            self._settle()
 
     async def _already_committed(self) -> bool:
         if self.objects is not None:
